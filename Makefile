@@ -1,0 +1,29 @@
+# make reproduce: every notebook in the quick profile on the CPU (papermill); make test: the test suite.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install; override e.g. TORCH_SPEC="torch torchvision --index-url ..." for another CUDA.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PROFILE ?= quick
+DEVICE ?= cpu
+
+.PHONY: reproduce test install clean-runs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e '.[notebooks,test]'
+	touch $@
+
+reproduce: install
+	$(PY) -m gevit_lib.reproduce --profile $(PROFILE) --device $(DEVICE)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs/*

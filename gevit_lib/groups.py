@@ -1,0 +1,210 @@
+"""Finite rotation and roto-reflection groups (C_n, D_n) from explicit elements and Cayley tables, and their actions.
+
+Conventions (the same as GE-ViT's positional encodings, so group axes line up with the published checkpoints):
+
+- Plane coordinates are array coordinates ``(x, y)`` = (column offset, row offset), with y pointing **down**.
+- Element ``(k, s)`` of a group with ``n`` rotations is the matrix ``A = M^s R(2 pi k / n)`` with
+  ``R(t) = [[cos t, -sin t], [sin t, cos t]]`` and ``M = diag(-1, 1)`` (rotate, then mirror the x axis).
+  Its index is ``k + n * s``: the rotations first, then the mirrored elements. Index 0 is the identity.
+- Because y points down, ``R(+90 deg)`` turns a displayed image **clockwise**: element ``(1, 0)`` of p4 acts on an
+  image as ``torch.rot90(x, -1)``; ``torch.rot90(x, 1)`` (counter-clockwise) is the element ``(n/4 * 3, 0)``,
+  see :meth:`Group.rot90_element`. ``(0, 1)`` mirrors the W axis (``torch.flip(x, (-1,))``).
+- An image transforms as ``(T_g f)(p) = f(A_g^{-1} p)`` about the image centre. For multiples of 90 degrees and
+  for mirrors this is an exact pixel permutation (``torch.rot90`` / ``torch.flip``); other angles are bilinear
+  interpolation (torchvision) and only approximate.
+- A function on the group (the group axis of a ``[B, C, G, H, W]`` signal) transforms by the left regular
+  representation ``(L_g f)(h) = f(g^{-1} h)`` or the right one ``(R_g f)(h) = f(h g)``; both are homomorphisms and
+  both are index permutations read off the Cayley table. GE-ViT's feature maps transform as
+  ``f'(h) = T_g f(h g)``, i.e. :meth:`Group.act_on_group_signal` with ``side="right"``.
+
+Every table is derived from the 2x2 matrices; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+__all__ = ["Group", "get_group", "GROUP_NAMES"]
+
+# name -> (number of rotations, has mirror)
+_NAMED = {
+    "z2": (1, False),
+    "p4": (4, False),
+    "p8": (8, False),
+    "p12": (12, False),
+    "p16": (16, False),
+    "mz2": (1, True),
+    "p4m": (4, True),
+    "p8m": (8, True),
+}
+GROUP_NAMES: tuple[str, ...] = tuple(_NAMED)
+
+
+@dataclass(frozen=True)
+class Group:
+    """The cyclic group C_n (``mirror=False``) or the dihedral group D_n (``mirror=True``) of order n or 2n."""
+
+    name: str
+    n_rotations: int
+    mirror: bool
+    elements: tuple[tuple[int, int], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_rotations < 1:
+            raise ValueError(f"a group needs at least one rotation, got n_rotations={self.n_rotations}")
+        n = self.n_rotations
+        elems = tuple((k, s) for s in ((0, 1) if self.mirror else (0,)) for k in range(n))
+        object.__setattr__(self, "elements", elems)
+
+    # ---- basic structure -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    @property
+    def order(self) -> int:
+        return len(self.elements)
+
+    @property
+    def identity(self) -> int:
+        return 0
+
+    def index(self, k: int, s: int = 0) -> int:
+        """Index of the element with k of n rotation steps and mirror bit s."""
+        if s and not self.mirror:
+            raise ValueError(f"group {self.name} has no mirrored elements")
+        return k % self.n_rotations + self.n_rotations * int(s)
+
+    @cached_property
+    def angles(self) -> Tensor:
+        """Rotation angle of each element in radians, float64 [G]."""
+        return torch.tensor([2 * math.pi * k / self.n_rotations for k, _ in self.elements], dtype=torch.float64)
+
+    @cached_property
+    def mirrors(self) -> Tensor:
+        """Mirror bit of each element, int64 [G]."""
+        return torch.tensor([s for _, s in self.elements], dtype=torch.int64)
+
+    @cached_property
+    def matrices(self) -> Tensor:
+        """``M^s R(theta)`` for every element, float64 [G, 2, 2], acting on (x = column, y = row down)."""
+        c, s = torch.cos(self.angles), torch.sin(self.angles)
+        rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+        mirror = torch.diag_embed(torch.stack([1.0 - 2.0 * self.mirrors.double(), torch.ones(len(self))], -1))
+        return mirror @ rot
+
+    @cached_property
+    def cayley(self) -> Tensor:
+        """Cayley table, int64 [G, G]: ``cayley[a, b]`` = index of the product ``a b`` (matrix product)."""
+        mats = self.matrices
+        prod = mats[:, None] @ mats[None, :]  # [G, G, 2, 2]
+        dist = (prod[:, :, None] - mats[None, None]).abs().flatten(-2).amax(-1)  # [G, G, G]
+        table = dist.argmin(-1)
+        if not bool((dist.amin(-1) < 1e-9).all()):
+            raise AssertionError(f"{self.name}: the element matrices are not closed under multiplication")
+        return table
+
+    @cached_property
+    def inverses(self) -> Tensor:
+        """Index of each element's inverse, int64 [G]."""
+        return (self.cayley == self.identity).int().argmax(-1)
+
+    def mul(self, a: int, b: int) -> int:
+        return int(self.cayley[a, b])
+
+    def inv(self, a: int) -> int:
+        return int(self.inverses[a])
+
+    def is_exact(self, g: int) -> bool:
+        """True when element g acts on the pixel grid as an exact permutation (multiple of 90 degrees, mirrors)."""
+        k, _ = self.elements[g]
+        return (4 * k) % self.n_rotations == 0
+
+    @property
+    def exact_elements(self) -> list[int]:
+        """Elements whose image action is an exact pixel permutation (the exact subgroup)."""
+        return [g for g in range(len(self)) if self.is_exact(g)]
+
+    def rot90_element(self, k: int = 1) -> int:
+        """The element acting as ``torch.rot90(x, k, dims=(-2, -1))`` (counter-clockwise); needs 4 | n."""
+        if self.n_rotations % 4:
+            raise ValueError(f"group {self.name} does not contain rotations by 90 degrees")
+        return self.index(-k * self.n_rotations // 4)
+
+    def flip_element(self) -> int:
+        """The element acting as ``torch.flip(x, (-1,))`` (mirror of the W axis)."""
+        return self.index(0, 1)
+
+    # ---- representations on the group axis -------------------------------------------------------------------
+    def left_regular(self, g: int) -> Tensor:
+        """Permutation ``perm`` with ``(L_g f)[h] = f[perm[h]] = f[g^-1 h]``."""
+        return self.cayley[self.inverses[g]].clone()
+
+    def right_regular(self, g: int) -> Tensor:
+        """Permutation ``perm`` with ``(R_g f)[h] = f[perm[h]] = f[h g]``."""
+        return self.cayley[:, g].clone()
+
+    # ---- actions on the plane and on images --------------------------------------------------------------------
+    def act_on_coordinates(self, coords: Tensor, g: int) -> Tensor:
+        """Apply element g's matrix to coordinates ``[..., 2]`` given as (x = column, y = row)."""
+        return coords @ self.matrices[g].to(coords.dtype).T
+
+    def act_on_image(self, x: Tensor, g: int) -> Tensor:
+        """``T_g x`` for images ``[..., H, W]``: exact for multiples of 90 degrees and mirrors, else bilinear."""
+        k, s = self.elements[g]
+        if self.is_exact(g):
+            quarter = (4 * k) // self.n_rotations
+            if quarter and x.shape[-1] != x.shape[-2]:
+                raise ValueError(f"rotating a non-square image {tuple(x.shape[-2:])} by 90 degrees changes its shape")
+            out = torch.rot90(x, -quarter, dims=(-2, -1)) if quarter else x
+        else:
+            out = _rotate_bilinear(x, -360.0 * k / self.n_rotations)
+        return torch.flip(out, dims=(-1,)) if s else out
+
+    def act_on_group_signal(self, x: Tensor, g: int, side: str = "right", group_dim: int = -3) -> Tensor:
+        """Act on a signal ``[..., G, H, W]``: image action on every slice and a regular permutation of the group axis.
+
+        ``side="right"``: ``x'[h] = T_g x[h g]`` (how GE-ViT features transform); ``"left"``: ``x'[h] = T_g x[g^-1 h]``.
+        """
+        if x.shape[group_dim] != len(self):
+            raise ValueError(f"group axis {group_dim} has size {x.shape[group_dim]}, group {self.name} has {len(self)}")
+        if side == "right":
+            perm = self.right_regular(g)
+        elif side == "left":
+            perm = self.left_regular(g)
+        else:
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        return self.act_on_image(x.index_select(group_dim, perm.to(x.device)), g)
+
+    def __repr__(self) -> str:
+        kind = "D" if self.mirror else "C"
+        return f"Group({self.name!r}: {kind}{self.n_rotations}, order {len(self)})"
+
+
+def _rotate_bilinear(x: Tensor, degrees_ccw: float) -> Tensor:
+    """Rotate images counter-clockwise about their centre, bilinear, zero fill (torchvision); approximate."""
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
+    shape = x.shape
+    flat = x.reshape(-1, 1, *shape[-2:])
+    out = rotate(flat, degrees_ccw, interpolation=InterpolationMode.BILINEAR)
+    return out.reshape(shape)
+
+
+def get_group(name: str) -> Group:
+    """A group by name: z2, p4, p8, p12, p16 (cyclic), mz2, p4m, p8m (dihedral), or ``C<n>`` / ``D<n>``."""
+    if isinstance(name, Group):
+        return name
+    key = str(name).strip()
+    if key.lower() in _NAMED:
+        n, mirror = _NAMED[key.lower()]
+        return Group(key.lower(), n, mirror)
+    match = re.fullmatch(r"([CcDd])(\d+)", key)
+    if match and int(match.group(2)) >= 1:
+        return Group(key.upper(), int(match.group(2)), match.group(1).upper() == "D")
+    raise ValueError(f"unknown group {name!r}; valid names: {', '.join(GROUP_NAMES)}, or C<n> / D<n> (e.g. C16, D4)")

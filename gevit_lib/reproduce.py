@@ -1,0 +1,97 @@
+"""The main job: execute every numbered notebook with papermill and say where each figure and table went.
+
+``python -m gevit_lib.reproduce --profile quick --device cpu`` (what ``make reproduce`` runs). Executed notebooks land
+in ``runs/notebooks/``; figures and tables in ``figures/`` (each with a ``.json`` sidecar naming its provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = ("smoke", "quick", "full")
+
+
+def find_notebooks(folder: Path, only: list[str] | None = None) -> list[Path]:
+    """Numbered notebooks ``NN_*.ipynb`` in order, optionally filtered by name prefixes."""
+    books = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        books = [p for p in books if any(p.stem.startswith(o) for o in only)]
+    return books
+
+
+def outputs_since(out_dir: Path, start: float) -> list[tuple[Path, dict]]:
+    """Files written into ``out_dir`` after ``start`` that have a provenance sidecar, with that sidecar."""
+    found = []
+    for sidecar in sorted(out_dir.glob("*.json")):
+        if sidecar.stat().st_mtime < start:
+            continue
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError:
+            continue
+        for name in meta.get("files", []):
+            found.append((out_dir / name, meta))
+    return found
+
+
+def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_dir: Path, data_dir: str | None,
+        seed: int, only: list[str] | None = None) -> int:
+    books = find_notebooks(notebooks_dir, only)
+    if not books:
+        print(f"No numbered notebooks in {notebooks_dir} yet: nothing to run.")
+        return 0
+    import papermill as pm  # imported late: only the notebooks extra needs it
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = []
+    failed = 0
+    for book in books:
+        start = time.time()
+        target = run_dir / book.name
+        params = {"profile": profile, "device": device, "out_dir": str(out_dir), "seed": seed,
+                  "run_dir": str(run_dir.parent / book.stem)}
+        if data_dir:
+            params["data_dir"] = data_dir
+        print(f"=== {book.name} (profile={profile}, device={device})", flush=True)
+        try:
+            pm.execute_notebook(str(book), str(target), parameters=params, cwd=str(notebooks_dir),
+                                progress_bar=False, log_output=False)
+            status = "ok"
+        except Exception as exc:  # noqa: BLE001 - report every failing notebook, then fail at the end
+            status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failed += 1
+        seconds = time.time() - start
+        summary.append((book.name, status, seconds, outputs_since(out_dir, start), target))
+        print(f"    {status} in {seconds:.0f} s -> {target}", flush=True)
+
+    print("\nWhere everything went:")
+    for name, status, seconds, outputs, target in summary:
+        print(f"- {name}: {status}, {seconds:.0f} s, executed notebook {target}")
+        for path, meta in outputs:
+            src = ", ".join(f"{k}={meta[k]}" for k in ("data_source", "checkpoint") if meta.get(k))
+            print(f"    {path}" + (f"  ({src})" if src else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default="quick", choices=PROFILES)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (default: $GEVIT_DATA_DIR, then ./data)")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "figures")
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "notebooks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", help="run only notebooks whose name starts with one of these")
+    args = parser.parse_args(argv)
+    return run(args.profile, args.device, notebooks_dir=REPO / "notebooks", out_dir=args.out_dir.resolve(),
+               run_dir=args.run_dir.resolve(), data_dir=args.data_dir, seed=args.seed, only=args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

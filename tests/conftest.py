@@ -1,0 +1,34 @@
+"""Shared fixtures: the optional ../shared folder (real MNIST, published checkpoints, parity vectors)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GEVIT_SHARED_DIR", REPO.parent / "shared"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long real-data checks (CI runs them; deselect with -m 'not slow')")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the repository, or skip the test with the reason."""
+    if not (SHARED / "reference").is_dir():
+        pytest.skip(f"reference material not found at {SHARED} (set GEVIT_SHARED_DIR); CI provides it")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def shared_mnist_dir(shared_dir: Path) -> Path:
+    """Folder with the genuine MNIST idx .gz files (../shared/data/mnist), or skip."""
+    d = shared_dir / "data" / "mnist"
+    if not (d / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"genuine MNIST not found in {d}")
+    return d
