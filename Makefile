@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?= quick
 DEVICE ?= cpu
 
-.PHONY: reproduce test install clean-runs
+.PHONY: reproduce test install clean-runs notebooks
 
 install: $(VENV)/.installed
 
@@ -27,3 +27,7 @@ test: install
 
 clean-runs:
 	rm -rf runs/*
+
+# Regenerate every .ipynb from its reviewed .py source (outputs stripped), after editing notebooks/*.py.
+notebooks: install
+	$(VENV)/bin/jupytext --to ipynb notebooks/[0-9][0-9]_*.py

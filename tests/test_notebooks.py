@@ -1,0 +1,89 @@
+"""Notebooks: .py/.ipynb pairs in sync, committed without outputs, a papermill `parameters` cell, and every
+notebook executed in the smoke profile, checking the outputs its manifest entry declares."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+jupytext = pytest.importorskip("jupytext")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+MANIFEST = json.loads((NOTEBOOKS / "manifest.json").read_text()) if (NOTEBOOKS / "manifest.json").exists() else {}
+SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+REQUIRED_PARAMETERS = ("profile", "device", "data_dir", "out_dir", "seed")
+
+
+def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", ()))) for c in nb.cells]
+
+
+def test_every_notebook_is_in_the_manifest() -> None:
+    assert sorted(p.stem for p in SOURCES) == sorted(MANIFEST)
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_pair_in_sync_and_outputs_stripped(source: Path) -> None:
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.exists(), f"{ipynb.name} missing: run `make notebooks`"
+    from_py, from_ipynb = jupytext.read(source), jupytext.read(ipynb)
+    assert _cells(from_py) == _cells(from_ipynb), f"{source.name} and {ipynb.name} differ: run `make notebooks`"
+    raw = json.loads(ipynb.read_text())
+    for cell in raw["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"{ipynb.name} has outputs"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_first_code_cell_is_parameters(source: Path) -> None:
+    nb = jupytext.read(source)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert "parameters" in first.metadata.get("tags", []), f"{source.name}: first code cell must be tagged parameters"
+    for name in REQUIRED_PARAMETERS:
+        assert f"{name} =" in first.source, f"{source.name}: parameter {name!r} missing"
+
+
+def _check_output(path: Path, spec: dict) -> None:
+    assert path.exists() and path.stat().st_size > 0, f"{path.name} was not written"
+    kind = spec["kind"]
+    if kind in ("figure", "gif"):
+        import imageio.v2 as imageio
+        import numpy as np
+
+        frames = imageio.mimread(path) if kind == "gif" else [imageio.imread(path)]
+        first = np.asarray(frames[0])
+        if "size" in spec:
+            assert [first.shape[1], first.shape[0]] == spec["size"], f"{path.name}: size {first.shape[1::-1]}"
+        if "frames" in spec:
+            assert len(frames) >= spec["frames"], f"{path.name}: {len(frames)} frames"
+        colours = np.unique(first.reshape(-1, first.shape[-1] if first.ndim == 3 else 1), axis=0)
+        assert len(colours) > 1, f"{path.name} is a single colour"
+    elif kind == "table":
+        import csv
+
+        rows = list(csv.DictReader(path.open()))
+        assert len(rows) == spec["rows"], f"{path.name}: {len(rows)} rows, expected {spec['rows']}"
+    sidecar = path.with_suffix(".json")
+    assert sidecar.exists(), f"{path.name} has no provenance sidecar"
+    meta = json.loads(sidecar.read_text())
+    assert meta.get("profile") == "smoke" and "data_source" in meta and "checkpoint" in meta, meta
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_profile(source: Path, tmp_path: Path) -> None:
+    papermill = pytest.importorskip("papermill")
+    out_dir = tmp_path / "figures"
+    params = {"profile": "smoke", "device": "cpu", "out_dir": str(out_dir), "seed": 0,
+              "run_dir": str(tmp_path / "run")}
+    if os.environ.get("GEVIT_DATA_DIR"):
+        params["data_dir"] = os.environ["GEVIT_DATA_DIR"]
+    papermill.execute_notebook(str(source.with_suffix(".ipynb")), str(tmp_path / source.with_suffix(".ipynb").name),
+                               parameters=params, cwd=str(NOTEBOOKS), progress_bar=False)
+    for spec in MANIFEST[source.stem]["outputs"]:
+        if spec.get("optional") and not (out_dir / spec["file"]).exists():
+            continue
+        _check_output(out_dir / spec["file"], spec)
