@@ -13,20 +13,42 @@ One small loop (nanoGPT style) for GE-ViT, the post's ViT, post-hoc finetuning a
   all written atomically every epoch; ``resume=True`` continues an interrupted run bit-identically on CPU;
 - a non-finite training loss stops the run with ``NonFiniteLossError`` (the reference skipped such batches).
 
-Device, precision and data-loader construction live in small functions so that a later DDP version only has to
-swap the sampler and wrap the model.
+Multi-process training: the same ``fit`` runs unchanged under ``torchrun --nproc-per-node N`` (one process per
+GPU, NCCL; or CPU processes, gloo), using ``gevit_lib.distributed``. A run with N processes computes the same
+optimizer steps as a single process, up to float rounding:
+
+- ``config.batch_size`` is the *global* batch (one optimizer step); each process takes a contiguous part of it.
+  ``ShardedBatchSampler`` cuts the single-process loader's own batches (same seeded generator on every rank, same
+  permutation per epoch), so every step sees exactly the samples it would see in one process.
+- the model is wrapped in ``DistributedDataParallel``; each rank's mean loss is weighted by
+  ``rank_count * N / global_count`` so that DDP's gradient average equals the mean over the global batch, also for
+  uneven splits and the last, smaller batch (nothing is dropped or padded; a rank left with no sample of a tiny
+  last batch runs one sample with weight 0 to join the gradient all-reduce).
+- validation/test: each rank evaluates whole batches of the single-process evaluation (no padding, no
+  duplicates); per-batch loss sums are gathered and added in the single-process order, so the metrics (and hence
+  best-epoch selection and early stopping) are exactly the single-process values, identical on every rank.
+- training metrics are reduced over ranks (sum of loss * n, correct, n); BatchNorm-style buffers are broadcast
+  from rank 0 after every epoch so every rank evaluates and keeps the weights rank 0 saves.
+- only rank 0 reads and writes ``run_dir`` (the checkpoint is broadcast to the others; errors reach every rank)
+  and shows progress and logs; the others wait at a barrier after every epoch's files are written.
+- checkpoints hold global state (epoch, global step, loader generator, rank 0's RNG), never per-rank state, so a
+  run resumes with any number of processes and continues the same global sequence of batches. Randomness inside a
+  step (dropout, ``augment``) comes from per-rank streams: rank 0 uses the single-process stream, rank r > 0
+  reseeds from (seed, r, epoch) each epoch. Those draws differ from a single-process run, so the equivalence above
+  is for the data order and the maths of each step; BatchNorm statistics are per rank (as usual with DDP).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
@@ -34,11 +56,13 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 from tqdm import tqdm
 
 from gevit_lib import __version__
+from gevit_lib import distributed as dist_utils
 from gevit_lib.files import atomic_torch_save, atomic_write
 
 __all__ = [
@@ -57,6 +81,8 @@ __all__ = [
     "autocast",
     "train_loader",
     "eval_loader",
+    "ShardedBatchSampler",
+    "shard_bounds",
 ]
 
 log = logging.getLogger(__name__)
@@ -247,20 +273,75 @@ def _as_dataset(data: Data, what: str) -> Dataset:
     return dataset
 
 
-def _seed_worker(worker_id: int) -> None:
+def _seed_worker(worker_id: int, rank: int = 0) -> None:
     """Seed numpy and ``random`` in a data-loader worker from its torch seed (itself drawn from the loader's
-    generator), so worker-side augmentation is reproducible."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    generator), so worker-side augmentation is reproducible. Every rank's loader draws the same seeds, so ranks
+    > 0 first derive their own torch seed from (seed, rank): per-item random transforms differ between ranks."""
+    seed = torch.initial_seed()
+    if rank > 0:
+        seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+        torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed % 2**32)
 
 
-def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generator,
-                 device: torch.device) -> DataLoader:
-    """Shuffled training batches, all randomness drawn from ``generator`` (a DistributedSampler would go here)."""
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
-                      num_workers=config.num_workers, worker_init_fn=_seed_worker,
-                      pin_memory=device.type == "cuda")
+def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Start and end of rank ``rank``'s contiguous part of ``count`` items split as evenly as possible (the first
+    ``count % world_size`` ranks get one more)."""
+    base, extra = divmod(count, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """This process's part of every batch of the single-process training loader.
+
+    The global batches are those of ``DataLoader(shuffle=True, batch_size, generator)`` (the same ``RandomSampler``
+    and ``BatchSampler``, so the same draws from ``generator``); every rank holds an identically seeded generator,
+    so all ranks see the same permutation each epoch (the generator's state advances per epoch, which plays the
+    role of ``DistributedSampler.set_epoch`` and is checkpointed). Rank r takes ``shard_bounds(len(batch), r, N)``
+    of each batch; when that part is empty (a last batch smaller than N) it gets the batch's first sample, which
+    the training loop weights by 0 (``shares`` tells it the true counts).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator, rank: int,
+                 world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        if batch_size < world_size:
+            raise ValueError(f"batch_size={batch_size} is the global batch split over {world_size} processes; it "
+                             f"must be at least the number of processes")
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.batches = BatchSampler(RandomSampler(range(num_samples), generator=generator), batch_size,
+                                    drop_last=False)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            lo, hi = shard_bounds(len(batch), self.rank, self.world_size)
+            yield batch[lo:hi] if hi > lo else batch[:1]
+
+    def shares(self, step: int) -> tuple[int, int]:
+        """(samples of this rank that count, samples in the global batch) for the 0-based ``step`` of an epoch."""
+        total = min(self.batch_size, self.num_samples - step * self.batch_size)
+        lo, hi = shard_bounds(total, self.rank, self.world_size)
+        return hi - lo, total
+
+
+def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generator, device: torch.device, *,
+                 rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Shuffled training batches, all randomness drawn from ``generator``. With ``world_size > 1`` this rank's
+    part of the same global batches (``ShardedBatchSampler``)."""
+    common = dict(generator=generator, num_workers=config.num_workers,
+                  worker_init_fn=functools.partial(_seed_worker, rank=rank),
+                  pin_memory=device.type == "cuda")
+    if world_size == 1:
+        return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, **common)  # type: ignore[arg-type]
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = ShardedBatchSampler(n, config.batch_size, generator, rank, world_size)
+    return DataLoader(dataset, batch_sampler=sampler, **common)  # type: ignore[arg-type]
 
 
 def eval_loader(data: Data | DataLoader, batch_size: int, device: torch.device, num_workers: int = 0,
@@ -328,20 +409,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 
 @torch.no_grad()
 def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, loss_fn: LossFn,
-               keep_logits: bool, progress: bool, desc: str) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
+               keep_logits: bool, progress: bool, desc: str, shard: tuple[int, int] | None = None
+               ) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
+    """Metrics over ``loader``. ``shard=(first, total)``: ``loader`` holds batches ``first, first+1, ...`` of
+    ``total`` batches split over the processes; the result is reduced over them, adding the per-batch loss sums
+    in batch order, so it is bit-identical to one process going through all ``total`` batches."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
+    batch_sums = torch.zeros(shard[1] if shard else 0, dtype=torch.float64, device=device)
     all_logits, all_labels = [], []
     try:
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)
             logits = logits.float()
-            loss_sum += loss_fn(logits, y).double() * len(y)
+            if shard is None:
+                loss_sum += loss_fn(logits, y).double() * len(y)
+            else:
+                batch_sums[shard[0] + i] = loss_fn(logits, y).double() * len(y)
             correct += (logits.argmax(dim=-1) == y).sum()
             n += len(y)
             if keep_logits:
@@ -349,6 +438,12 @@ def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, preci
                 all_labels.append(y.cpu())
     finally:
         model.train(was_training)
+    if shard is not None:  # each slot has exactly one non-zero contributor, so the sum over ranks is exact
+        dist_utils.all_reduce_sum(batch_sums)
+        counts = dist_utils.all_reduce_sum(torch.stack([correct, torch.tensor(n, device=device)]))
+        correct, n = counts[0], int(counts[1].item())
+        for value in batch_sums:
+            loss_sum += value
     metrics = {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
     if keep_logits:
         return metrics, torch.cat(all_logits), torch.cat(all_labels)
@@ -381,6 +476,20 @@ def predict(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256,
     _, logits, labels = _eval_pass(model, loader, dev, prec, nn.CrossEntropyLoss(), True, progress, "predict")
     assert logits is not None and labels is not None
     return logits, labels
+
+
+def _sharded_eval(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, precision: str,
+                  loss_fn: LossFn, num_workers: int, progress: bool, desc: str) -> dict[str, float]:
+    """Metrics of ``eval_loader(dataset, batch_size)`` with its batches split over the processes in contiguous
+    blocks (whole batches: the same batch compositions, hence the same logits as a single process)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    total = math.ceil(n / batch_size)
+    lo, hi = shard_bounds(total, dist_utils.rank(), dist_utils.world_size())
+    batches = [list(range(j * batch_size, min(n, (j + 1) * batch_size))) for j in range(lo, hi)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
+    metrics, _, _ = _eval_pass(model, loader, device, precision, loss_fn, False, progress, desc, shard=(lo, total))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +525,10 @@ def _is_better(val: dict[str, float], best: dict[str, float] | None) -> bool:
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                  scaler: torch.amp.GradScaler | None, loss_fn: LossFn, augment: Augment | None,
                  augment_generator: torch.Generator, device: torch.device, precision: str, config: TrainConfig,
-                 epoch: int, state: _State, progress: bool) -> dict[str, float]:
+                 epoch: int, state: _State, progress: bool,
+                 shares: Callable[[int], tuple[int, int]] | None = None) -> dict[str, float]:
+    """One epoch. ``shares(step)`` (multi-process only): (this rank's samples, global batch size) of a step."""
+    world = dist_utils.world_size() if shares is not None else 1
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum, n = 0.0, 0
@@ -430,7 +542,17 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         with autocast(device, precision):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
-        loss_value = loss.item()
+        if shares is None:
+            count = len(y)
+            loss_value = loss.item()
+        else:
+            # DDP averages gradients over ranks: weighting each rank's mean loss by count * world / total makes
+            # that average the mean over the global batch (weight 1 for evenly split batches).
+            count, total = shares(step - 1)
+            step_sum = dist_utils.all_reduce_sum(loss.detach().double() * count).item()  # sum of loss * n
+            loss_value = step_sum / total
+            if count * world != total:
+                loss = loss * (count * world / total)
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(loss_value, epoch, step, state.global_step + 1, config.label)
         optimizer.zero_grad(set_to_none=True)
@@ -448,10 +570,17 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             optimizer.step()
         scheduler.step()
         state.global_step += 1
-        loss_sum += loss_value * len(y)
-        correct += (logits.detach().argmax(dim=-1) == y).sum()
-        n += len(y)
+        if shares is None:
+            loss_sum += loss_value * len(y)
+        else:
+            loss_sum += step_sum
+        if count:  # a rank's stand-in sample (count 0) is not counted
+            correct += (logits.detach().argmax(dim=-1) == y).sum()
+        n += count
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    if shares is not None:
+        counts = dist_utils.all_reduce_sum(torch.stack([correct, torch.tensor(n, device=device)]))
+        correct, n = counts[0], int(counts[1].item())
     return {"train_loss": loss_sum / n, "train_acc": correct.item() / n}
 
 
@@ -480,12 +609,27 @@ def _set_rng_state(rng: dict[str, Any], loader_generator: torch.Generator,
         augment_generator.set_state(rng["augment"])
 
 
-def _load_checkpoint(path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: LambdaLR, scaler: torch.amp.GradScaler | None, loader_generator: torch.Generator,
-                     augment_generator: torch.Generator) -> _State:
+def _seed_rank_streams(seed: int, rank: int, epoch: int, augment_generator: torch.Generator) -> None:
+    """Per-rank randomness (dropout, augmentation) for rank > 0, derived from (seed, rank, epoch) so that it is
+    distinct from the other ranks and reproducible after a resume without storing per-rank state."""
+    rank_seed = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    seed_everything(rank_seed)
+    augment_generator.manual_seed(rank_seed + 2)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a resumable training checkpoint of format {CHECKPOINT_FORMAT!r}")
+    return ckpt
+
+
+def _load_checkpoint(path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: LambdaLR, scaler: torch.amp.GradScaler | None, loader_generator: torch.Generator,
+                     augment_generator: torch.Generator, ckpt: dict[str, Any] | None = None) -> _State:
+    """Restore a run from ``path`` (or from ``ckpt``, that file's already-read content)."""
+    if ckpt is None:
+        ckpt = _read_checkpoint(path)
     old, new = ckpt["config"], config.to_dict()
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
@@ -578,8 +722,18 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
     (a finished run is not retrained: the best weights are loaded and the test set evaluated); without
     ``resume`` an existing checkpoint is an error. ``on_epoch_end(record, model)`` is called after each epoch's
     files are written. Raises ``NonFiniteLossError`` if the training loss becomes NaN/inf.
+
+    Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself (gloo on CPU, NCCL on
+    ``cuda:LOCAL_RANK``) and trains with DistributedDataParallel; ``config.batch_size`` stays the global batch, so
+    the result equals a single-process run up to float rounding (see the module docstring). Only rank 0 touches
+    ``run_dir`` and shows progress; every rank returns the same ``FitResult`` and ends with the same weights in
+    ``model``; ``on_epoch_end`` runs on every rank once rank 0 has written the epoch's files.
     """
-    device = resolve_device(config.device)
+    distributed = dist_utils.setup(resolve_device(config.device).type)
+    device = dist_utils.device_for_rank(resolve_device(config.device))
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    main = rank == 0
+    progress = progress and main
     precision = resolve_precision(config.precision, device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     train_set = _as_dataset(train_data, "train_data")
@@ -591,29 +745,47 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
     last_path = run_path / "last.pt" if run_path is not None else None
     if resume and run_path is None:
         raise ValueError("resume=True needs a run_dir holding last.pt")
-    if last_path is not None and last_path.exists() and not resume:
-        raise FileExistsError(f"{last_path} exists: pass resume=True to continue (or reuse) that run, or choose "
-                              f"another run_dir")
+
+    def read_last() -> dict[str, Any] | None:  # rank 0 reads run_dir; the others receive its content
+        if last_path is None or not last_path.exists():
+            return None
+        if not resume:
+            raise FileExistsError(f"{last_path} exists: pass resume=True to continue (or reuse) that run, or "
+                                  f"choose another run_dir")
+        return _read_checkpoint(last_path)
+
+    checkpoint = dist_utils.on_main_then_broadcast(read_last)
 
     seed_everything(config.seed)
     model.to(device)
     loader_generator = torch.Generator().manual_seed(config.seed + 1)
     augment_generator = torch.Generator(device=device).manual_seed(config.seed + 2)
-    loader = train_loader(train_set, config, loader_generator, device)
+    loader = train_loader(train_set, config, loader_generator, device, rank=rank, world_size=world)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     eval_bs = config.eval_batch_size or config.batch_size
+    train_model: nn.Module = model
+    shares: Callable[[int], tuple[int, int]] | None = None
+    if distributed:  # DDP starts every rank from rank 0's weights and buffers
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        shares = loader.batch_sampler.shares  # type: ignore[union-attr]
 
     def validate(data: Dataset, desc: str) -> dict[str, float]:
+        if distributed:
+            return _sharded_eval(model, data, eval_bs, device, precision, loss_fn, config.num_workers, progress,
+                                 desc)
         metrics, _, _ = _eval_pass(model, eval_loader(data, eval_bs, device, config.num_workers), device,
                                    precision, loss_fn, False, progress, desc)
         return metrics
 
-    if last_path is not None and last_path.exists():
+    if checkpoint is not None:
+        assert last_path is not None
         state = _load_checkpoint(last_path, config, model, optimizer, scheduler, scaler, loader_generator,
-                                 augment_generator)
-        log.info("resuming %s after epoch %d", last_path, state.epoch)
+                                 augment_generator, checkpoint)
+        del checkpoint
+        if main:
+            log.info("resuming %s after epoch %d", last_path, state.epoch)
         if progress:
             tqdm.write(f"resuming {last_path} after epoch {state.epoch}/{config.epochs}")
     else:
@@ -622,9 +794,9 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
             assert val_set is not None
             state.initial_val = state.best_val = validate(val_set, "initial val")
             state.best_weights = _cpu_copy(model.state_dict())
-            if run_path is not None:
+            if run_path is not None and main:
                 atomic_torch_save(model.state_dict(), run_path / "best.pt")
-    if run_path is not None:  # after a resume's config check, so a refused resume leaves the folder untouched
+    if run_path is not None and main:  # after a resume's config check: a refused resume leaves the folder untouched
         _write_json(run_path / "config.json", config.to_dict())
 
     def summary(test: dict[str, float] | None) -> dict[str, Any]:
@@ -632,7 +804,7 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
             "label": config.label, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
             "best_epoch": state.best_epoch if val_set is not None else state.epoch, "best_val": state.best_val,
             "initial_val": state.initial_val, "test": test, "device": str(device), "precision": precision,
-            "global_steps": state.global_step, "steps_per_epoch": len(loader),
+            "world_size": world, "global_steps": state.global_step, "steps_per_epoch": len(loader),
             "seconds_total": sum(r["seconds"] for r in state.history),
             "n_train": len(train_set),  # type: ignore[arg-type]
             "n_val": len(val_set) if val_set is not None else None,  # type: ignore[arg-type]
@@ -647,8 +819,13 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         epoch = state.epoch + 1
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train = _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, augment, augment_generator,
-                             device, precision, config, epoch, state, progress)
+        if rank > 0:
+            _seed_rank_streams(config.seed, rank, epoch, augment_generator)
+        train = _train_epoch(train_model, loader, optimizer, scheduler, scaler, loss_fn, augment,
+                             augment_generator, device, precision, config, epoch, state, progress, shares)
+        if distributed:  # BatchNorm-style buffers: every rank evaluates and keeps what rank 0 saves
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         val = validate(val_set, "val") if val_set is not None else None
         record = {"epoch": epoch, "lr": lr, **train, "val_loss": val["loss"] if val else None,
                   "val_acc": val["accuracy"] if val else None, "seconds": time.perf_counter() - t0}
@@ -663,16 +840,19 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
             if config.early_stopping_patience is not None and state.since_best >= config.early_stopping_patience:
                 state.stopped_early = True
         if run_path is not None:
-            if improved or val_set is None:
-                atomic_torch_save(model.state_dict(), run_path / "best.pt")
-            _save_checkpoint(run_path / "last.pt", config, model, optimizer, scheduler, scaler, loader_generator,
-                             augment_generator, state)
-            _write_metrics_csv(run_path / "metrics.csv", state.history)
-            _write_json(run_path / "metrics.json", summary(None))
+            if main:
+                if improved or val_set is None:
+                    atomic_torch_save(model.state_dict(), run_path / "best.pt")
+                _save_checkpoint(run_path / "last.pt", config, model, optimizer, scheduler, scaler,
+                                 loader_generator, augment_generator, state)
+                _write_metrics_csv(run_path / "metrics.csv", state.history)
+                _write_json(run_path / "metrics.json", summary(None))
+            dist_utils.barrier()  # the epoch's files are complete before any rank goes on (or is stopped)
         epoch_seconds.append(record["seconds"])
         remaining = 0 if state.stopped_early else config.epochs - epoch
         line = _log_line(config, record, improved, remaining * sum(epoch_seconds) / len(epoch_seconds))
-        log.info(line)
+        if main:
+            log.info(line)
         if progress:
             tqdm.write(line)
             if state.stopped_early:
@@ -684,7 +864,9 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         model.load_state_dict(state.best_weights)
     test = validate(test_set, "test") if test_set is not None else None
     if run_path is not None:
-        _write_json(run_path / "metrics.json", summary(test))
+        if main:
+            _write_json(run_path / "metrics.json", summary(test))
+        dist_utils.barrier()
     if progress and state.best_val is not None:
         msg = (f"best epoch {state.best_epoch}: val acc {100 * state.best_val['accuracy']:.2f}% "
                f"loss {state.best_val['loss']:.4f}")

@@ -1,0 +1,168 @@
+"""Multi-process (torchrun) helpers for ``gevit_lib.train``: process-group setup/teardown, rank and world queries,
+per-rank devices, reductions and "rank 0 does it, everyone gets the result".
+
+The distributed environment is read from torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``). ``fit`` calls :func:`setup` itself, so a script launched with
+``torchrun --nproc-per-node N script.py`` needs no code beyond calling ``fit``. Without those variables (or with
+``WORLD_SIZE=1``) every function here is a cheap single-process no-op.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "env_world_size",
+    "is_distributed",
+    "rank",
+    "local_rank",
+    "world_size",
+    "is_main_process",
+    "setup",
+    "teardown",
+    "device_for_rank",
+    "barrier",
+    "all_reduce_sum",
+    "on_main_then_broadcast",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when absent)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """Index of this process on its node (``LOCAL_RANK``; 0 outside torchrun)."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return rank() % max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def setup(device_type: str = "cpu", timeout: timedelta | None = None) -> bool:
+    """Join the process group described by torchrun's environment, if any; return whether this run is distributed.
+
+    Backend: NCCL for ``device_type="cuda"`` (after selecting ``cuda:LOCAL_RANK``), gloo for CPU. An already
+    initialised group is reused (its backend must suit the device). A group created here is destroyed at exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend())
+        if device_type == "cpu" and "gloo" not in backend:
+            raise RuntimeError(f"the process group uses backend {backend!r}, which cannot reduce CPU tensors; "
+                               f"train on device='cuda' or initialise the group with backend 'gloo'")
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank())
+        return is_distributed()
+    if env_world_size() <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={env_world_size()} asks for distributed training, but this torch build has "
+                           f"no torch.distributed")
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={env_world_size()} is set but {missing} are not; launch with torchrun "
+                           f"(python -m torch.distributed.run --nproc-per-node N script.py)")
+    if device_type == "cuda":
+        if torch.cuda.device_count() <= local_rank():
+            raise RuntimeError(f"LOCAL_RANK={local_rank()} but only {torch.cuda.device_count()} CUDA devices are "
+                               f"visible; start at most that many processes per node")
+        torch.cuda.set_device(local_rank())
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    dist.init_process_group(backend=backend, **kwargs)
+    atexit.register(teardown)
+    log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return is_distributed()
+
+
+def teardown() -> None:
+    """Leave and destroy the process group (no-op when none is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """Under torchrun a CUDA device means this process's GPU, ``cuda:LOCAL_RANK``; other devices are unchanged."""
+    if device.type != "cuda" or not is_distributed():
+        return device
+    dev = torch.device("cuda", local_rank())
+    if device.index is not None and device.index != dev.index:
+        log.warning("device %s ignored under torchrun: rank %d uses %s (LOCAL_RANK)", device, rank(), dev)
+    return dev
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all processes, in place (returned for chaining); unchanged in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def on_main_then_broadcast(fn: Callable[[], T], device: torch.device | None = None) -> T:
+    """Run ``fn`` on rank 0 only and return its result (any picklable object) on every rank.
+
+    An exception raised by ``fn`` is re-raised on every rank, so the other processes fail with the same error
+    instead of waiting for a collective that rank 0 never joins. ``device``: where the pickled bytes travel
+    (this process's GPU with NCCL; CPU with gloo).
+    """
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 (forwarded to every rank and re-raised)
+            error = exc
+            box[0] = ("error", _picklable(exc))
+    dist.broadcast_object_list(box, src=0, device=device)
+    status, value = box[0]
+    if error is not None:
+        raise error
+    if status == "error":
+        raise value
+    return value
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` itself when it survives pickling, else a RuntimeError carrying its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"rank 0 failed with {type(exc).__name__}: {exc}")
