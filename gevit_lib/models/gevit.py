@@ -1,0 +1,452 @@
+"""GE-ViT / GSA-Net models (the original ``GroupTransformer``), presets, and the converter for published checkpoints.
+
+Network (SPEC 2.5): input dropout -> lifting self-attention -> norm -> activation -> ``blocks`` (transformer blocks,
+optional norm + activation after every layer, max-pool (1, 2, 2) between blocks, optional dropout after pooling,
+1x1 classifier without bias) -> sum over (H, W) -> max over the group axis. ``blocks`` has the same modules in the
+same order as the original's ``transformer`` Sequential, so ``forward_features`` returns what the original's
+``forward(x, show_features=True)`` returned (7 tensors for rotMNIST).
+
+``build_gevit(preset, group, ...)`` builds the rotMNIST, PCam and CIFAR-10 architectures (SPEC 2.7) for any group
+(z2, p4, p8, p12, p16, mz2, p4m, p8m); ``from_original_state_dict`` loads the authors' state dicts
+(``gevit_lib.checkpoints.load_published``). Deviations from the original, on purpose: the border mask is computed
+for every input size (the original cached the first one), and there is no built-in fp16 autocast.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints import IncompatibleCheckpointError, load_into
+from ..groups import GROUP_NAMES, Group, get_group
+from ..nn.attention import IMPLS, GroupSelfAttention, LiftingSelfAttention, Pointwise
+from ..nn.positional import GROUP_INDEX, POSITIONAL, group_index_table, relative_coordinates
+
+__all__ = [
+    "GEViTConfig",
+    "PRESETS",
+    "GEViT",
+    "TransformerBlock",
+    "build_gevit",
+    "from_original_state_dict",
+    "convert_original_state_dict",
+]
+
+
+@dataclass(frozen=True)
+class GEViTConfig:
+    """Every hyper-parameter of a GE-ViT/GSA-Net model (names follow the original ``GroupTransformer``)."""
+
+    group: str = "p4"
+    in_channels: int = 1
+    num_channels: int = 20
+    num_heads: int = 9
+    block_sizes: tuple[int, ...] = (2, 3)
+    expansion_per_block: tuple[int, ...] = (1,)  # one value = the same for every block
+    crop_per_layer: tuple[int, ...] = (2, 0, 2, 1, 1)  # one value = the same for every layer
+    image_size: int = 28
+    patch_size: int | None = 5  # None = global attention
+    num_classes: int = 10
+    norm: str = "LayerNorm"  # or "BatchNorm"
+    activation: str = "Swish"  # or "ReLU"
+    attention_dropout: float = 0.1
+    value_dropout: float = 0.1
+    input_dropout: float = 0.0
+    pool_dropout: float = 0.0
+    normalize_between_layers: bool = False
+    maxpool_after_last_block: bool = False
+    whitening_scale: float = 1.41421356
+    positional: str = "gevit"
+    group_index: str = "corrected"
+    impl: str = "fast"
+
+    def layer_plan(self) -> list[tuple[str, int, int, int]]:
+        """``("block", in, out, crop)`` / ``("pool", c, c, 0)`` entries in network order (after the lifting)."""
+        n_layers = sum(self.block_sizes)
+        crops = list(self.crop_per_layer) * (n_layers if len(self.crop_per_layer) == 1 else 1)
+        expansions = list(self.expansion_per_block)
+        expansions *= len(self.block_sizes) if len(expansions) == 1 else 1
+        if len(crops) != n_layers:
+            raise ValueError(f"crop_per_layer has {len(self.crop_per_layer)} values, the blocks have {n_layers} layers")
+        if len(expansions) != len(self.block_sizes):
+            raise ValueError(f"expansion_per_block has {len(self.expansion_per_block)} values for "
+                             f"{len(self.block_sizes)} blocks")
+        plan, c_in, layer = [], self.num_channels, 0
+        for b, size in enumerate(self.block_sizes):
+            c_out = c_in * (expansions[b] or 1)
+            for _ in range(size):
+                plan.append(("block", c_in, c_out, crops[layer]))
+                c_in, layer = c_out, layer + 1
+            if b < len(self.block_sizes) - 1 or self.maxpool_after_last_block:
+                plan.append(("pool", c_in, c_in, 0))
+        return plan
+
+    def output_size(self, size: int) -> int:
+        """Spatial size after the network's crops and poolings for an input of ``size`` (<= 0: too small)."""
+        for kind, _, _, crop in self.layer_plan():
+            size = size - 2 * crop if kind == "block" else size // 2
+            if size < 1:
+                return 0
+        return size
+
+    def min_image_size(self) -> int:
+        size = 1
+        while self.output_size(size) < 1:
+            size += 1
+        return size
+
+
+PRESETS: dict[str, GEViTConfig] = {
+    # SPEC 2.7; heads 9 everywhere; patch size from the build call
+    "rotmnist": GEViTConfig(),
+    "pcam": GEViTConfig(in_channels=3, num_channels=12, block_sizes=(0, 1, 2, 1), expansion_per_block=(1, 2, 2, 2),
+                        crop_per_layer=(0, 2, 1, 1), image_size=96, num_classes=2, normalize_between_layers=True,
+                        maxpool_after_last_block=True),
+    "cifar10": GEViTConfig(in_channels=3, num_channels=96, block_sizes=(2, 2, 2), expansion_per_block=(1, 2, 1),
+                           crop_per_layer=(0,), image_size=32, num_classes=10, value_dropout=0.0, input_dropout=0.2,
+                           pool_dropout=0.3, normalize_between_layers=True),
+}
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "LayerNorm":  # over (C, G, H, W) per sample, per-channel affine (the original's LayerNorm)
+        return nn.GroupNorm(1, channels, eps=1e-12)
+    if kind == "BatchNorm":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"norm must be 'LayerNorm' or 'BatchNorm', got {kind!r}")
+
+
+def _activation(kind: str) -> nn.Module:
+    if kind == "Swish":
+        return nn.SiLU()
+    if kind == "ReLU":
+        return nn.ReLU()
+    raise ValueError(f"activation must be 'Swish' or 'ReLU', got {kind!r}")
+
+
+class TransformerBlock(nn.Module):
+    """``out = crop(A(x)) + crop(shortcut(x)); out = MLP(out) + out`` with A = norm, act, attention, norm, act,
+    dropout and MLP = 1x1 (C -> C/2), norm, act, 1x1 (C/2 -> C), norm (SPEC 2.5)."""
+
+    def __init__(self, attention: GroupSelfAttention, in_channels: int, out_channels: int, crop: int, norm: str,
+                 activation: str, value_dropout: float) -> None:
+        super().__init__()
+        self.crop = crop
+        self.norm_in = _norm(norm, in_channels)
+        self.act = _activation(activation)
+        self.attn = attention
+        self.norm_out = _norm(norm, out_channels)
+        self.dropout = nn.Dropout(value_dropout)
+        self.mlp_in = Pointwise(out_channels, out_channels // 2)
+        self.mlp_norm = _norm(norm, out_channels // 2)
+        self.mlp_out = Pointwise(out_channels // 2, out_channels)
+        self.mlp_norm_out = _norm(norm, out_channels)
+        self.shortcut = Pointwise(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
+
+    def _crop(self, x: Tensor) -> Tensor:
+        c = self.crop
+        return x[..., c:x.shape[-2] - c, c:x.shape[-1] - c] if c else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.dropout(self.act(self.norm_out(self.attn(self.act(self.norm_in(x))))))
+        out = self._crop(a) + self._crop(self.shortcut(x))
+        mlp = self.mlp_norm_out(self.mlp_out(self.act(self.mlp_norm(self.mlp_in(out)))))
+        return mlp + out
+
+
+class GEViT(nn.Module):
+    """GE-ViT (``positional="gevit"``) or GSA-Net (``"gsa"``) for images ``[B, C, H, W]``; logits ``[B, classes]``."""
+
+    def __init__(self, config: GEViTConfig) -> None:
+        super().__init__()
+        if config.positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {POSITIONAL}, got {config.positional!r}")
+        if config.group_index not in GROUP_INDEX:
+            raise ValueError(f"group_index must be one of {GROUP_INDEX}, got {config.group_index!r}")
+        if config.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {config.impl!r}")
+        self.config = config
+        self.group: Group = get_group(config.group)
+        c = config.num_channels
+        local = config.patch_size is not None
+        common = dict(num_heads=config.num_heads, patch_size=config.patch_size, positional=config.positional,
+                      attention_dropout=config.attention_dropout, impl=config.impl)
+        size = config.image_size
+        self.input_dropout = nn.Dropout(config.input_dropout)
+        self.lift = LiftingSelfAttention(self.group, config.in_channels, c, mid_channels=c // 2,
+                                         image_size=None if local else size, **common)
+        self.lift_norm = _norm(config.norm, c)
+        self.lift_act = _activation(config.activation)
+        layers: list[nn.Module] = []
+        for kind, c_in, c_out, crop in config.layer_plan():
+            if kind == "pool":
+                layers.append(nn.MaxPool3d((1, 2, 2), (1, 2, 2)))
+                if config.pool_dropout > 0:
+                    layers.append(nn.Dropout(config.pool_dropout))
+                size //= 2
+                continue
+            attn = GroupSelfAttention(self.group, c_in, c_out, mid_channels=c_out // 2,
+                                      image_size=None if local else size, group_index=config.group_index, **common)
+            layers.append(TransformerBlock(attn, c_in, c_out, crop, config.norm, config.activation,
+                                           config.value_dropout))
+            if config.normalize_between_layers:
+                layers += [_norm(config.norm, c_out), _activation(config.activation)]
+            size -= 2 * crop
+        c_last = config.layer_plan()[-1][2] if config.layer_plan() else c
+        layers.append(Pointwise(c_last, config.num_classes, bias=False))
+        self.blocks = nn.Sequential(*layers)
+        self.reset_parameters(config.whitening_scale)
+
+    # ---- construction helpers ------------------------------------------------------------------------------
+    def reset_parameters(self, whitening_scale: float = 1.41421356) -> None:
+        """The original initialisation: 1x1 maps (and the positional MLPs) ~ N(0, scale^2 / fan_in), biases 0."""
+        for m in self.modules():
+            if isinstance(m, (Pointwise, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, whitening_scale * m.weight.shape[1] ** -0.5)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def attention_layers(self) -> list[LiftingSelfAttention | GroupSelfAttention]:
+        """The lifting layer followed by every group self-attention layer, in network order."""
+        return [self.lift] + [m.attn for m in self.blocks if isinstance(m, TransformerBlock)]
+
+    def set_impl(self, impl: str) -> GEViT:
+        """Switch every attention layer to the "fast" or "plain" implementation."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        for layer in self.attention_layers():
+            layer.impl = impl
+        return self
+
+    @property
+    def feature_side(self) -> str:
+        """How the group axis of the features transforms: "right" (GE-ViT) or "left" (GSA-Nets)."""
+        return self.lift.feature_side
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"GEViT expects images [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if self.group.n_rotations > 1 and h != w:
+            raise ValueError(f"group {self.group.name} contains rotations: images must be square, got {h}x{w}")
+        if cfg.patch_size is None and (h, w) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"this global-attention model was built for {cfg.image_size}x{cfg.image_size} images, "
+                             f"got {h}x{w}")
+        if cfg.output_size(min(h, w)) < 1:
+            raise ValueError(f"a {h}x{w} image is smaller than the network's crops and poolings need: at least "
+                             f"{cfg.min_image_size()}x{cfg.min_image_size()} (crops {list(cfg.crop_per_layer)}, "
+                             f"blocks {list(cfg.block_sizes)})")
+
+    def lifted(self, x: Tensor) -> Tensor:
+        """Input to ``blocks``: activation(norm(lifting(dropout(x))))."""
+        self.check_input(x)
+        return self.lift_act(self.lift_norm(self.lift(self.input_dropout(x))))
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Output of every module of ``blocks`` (the original's ``show_features``), each ``[B, C, G, H, W]``."""
+        out, features = self.lifted(x), []
+        for layer in self.blocks:
+            out = layer(out)
+            features.append(out)
+        return features
+
+    @staticmethod
+    def pool(last: Tensor) -> Tensor:
+        """Logits from the classifier output ``[B, classes, G, H, W]``: sum over (H, W), then max over G."""
+        return last.sum(dim=(-2, -1)).amax(-1)
+
+    def forward(self, x: Tensor, return_features: bool = False) -> Tensor | list[Tensor]:
+        if return_features:
+            return self.forward_features(x)
+        return self.pool(self.blocks(self.lifted(x)))
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor, layer: int = 0) -> Tensor:
+        """Attention probabilities of attention layer ``layer`` (0 = lifting, 1.. = group layers in order):
+        lifting ``[B, heads, G, H, W, P, P]``, group ``[B, heads, G(v), G(g), H, W, G(m), P, P]`` (dropout off)."""
+        layers = self.attention_layers()
+        if not -len(layers) <= layer < len(layers):
+            raise IndexError(f"layer {layer} out of range: the model has {len(layers)} attention layers (0 = lifting)")
+        target = layers[layer]
+        captured: list[Tensor] = []
+
+        class _Stop(Exception):
+            pass
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            captured.append(args[0])
+            raise _Stop
+
+        handle = target.register_forward_pre_hook(hook)
+        try:
+            self.forward(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return target.attention_probabilities(captured[0])
+
+
+# ---- builders --------------------------------------------------------------------------------------------------
+def _tuple(value: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def build_gevit(preset: str, group: str | Group, patch_size: int | None = 5, num_classes: int | None = None,
+                attention: str = "local", group_index: str = "corrected", positional: str = "gevit",
+                **overrides: Any) -> GEViT:
+    """A GE-ViT (or GSA-Net, ``positional="gsa"``) with a preset architecture (SPEC 2.7).
+
+    preset: "rotmnist", "pcam", "cifar10"; group: z2, p4, p8, p12, p16, mz2, p4m, p8m; attention: "local" (P x P
+    neighbourhoods, ``patch_size``) or "global" (whole image; ``image_size`` from the preset or overrides).
+    ``overrides`` replace any :class:`GEViTConfig` field (e.g. ``num_channels=4, block_sizes=(1,),
+    crop_per_layer=(0,), image_size=9, impl="plain"``).
+    """
+    key = str(preset).lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    grp = get_group(group)
+    if grp.name not in GROUP_NAMES:
+        warnings.warn(f"group {grp.name} is not one of the original's groups {GROUP_NAMES}", stacklevel=2)
+    if attention not in ("local", "global"):
+        raise ValueError(f"attention must be 'local' or 'global', got {attention!r}")
+    if attention == "local" and patch_size is None:
+        raise ValueError("local attention needs a patch_size")
+    fields = set(GEViTConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown GE-ViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    for name in ("block_sizes", "expansion_per_block", "crop_per_layer"):
+        if name in overrides:
+            overrides[name] = _tuple(overrides[name])
+    base = PRESETS[key]
+    cfg = replace(base, group=grp.name, patch_size=patch_size if attention == "local" else None,
+                  num_classes=base.num_classes if num_classes is None else int(num_classes),
+                  group_index=group_index, positional=positional, **overrides)
+    return GEViT(cfg)
+
+
+# ---- published checkpoints -------------------------------------------------------------------------------------
+_DERIVED = re.compile(r"(^|\.)(row_indices|col_indices|g_indices)$"
+                      r"|(^|\.)group\._(identity|elements|relative_positions)$")
+_MLP = {"0": "inp", "1.layer_norm": "norm", "3": "out"}
+
+
+def _rename(key: str) -> str | None:
+    """Original key -> key of :class:`GEViT` (None: unknown to the converter)."""
+    def attn(prefix: str, rest: str) -> str | None:
+        m = re.fullmatch(r"(query|key|value|wout)\.(weight|bias)", rest)
+        if m:
+            return f"{prefix}.{'out' if m.group(1) == 'wout' else m.group(1)}.{m.group(2)}"
+        m = re.fullmatch(r"(row|col)_embedding\.(0|1\.layer_norm|3)\.(weight|bias)", rest)
+        if m:
+            return f"{prefix}.pos.{m.group(1)}.{_MLP[m.group(2)]}.{m.group(3)}"
+        if rest == "group_embedding.weight":
+            return f"{prefix}.pos.group_embedding.weight"
+        return None
+
+    if key.startswith("lifting_self_attention."):
+        return attn("lift", key.removeprefix("lifting_self_attention."))
+    m = re.fullmatch(r"lifting_normalization\.layer_norm\.(weight|bias)", key)
+    if m:
+        return f"lift_norm.{m.group(1)}"
+    m = re.fullmatch(r"lifting_normalization\.(weight|bias|running_mean|running_var|num_batches_tracked)", key)
+    if m:
+        return f"lift_norm.{m.group(1)}"
+    m = re.fullmatch(r"transformer\.(\d+)\.(.+)", key)
+    if not m:
+        return None
+    i, rest = m.groups()
+    if rest.startswith("attention.2."):
+        return attn(f"blocks.{i}.attn", rest.removeprefix("attention.2."))
+    table = {"attention.0": "norm_in", "attention.3": "norm_out", "mlp.0": "mlp_in", "mlp.1": "mlp_norm",
+             "mlp.3": "mlp_out", "mlp.4": "mlp_norm_out", "shortcut.0": "shortcut"}
+    m2 = re.fullmatch(r"(attention\.[03]|mlp\.[0134]|shortcut\.0)\.(?:layer_norm\.)?(\w+)", rest)
+    if m2:
+        return f"blocks.{i}.{table[m2.group(1)]}.{m2.group(2)}"
+    m2 = re.fullmatch(r"(?:layer_norm\.)?(weight|bias|running_mean|running_var|num_batches_tracked)", rest)
+    if m2:
+        return f"blocks.{i}.{m2.group(1)}"
+    return None
+
+
+def convert_original_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split an original GroupTransformer state dict (``module.`` prefix removed) into (weights renamed to this
+    library's modules, derived buffers under their original names). Unknown keys are kept under their original
+    names so that :func:`gevit_lib.checkpoints.load_into` reports them as unexpected."""
+    weights: dict[str, Tensor] = {}
+    derived: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if _DERIVED.search(key):
+            derived[key] = value
+            continue
+        new = _rename(key)
+        if new is None:
+            weights[key] = value
+            continue
+        weights[new] = value.reshape(value.shape[0], -1) if value.dim() > 2 else value  # conv 1x1 -> [out, in]
+    return weights, derived
+
+
+def _check_derived(model: GEViT, derived: Mapping[str, Tensor]) -> None:
+    """Compare the checkpoint's coordinate grids and group-index tables with the ones this model derives."""
+    cfg = model.config
+    warned = False
+    for key, value in derived.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in ("row_indices", "col_indices") and cfg.patch_size is not None:
+            coords = relative_coordinates(model.group, cfg.patch_size, cfg.positional)
+            coords = coords[..., 0 if name == "row_indices" else 1]
+            if tuple(value.shape) != tuple(coords.shape) or (value.double() - coords).abs().max() > 1e-5:
+                raise IncompatibleCheckpointError(
+                    f"{key}: the checkpoint's transformed offset grid differs from the {cfg.positional!r} encoding of "
+                    f"group {model.group.name} with patch size {cfg.patch_size} (wrong positional, group or patch?)")
+        if name == "g_indices":
+            chosen = group_index_table(model.group, cfg.group_index, cfg.positional)
+            if tuple(value.shape) == tuple(chosen.shape) and torch.equal(value.long(), chosen):
+                continue
+            reference = group_index_table(model.group, "reference", cfg.positional)
+            if cfg.group_index == "corrected" and tuple(value.shape) == tuple(reference.shape) and \
+                    torch.equal(value.long(), reference):
+                if warned:
+                    continue
+                warned = True
+                warnings.warn(
+                    f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table of "
+                    f"{model.group.name}; with group_index='corrected' the model is exactly equivariant but does not "
+                    "reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
+                continue
+            raise IncompatibleCheckpointError(
+                f"{key}: the checkpoint's group-index table matches neither the {cfg.group_index!r} nor the "
+                f"'reference' table of group {model.group.name} ({cfg.positional!r} convention)")
+
+
+def from_original_state_dict(state: Mapping[str, Tensor], preset: str, group: str, patch_size: int | None = 5,
+                             num_classes: int | None = None, group_index: str = "corrected",
+                             **options: Any) -> GEViT:
+    """Build :func:`build_gevit(preset, group, patch_size, num_classes, group_index=..., **options)` and load an
+    original GroupTransformer state dict (``module.`` prefix already stripped) into it.
+
+    Derived buffers (coordinate grids, group-index tables, group element lists) are not loaded but checked against
+    this model's: a mismatch raises :class:`IncompatibleCheckpointError`, except the p4m/p8m group-index table with
+    ``group_index="corrected"``, which differs by design (a warning). Missing/unexpected keys raise the same error.
+    """
+    model = build_gevit(preset, group, patch_size=patch_size, num_classes=num_classes, group_index=group_index,
+                        **options)
+    weights, derived = convert_original_state_dict(state)
+    elements = derived.get("group._elements")
+    if elements is not None and elements.shape[0] != len(model.group):
+        raise IncompatibleCheckpointError(f"the checkpoint's group has {elements.shape[0]} elements, "
+                                          f"{model.group.name} has {len(model.group)}")
+    load_into(model, weights, source=f"original GE-ViT state dict ({preset}, {model.group.name})")
+    _check_derived(model, derived)
+    return model
+

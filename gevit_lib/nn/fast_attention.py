@@ -1,0 +1,401 @@
+"""Fast path of GE-ViT / GSA-Net local attention: a memory-light autograd Function (flash-attention style).
+
+The logits of a group self-attention layer (SPEC 2.3) are, per head and pixel x,
+
+    L[v, g, delta, m] = s * (q(g,x).k(m,x+delta) + q_pos(g,x).E_pos[v,delta] + q_grp(g,x).E_grp[gidx[v,g,m]])
+
+(-inf outside the image), softmax over (delta, m) for every (v, g), and out[v, x] = sum_g sum_{delta,m} p v(m,x+delta).
+
+- The three terms are computed at their natural sizes (content: no v, spatial: no m, group: no delta) and
+  exponentiated there, each shifted by its own maximum; the per-pixel score block is their product
+  ``exp(C) * exp(S) * exp(G)`` (two multiplications, no exponential over the large block). The sum of the three
+  maxima bounds the row maximum, so the softmax is exact; a chunk whose bound would underflow falls back to the
+  exact maximum.
+- Blocks are formed chunk by chunk (about 4 MiB at a time, cache-sized) and summed over g before the value
+  product, one batched matmul. Only q, k, v, the embedding tables, the log-sum-exp and the three maxima per
+  (x, v, g) are kept for the backward pass, which recomputes the block per chunk: no 9-D tensor for the whole batch.
+- On CPU the chunks run on a small thread pool whose ops are single-threaded (groups of whole images, so gradient
+  scatters never collide): thousands of small multi-threaded ops collapse when the machine is oversubscribed.
+- Attention dropout draws its masks from (seed, chunk) with a cheap 15-bit generator and redraws them backwards.
+- The lifting layer is the special case G_query = G_key = 1 without group term; global attention is local attention
+  with a (2S-1) x (2S-1) neighbourhood (the same normalised offsets, the outside masked).
+
+Layouts: q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v ``[N, H, W, Gk, dv]`` (N = batch * heads),
+pos ``[Gv, P*P, dpos]`` (matched with ``q[..., :dpos]``), grp ``[J, dg]`` (with ``q[..., dpos:dpos+dg]``),
+gidx ``[Gv, Gq, Gk]``; output ``[N, H, W, Gv, dv]``. Neighbours are gathered in (delta, m) order, blocks are
+laid out (m, delta) so that every broadcast keeps a contiguous inner loop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["fast_local_attention", "default_chunk_elements"]
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """Score elements per chunk: ~4 MiB of float32 on CPU (cache-sized), far more on GPUs."""
+    return 1 << 20 if device.type == "cpu" else 1 << 26
+
+
+def _chunks(n_img: int, height: int, row_cost: int, budget: int) -> Iterator[tuple[int, int, int, int]]:
+    """(image start, image stop, row start, row stop) blocks of about ``budget`` score elements."""
+    rows = max(1, budget // max(1, row_cost))
+    if rows >= height:
+        step = max(1, rows // height)
+        for b0 in range(0, n_img, step):
+            yield b0, min(n_img, b0 + step), 0, height
+    else:
+        for b0 in range(n_img):
+            for i0 in range(0, height, rows):
+                yield b0, b0 + 1, i0, min(height, i0 + rows)
+
+
+def _border_bias(height: int, width: int, patch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """0 inside the image, -inf outside: ``[H, W, P*P]``."""
+    r = patch // 2
+    i = torch.arange(height, device=device).view(-1, 1, 1, 1) + torch.arange(patch, device=device).view(1, 1, -1, 1) - r
+    j = torch.arange(width, device=device).view(1, -1, 1, 1) + torch.arange(patch, device=device).view(1, 1, 1, -1) - r
+    inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
+    return torch.zeros(inside.shape, dtype=dtype, device=device).masked_fill_(~inside, float("-inf")).flatten(2)
+
+
+def _neighbours(padded: Tensor, b0: int, b1: int, i0: int, i1: int, patch: int) -> Tensor:
+    """Neighbourhoods of rows i0:i1 of images b0:b1 from a zero-padded ``[N, H+2r, W+2r, G, c]``: ``[n, P*P*G, c]``."""
+    win = padded[b0:b1, i0:i1 + patch - 1].unfold(1, patch, 1).unfold(2, patch, 1)  # [nb, nr, W, G, c, P, P]
+    nb, nr, w, g, c = win.shape[:5]
+    return win.permute(0, 1, 2, 5, 6, 3, 4).reshape(nb * nr * w, patch * patch * g, c)
+
+
+def _fold_add(padded_grad: Tensor, grad: Tensor, b0: int, b1: int, i0: int, i1: int, patch: int) -> None:
+    """Adjoint of :func:`_neighbours`: scatter-add ``[n, P*P*G, c]`` back into the padded gradient (one index_add_)."""
+    n_img, hp, wp = padded_grad.shape[:3]
+    nb, nr, w = b1 - b0, i1 - i0, wp - patch + 1
+    dev = grad.device
+    rows = torch.arange(nr, device=dev).view(-1, 1, 1, 1) + torch.arange(patch, device=dev).view(1, 1, -1, 1)
+    cols = torch.arange(w, device=dev).view(1, -1, 1, 1) + torch.arange(patch, device=dev).view(1, 1, 1, -1)
+    index = ((torch.arange(nb, device=dev).view(-1, 1) * hp + (b0 * hp + i0)) * wp + (rows * wp + cols).view(1, -1))
+    padded_grad.view(n_img * hp * wp, -1).index_add_(0, index.view(-1), grad.reshape(index.numel(), -1))
+
+
+class _Scores:
+    """Exponentials of the three logit terms of one chunk, each shifted by its own maximum (so each is <= 1).
+
+    The score block is ``exp(content) * exp(spatial) * exp(group)`` in the layout ``[n, Gv, Gq, Gk, P*P]``
+    (inner axis = neighbourhood offset, so every broadcast keeps a contiguous inner loop); ``shift[n, Gv, Gq]`` is
+    the sum of the three maxima, an upper bound of the row maximum of the logits.
+    """
+
+    def __init__(self, qc: Tensor, keys: Tensor, pos: Tensor, grp: Tensor | None, flat_index: Tensor | None,
+                 bias: Tensor, scale: float, nb: int, n_gv: int,
+                 maxima: tuple[Tensor, Tensor, Tensor | None] | None = None) -> None:
+        n, gq, _ = qc.shape
+        p2, dpos = pos.shape[1], pos.shape[2]
+        gk = keys.shape[1] // p2
+        content = torch.bmm(qc, keys.transpose(1, 2)).view(nb, -1, gq, p2, gk).mul_(scale)
+        content = content.add_(bias.view(1, -1, 1, p2, 1)).transpose(-2, -1).reshape(n, 1, gq, gk, p2)
+        spatial = (qc[..., :dpos].reshape(n * gq, dpos) @ pos.reshape(-1, dpos).t()).mul_(scale)
+        spatial = spatial.view(n, gq, n_gv, p2).transpose(1, 2).unsqueeze(3)  # [n, Gv, Gq, 1, P2]
+        if maxima is None:
+            c_max, s_max = content.amax((-2, -1), keepdim=True), spatial.amax(-1, keepdim=True)
+        else:
+            c_max, s_max = maxima[0].view(n, 1, gq, 1, 1), maxima[1].view(n, n_gv, gq, 1, 1)
+        self.maxima = [c_max.view(n, 1, gq), s_max.view(n, n_gv, gq), None]
+        self.exp_content = content.sub_(c_max).exp_()
+        self.exp_spatial = (spatial - s_max).exp_()
+        shift = c_max + s_max
+        self.exp_group = None
+        if grp is not None and flat_index is not None:
+            dg = grp.shape[1]
+            a = (qc[..., dpos:dpos + dg].reshape(n * gq, dg) @ grp.t()).mul_(scale).view(n, -1)
+            group = a.index_select(1, flat_index).view(n, n_gv, gq, gk, 1)
+            if maxima is None or maxima[2] is None:
+                g_max = group.amax(-2, keepdim=True)
+            else:
+                g_max = maxima[2].view(n, n_gv, gq, 1, 1)
+            self.maxima[2] = g_max.view(n, n_gv, gq)
+            self.exp_group = group.sub_(g_max).exp_()
+            shift = shift + g_max
+        self.shift = shift.reshape(n, n_gv, gq)
+        self.shape = (n, n_gv, gq, gk, p2)
+
+    def block(self, spatial_factor: Tensor | None = None) -> Tensor:
+        """``exp(logits - shift)`` (times ``spatial_factor[n, Gv, Gq]`` if given), ``[n, Gv, Gq, Gk, P2]``."""
+        es = self.exp_spatial if spatial_factor is None else self.exp_spatial * spatial_factor[..., None, None]
+        out = torch.empty(self.shape, dtype=es.dtype, device=es.device)
+        torch.mul(self.exp_content, es, out=out)
+        if self.exp_group is not None:
+            out *= self.exp_group
+        return out
+
+
+def _exact_block(sc: _Scores, qc: Tensor, keys: Tensor, pos: Tensor, grp: Tensor | None, flat_index: Tensor | None,
+                 bias: Tensor, scale: float, nb: int, n_gv: int, log_norm: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Fallback when the per-term shift under/overflows: ``exp(logits - max)`` (or ``- log_norm``) the direct way."""
+    n, gq, _ = qc.shape
+    p2, dpos = pos.shape[1], pos.shape[2]
+    gk = keys.shape[1] // p2
+    logits = torch.bmm(qc, keys.transpose(1, 2)).view(nb, -1, gq, p2, gk).add_(bias.view(1, -1, 1, p2, 1) / scale)
+    logits = logits.transpose(-2, -1).reshape(n, 1, gq, gk, p2).expand(sc.shape).clone()
+    spatial = (qc[..., :dpos].reshape(n * gq, dpos) @ pos.reshape(-1, dpos).t()).view(n, gq, n_gv, p2)
+    logits += spatial.transpose(1, 2)[:, :, :, None]
+    if grp is not None and flat_index is not None:
+        dg = grp.shape[1]
+        a = (qc[..., dpos:dpos + dg].reshape(n * gq, dg) @ grp.t()).view(n, -1)
+        logits += a.index_select(1, flat_index).view(n, n_gv, gq, gk, 1)
+    logits.mul_(scale)
+    shift = logits.amax((-2, -1)) if log_norm is None else log_norm
+    return logits.sub_(shift[..., None, None]).exp_(), shift
+
+
+_DROP_BITS = 15
+_KEEP_FRACTION: dict[tuple[float, torch.dtype], float] = {}
+
+
+def _keep_mask(seed: int, chunk: int, shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """0/1 mask of kept scores (dropout probability ~p, from 15 random bits per score, 4 scores per 64-bit draw).
+
+    Cheaper than ``torch.rand`` >= p on CPU; redrawn identically in the backward pass from (seed, chunk).
+    """
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(seed + 7919 * chunk)
+    numel = 1
+    for s in shape:
+        numel *= s
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=like.device).random_(generator=gen)
+    lanes = torch.bitwise_and(words.view(torch.int16)[:numel], (1 << _DROP_BITS) - 1).to(like.dtype)
+    return lanes.mul_(1.0 / (1 << _DROP_BITS)).add_(1.0 - p).floor_().view(shape)
+
+
+def _keep_scale(p: float, dtype: torch.dtype) -> float:
+    """1 / P(keep) of :func:`_keep_mask`, counted exactly over the 2^15 lane values."""
+    key = (p, dtype)
+    if key not in _KEEP_FRACTION:
+        lanes = torch.arange(1 << _DROP_BITS, dtype=dtype)
+        kept = lanes.mul_(1.0 / (1 << _DROP_BITS)).add_(1.0 - p).floor_().sum().item()
+        _KEEP_FRACTION[key] = (1 << _DROP_BITS) / kept
+    return _KEEP_FRACTION[key]
+
+
+# ---- CPU worker pool: chunks run in parallel threads with single-threaded ops ---------------------------------
+# Many small ops with OpenMP inside each of them collapse when the CPU is oversubscribed (measured: 11x slower
+# than one thread on a loaded 2-core machine); parallelising over chunks instead keeps every op serial.
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
+_POOL_LOCK = threading.Lock()
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_PID
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers != workers:  # noqa: SLF001
+            if _POOL is not None and _POOL_PID == os.getpid():
+                _POOL.shutdown(wait=True)  # (a pool inherited through fork has no threads: just replace it)
+            main_threads = torch.get_num_threads()
+            ready = threading.Barrier(workers)
+            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,),
+                                      thread_name_prefix="gevit-attention")
+            list(pool.map(lambda _: ready.wait(), range(workers)))  # start (and initialise) every worker
+            torch.set_num_threads(main_threads)  # the initializer changed the process-wide default
+            _POOL, _POOL_PID = pool, os.getpid()
+        return _POOL
+
+
+def _no_grad_call(task: Callable[[], Any]) -> Any:
+    with torch.no_grad():  # grad mode is thread-local: workers start with it on
+        return task()
+
+
+def _run_groups(tasks: list[Callable[[], Any]], device: torch.device) -> list[Any]:
+    workers = min(torch.get_num_threads(), len(tasks))
+    if device.type != "cpu" or workers < 2:
+        return [task() for task in tasks]
+    return list(_cpu_pool(workers).map(_no_grad_call, tasks))
+
+
+def _chunk_groups(chunks: list[tuple[int, int, int, int]], n_groups: int) -> list[list[int]]:
+    """Split chunk ids into up to ``n_groups`` contiguous groups that never share an image (disjoint gradients)."""
+    starts = [c for c, (_, _, i0, _) in enumerate(chunks) if i0 == 0]
+    if n_groups < 2 or len(starts) < 2:
+        return [list(range(len(chunks)))]
+    n_groups = min(n_groups, len(starts))
+    cuts = [starts[round(g * len(starts) / n_groups)] for g in range(n_groups)] + [len(chunks)]
+    return [list(range(cuts[g], cuts[g + 1])) for g in range(n_groups) if cuts[g] < cuts[g + 1]]
+
+
+def _n_groups(device: torch.device) -> int:
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None,
+                scale: float, patch: int, dropout: float, seed: int, budget: int) -> Tensor:
+        n_img, height, width, gq, _ = q.shape
+        gk, dv = k.shape[3], v.shape[4]
+        n_gv, p2 = pos.shape[:2]
+        r = patch // 2
+        kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
+        vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
+        bias = _border_bias(height, width, patch, q.dtype, q.device)
+        flat_index = None
+        if grp is not None and gidx is not None:
+            flat_index = (torch.arange(gq, device=q.device).view(1, -1, 1) * grp.shape[0] + gidx).reshape(-1)
+        tiny = torch.finfo(q.dtype).tiny * 1e8
+        out = q.new_empty(n_img, height, width, n_gv, dv)
+        lse = q.new_empty(n_img, height, width, n_gv, gq)  # log normaliser per (x, v, g)
+        c_max = q.new_empty(n_img, height, width, gq)  # the three per-term maxima (the shift of _Scores)
+        s_max = q.new_empty(n_img, height, width, n_gv, gq)
+        g_max = q.new_zeros(n_img, height, width, n_gv, gq)
+        chunks = list(_chunks(n_img, height, width * n_gv * gq * p2 * gk, budget))
+
+        def run(ids: list[int]) -> list[int]:
+            exact: list[int] = []
+            for c in ids:
+                b0, b1, i0, i1 = chunks[c]
+                nb, nr = b1 - b0, i1 - i0
+                qc = q[b0:b1, i0:i1].reshape(-1, gq, q.shape[-1])
+                n = qc.shape[0]
+                keys = _neighbours(kp, b0, b1, i0, i1, patch)
+                sc = _Scores(qc, keys, pos, grp, flat_index, bias[i0:i1], scale, nb, n_gv)
+                e, shift = sc.block(), sc.shift
+                total = e.sum((-2, -1))  # [n, Gv, Gq]
+                if bool((total < tiny).any()):  # the shift bound was too loose for this chunk
+                    exact.append(c)
+                    e, shift = _exact_block(sc, qc, keys, pos, grp, flat_index, bias[i0:i1], scale, nb, n_gv, None)
+                    total = e.sum((-2, -1))
+                lse[b0:b1, i0:i1] = (shift + total.log()).view(nb, nr, width, n_gv, gq)
+                c_max[b0:b1, i0:i1] = sc.maxima[0].view(nb, nr, width, gq)
+                s_max[b0:b1, i0:i1] = sc.maxima[1].view(nb, nr, width, n_gv, gq)
+                if sc.maxima[2] is not None:
+                    g_max[b0:b1, i0:i1] = sc.maxima[2].view(nb, nr, width, n_gv, gq)
+                inv = total.reciprocal_()
+                if dropout > 0:
+                    e.mul_(_keep_mask(seed, c, e.shape, dropout, e))
+                    inv *= _keep_scale(dropout, e.dtype)
+                weights = torch.bmm(inv.view(n * n_gv, 1, gq), e.view(n * n_gv, gq, -1))  # sum over g of p
+                weights = weights.view(n, n_gv, gk, p2).transpose(2, 3).reshape(n, n_gv, -1)  # (delta, m) order
+                values = _neighbours(vp, b0, b1, i0, i1, patch)
+                out[b0:b1, i0:i1] = torch.bmm(weights, values).view(nb, nr, width, n_gv, dv)
+            return exact
+
+        groups = _chunk_groups(chunks, _n_groups(q.device))
+        exact_chunks = [c for ex in _run_groups([partial(run, ids) for ids in groups], q.device) for c in ex]
+        ctx.save_for_backward(q, k, v, pos, grp, flat_index, lse, c_max, s_max, g_max)
+        ctx.config = (scale, patch, dropout, seed, budget, tuple(exact_chunks), len(groups))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        q = ctx.saved_tensors[0]
+        with torch.autocast(q.device.type, enabled=False):
+            grads = _backward(grad_out, *ctx.saved_tensors, *ctx.config)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None,
+              flat_index: Tensor | None, lse: Tensor, c_max: Tensor, s_max: Tensor, g_max: Tensor, scale: float,
+              patch: int, dropout: float, seed: int, budget: int, exact_chunks: tuple[int, ...],
+              n_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    n_img, height, width, gq, d = q.shape
+    gk, dv = k.shape[3], v.shape[4]
+    n_gv, p2, dpos = pos.shape
+    r = patch // 2
+    kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
+    vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
+    bias = _border_bias(height, width, patch, q.dtype, q.device)
+    grad_out = grad_out.contiguous()
+    dq = torch.empty_like(q)
+    dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
+    keep_scale = _keep_scale(dropout, q.dtype) if dropout > 0 else 1.0
+    chunks = list(_chunks(n_img, height, width * n_gv * gq * p2 * gk, budget))
+
+    def run(ids: list[int]) -> tuple[Tensor, Tensor | None]:
+        dpos_tab = torch.zeros_like(pos)
+        dgrp = torch.zeros_like(grp) if grp is not None else None
+        for c in ids:
+            b0, b1, i0, i1 = chunks[c]
+            nb, nr = b1 - b0, i1 - i0
+            qc = q[b0:b1, i0:i1].reshape(-1, gq, d)
+            n = qc.shape[0]
+            keys = _neighbours(kp, b0, b1, i0, i1, patch)
+            values = _neighbours(vp, b0, b1, i0, i1, patch)
+            maxima = (c_max[b0:b1, i0:i1], s_max[b0:b1, i0:i1], g_max[b0:b1, i0:i1] if grp is not None else None)
+            sc = _Scores(qc, keys, pos, grp, flat_index, bias[i0:i1], scale, nb, n_gv, maxima)  # type: ignore[arg-type]
+            log_norm = lse[b0:b1, i0:i1].reshape(n, n_gv, gq)
+            if c in exact_chunks:
+                prob = _exact_block(sc, qc, keys, pos, grp, flat_index, bias[i0:i1], scale, nb, n_gv, log_norm)[0]
+            else:
+                prob = sc.block((sc.shift - log_norm).exp_())  # exp(logits - lse)
+            prob = prob.view(n, n_gv, gq, -1)  # [n, Gv, Gq, K], K in (m, delta) order
+            go = grad_out[b0:b1, i0:i1].reshape(n, n_gv, dv)
+            dprob = torch.bmm(go, values.transpose(1, 2))  # d out / d p, the same for every g: [n, Gv, (delta, m)]
+            dprob = dprob.view(n, n_gv, p2, gk).transpose(2, 3).reshape(n, n_gv, 1, -1)
+            if dropout > 0:
+                kept = prob * _keep_mask(seed, c, prob.shape, dropout, prob)
+                dlogit = torch.mul(kept, dprob * keep_scale)  # p * dL/dp
+                weights = kept.sum(2).mul_(keep_scale)
+            else:
+                dlogit = torch.mul(prob, dprob)
+                weights = prob.sum(2)
+            row = dlogit.sum(-1, keepdim=True)
+            dlogit.addcmul_(prob, row, value=-1.0)  # softmax backward: p * (dL/dp - sum p dL/dp)
+            weights = weights.view(n, n_gv, gk, p2).transpose(2, 3).reshape(n, n_gv, -1)
+            dvalues = torch.bmm(weights.transpose(1, 2), go)
+            dl5 = dlogit.view(n, n_gv, gq, gk, p2)
+            dcontent = dl5.sum(1).mul_(scale).transpose(-2, -1).reshape(n, gq, -1)  # [n, Gq, (delta, m)]
+            dspatial = dl5.sum(-2).mul_(scale)  # [n, Gv, Gq, P2]
+            dqc = torch.bmm(dcontent, keys)
+            dkeys = torch.bmm(dcontent.transpose(1, 2), qc)
+            ds = dspatial.transpose(1, 2).reshape(n * gq, n_gv * p2)
+            dqc[..., :dpos] += (ds @ pos.reshape(-1, dpos)).view(n, gq, dpos)
+            dpos_tab += (ds.t() @ qc[..., :dpos].reshape(n * gq, dpos)).view_as(pos)
+            if grp is not None and flat_index is not None and dgrp is not None:
+                n_j, dg = grp.shape
+                dgroup = dl5.sum(-1).mul_(scale).reshape(n, -1)  # [n, Gv*Gq*Gk]
+                da = qc.new_zeros(n, gq * n_j).index_add_(1, flat_index, dgroup).view(n * gq, n_j)
+                dqc[..., dpos:dpos + dg] += (da @ grp).view(n, gq, dg)
+                dgrp += da.t() @ qc[..., dpos:dpos + dg].reshape(n * gq, dg)
+            dq[b0:b1, i0:i1] = dqc.view(nb, nr, width, gq, d)
+            _fold_add(dkp, dkeys, b0, b1, i0, i1, patch)
+            _fold_add(dvp, dvalues, b0, b1, i0, i1, patch)
+        return dpos_tab, dgrp
+
+    partials = _run_groups([partial(run, ids) for ids in _chunk_groups(chunks, n_groups)], q.device)
+    dpos_tab = torch.stack([p[0] for p in partials]).sum(0)
+    dgrp = torch.stack([p[1] for p in partials]).sum(0) if grp is not None else None
+    dk = dkp[:, r:r + height, r:r + width]
+    dv_ = dvp[:, r:r + height, r:r + width]
+    return dq, dk, dv_, dpos_tab, dgrp
+
+
+def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, *,
+                         scale: float, patch_size: int, dropout: float = 0.0,
+                         chunk_elements: int | None = None) -> Tensor:
+    """Local (lifting or group) self-attention without materialising the full score tensor; see the module docstring.
+
+    ``dropout`` > 0 drops attention probabilities (as ``nn.Dropout`` would) with masks drawn from a seed taken
+    from torch's default generator, so the backward pass can redraw them.
+    """
+    if patch_size % 2 != 1:
+        raise ValueError(f"patch_size must be odd, got {patch_size}")
+    if pos.shape[1] != patch_size * patch_size:
+        raise ValueError(f"positional table has {pos.shape[1]} offsets, patch {patch_size} needs {patch_size ** 2}")
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    budget = chunk_elements or default_chunk_elements(q.device)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+    args = [t.to(work) if t is not None else None for t in (q, k, v, pos, grp)]
+    with torch.autocast(q.device.type, enabled=False):
+        out = _LocalAttention.apply(*[a.contiguous() if a is not None else None for a in args], gidx, float(scale),
+                                    int(patch_size), float(dropout), seed, int(budget))
+    return out.to(dtype)

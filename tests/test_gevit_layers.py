@@ -1,0 +1,265 @@
+"""GE-ViT / GSA-Net layers: index tables, coordinate grids, fast vs plain path, per-layer equivariance, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gevit_lib.groups import GROUP_NAMES, get_group
+from gevit_lib.nn import (
+    GroupSelfAttention,
+    LiftingSelfAttention,
+    fast_local_attention,
+    group_index_table,
+    local_attention,
+    reference_relative_positions,
+    relative_coordinates,
+)
+from gevit_lib.nn import fast_attention
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ---- tables and grids ------------------------------------------------------------------------------------------
+def test_reference_tables_follow_spec() -> None:
+    """SPEC 1.5: GE-ViT C4 relative positions and gidx = (2g - m - v) mod n; GSA-Nets (j - k) and (m + v - g)."""
+    assert reference_relative_positions("p4").tolist() == [[0, 3, 2, 1], [2, 1, 0, 3], [0, 3, 2, 1], [2, 1, 0, 3]]
+    for name in ("p4", "p8", "p12"):
+        n = len(get_group(name))
+        e = torch.arange(n)
+        v, g, m = e.view(-1, 1, 1), e.view(1, -1, 1), e.view(1, 1, -1)
+        assert torch.equal(group_index_table(name, "reference"), (2 * g - m - v) % n)
+        assert torch.equal(group_index_table(name, "reference", "gsa"), (m + v - g) % n)
+        assert torch.equal(reference_relative_positions(name, "gsa"), (e.view(1, -1) - e.view(-1, 1)) % n)
+    assert reference_relative_positions("mz2").tolist() == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("name", GROUP_NAMES)
+def test_corrected_table_is_invariant_and_equals_reference_where_original_was_right(name: str) -> None:
+    group = get_group(name)
+    n = len(group)
+    right = group_index_table(group, "corrected", "gevit")
+    left = group_index_table(group, "corrected", "gsa")
+    for t in range(n):
+        r = group.cayley[:, t]  # h -> h t
+        l_ = group.cayley[t]  # h -> t h
+        assert torch.equal(right[r][:, r][:, :, r], right)  # gidx[v t, g t, m t] == gidx[v, g, m]
+        assert torch.equal(left[l_][:, l_][:, :, l_], left)  # gidx[t v, t g, t m] == gidx[v, g, m]
+    same = torch.equal(right, group_index_table(group, "reference", "gevit"))
+    # the original table is right for the cyclic groups and the flip group, wrong for D4 and D8
+    assert same == (name not in ("p4m", "p8m"))
+
+
+def test_coordinate_grids_follow_spec_figures() -> None:
+    """SPEC 1.3 (row_embd_idxs.png): g0 rows -1..1 top to bottom; g1 (90 deg): the row input varies -1..1 left to
+    right; g4 (mirror): row grid as g0, column grid left-right reversed."""
+    c = relative_coordinates("p4m", 5)
+    o = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(c[0, :, :, 0], o.view(-1, 1).expand(5, 5))
+    torch.testing.assert_close(c[0, :, :, 1], o.view(1, -1).expand(5, 5))
+    torch.testing.assert_close(c[1, :, :, 0], o.view(1, -1).expand(5, 5), atol=1e-12, rtol=0)
+    torch.testing.assert_close(c[4, :, :, 0], c[0, :, :, 0])
+    torch.testing.assert_close(c[4, :, :, 1], c[0, :, :, 1].flip(-1))
+
+
+@pytest.mark.parametrize("name", ["p4", "p8", "p4m", "p8m"])
+def test_gsa_grid_is_the_gevit_grid_of_the_inverse_element(name: str) -> None:
+    """GSA-Nets' (row, col) rotation + array flip equals GE-ViT's matrix action of v^-1: a left action."""
+    group = get_group(name)
+    gsa, gevit = relative_coordinates(group, 5, "gsa"), relative_coordinates(group, 5, "gevit")
+    for v in range(len(group)):
+        torch.testing.assert_close(gsa[v], gevit[group.inv(v)], atol=1e-12, rtol=0)
+
+
+def test_tables_match_published_checkpoint_buffers(shared_dir) -> None:
+    for file, name in (("gevit_p4sa_patch5_rotmnist.pt", "p4"), ("gevit_p4msa_patch5_rotmnist.pt", "p4m")):
+        state = torch.load(shared_dir / "reference" / "checkpoints" / file, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        assert torch.equal(state["group._relative_positions"], reference_relative_positions(name))
+        coords = relative_coordinates(name, 5)
+        for key, value in state.items():
+            if key.endswith("g_indices"):
+                assert torch.equal(value, group_index_table(name, "reference"))
+            if key.endswith("row_indices"):
+                torch.testing.assert_close(value.double(), coords[..., 0], atol=1e-6, rtol=0)
+            if key.endswith("col_indices"):
+                torch.testing.assert_close(value.double(), coords[..., 1], atol=1e-6, rtol=0)
+
+
+# ---- fast path == plain path -----------------------------------------------------------------------------------
+def _layers(group: str, patch: int | None, image: int | None, positional: str = "gevit",
+            group_index: str = "corrected") -> tuple[LiftingSelfAttention, GroupSelfAttention]:
+    lift = LiftingSelfAttention(group, 2, 8, 2, patch_size=patch, image_size=image, positional=positional)
+    attn = GroupSelfAttention(group, 8, 6, 2, patch_size=patch, image_size=image, positional=positional,
+                              group_index=group_index)
+    for layer in (lift, attn):  # non-trivial biases and embeddings
+        for p in layer.parameters():
+            p.data.normal_(0.0, 0.5)
+    return lift.double().eval(), attn.double().eval()
+
+
+@pytest.mark.parametrize("group,patch,image,size", [
+    ("p4", 3, None, (7, 7)), ("p4m", 5, None, (6, 6)), ("z2", 3, None, (5, 7)), ("mz2", 3, None, (6, 5)),
+    ("p8", None, 5, (5, 5)), ("p4m", None, 4, (4, 4)),
+])
+def test_fast_matches_plain_values_and_gradients(group: str, patch: int | None, image: int | None,
+                                                 size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    lift, attn = _layers(group, patch, image)
+    x = torch.randn(2, 2, *size, dtype=torch.float64)
+    results = {}
+    for impl in ("fast", "plain"):
+        lift.impl = attn.impl = impl
+        xi = x.clone().requires_grad_(True)
+        y = attn(lift(xi))
+        params = [xi] + list(lift.parameters()) + list(attn.parameters())
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), params)
+        results[impl] = (y, grads)
+    y_fast, g_fast = results["fast"]
+    y_plain, g_plain = results["plain"]
+    assert rel_err(y_fast, y_plain) < 1e-12
+    scale = max(float(b.abs().max()) for b in g_plain)  # some gradients are exactly 0 (e.g. the key bias)
+    for a, b in zip(g_fast, g_plain):
+        assert float((a - b).abs().max()) < 1e-10 * scale
+
+
+def test_fast_dropout_backward_is_the_gradient_of_its_forward() -> None:
+    """With attention dropout on, the recomputing backward pass redraws the same masks (gradcheck)."""
+    torch.manual_seed(1)
+    n, h, w, g, d, p = 1, 3, 3, 2, 3, 3
+    q, k, v = (torch.randn(n, h, w, g, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pos = torch.randn(g, p * p, 2, dtype=torch.float64, requires_grad=True)
+    grp = torch.randn(g, 1, dtype=torch.float64, requires_grad=True)
+    gidx = group_index_table("mz2")
+
+    def f(q, k, v, pos, grp):
+        torch.manual_seed(123)  # the dropout seed comes from the default generator
+        return fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, dropout=0.3, chunk_elements=200)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, pos, grp), fast_mode=True)
+    out_a, out_b = f(q, k, v, pos, grp), f(q, k, v, pos, grp)
+    torch.manual_seed(0)
+    out_c = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, dropout=0.3)
+    assert torch.equal(out_a, out_b) and not torch.equal(out_a, out_c)
+
+
+def test_fast_path_falls_back_when_the_shift_bound_underflows(monkeypatch) -> None:
+    """Huge, opposing content and positional logits: the per-term shift would underflow; the exact path takes over."""
+    calls = []
+    original = fast_attention._exact_block
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fast_attention, "_exact_block", counting)
+    torch.manual_seed(2)
+    n, h, w, g, d, p = 2, 5, 5, 1, 4, 3
+    q = torch.randn(n, h, w, g, d, dtype=torch.float64) * 40
+    q[..., 2:] = q[..., :2].abs() * 40  # positional channels large and positive
+    k = torch.randn(n, h, w, g, d, dtype=torch.float64) * 40
+    v = torch.randn(n, h, w, g, d, dtype=torch.float64)
+    pos = torch.randn(3, p * p, 2, dtype=torch.float64) * 40
+    args = [t.clone().requires_grad_(True) for t in (q, k, v, pos)]
+    fast = fast_local_attention(*args, None, None, scale=1.0, patch_size=p)
+    assert calls, "the fallback was not exercised"
+    plain = local_attention(q, k, v, pos, scale=1.0, patch_size=p, impl="plain")
+    assert rel_err(fast, plain) < 1e-10
+    grads = torch.autograd.grad(fast.sum(), args)
+    ref_args = [t.clone().requires_grad_(True) for t in (q, k, v, pos)]
+    ref = torch.autograd.grad(local_attention(*ref_args, scale=1.0, patch_size=p, impl="plain").sum(), ref_args)
+    for a, b in zip(grads, ref):
+        assert rel_err(a, b) < 1e-8
+
+
+def test_fast_path_under_bfloat16_autocast_close_to_float32() -> None:
+    torch.manual_seed(3)
+    lift, attn = (m.float() for m in _layers("p4", 3, None))
+    x = torch.randn(1, 2, 6, 6)
+    ref = attn(lift(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(lift(x))
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref) < 0.1
+
+
+# ---- equivariance of single layers -----------------------------------------------------------------------------
+def _symmetries(name: str) -> list[int]:
+    group = get_group(name)
+    elems = [group.rot90_element(k) for k in (1, 2, 3)] if group.n_rotations % 4 == 0 else []
+    return elems + ([group.flip_element()] if group.mirror else [])
+
+
+@pytest.mark.parametrize("name", GROUP_NAMES)
+@pytest.mark.parametrize("positional", ["gevit", "gsa"])
+def test_layers_are_exactly_equivariant(name: str, positional: str) -> None:
+    """Lifting then group attention: out(T_t x) == act(out(x), t) with the right (GE-ViT) / left (GSA) action."""
+    torch.manual_seed(4)
+    group = get_group(name)
+    lift, attn = _layers(name, 3, None, positional)
+    side = attn.feature_side
+    assert side == ("right" if positional == "gevit" else "left")
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        lifted, out = lift(x), attn(lift(x))
+        for t in _symmetries(name):
+            xt = group.act_on_image(x, t)
+            assert rel_err(lift(xt), group.act_on_group_signal(lifted, t, side=side)) < 1e-12
+            assert rel_err(attn(lift(xt)), group.act_on_group_signal(out, t, side=side)) < 1e-12
+
+
+def test_reference_table_breaks_the_p4m_group_layer() -> None:
+    torch.manual_seed(5)
+    group = get_group("p4m")
+    lift, attn = _layers("p4m", 3, None, group_index="reference")
+    attn.pos.group_embedding.weight.data.mul_(10.0)  # make the group term matter in this tiny layer
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(lift(x))
+        errs = [rel_err(attn(lift(group.act_on_image(x, t))), group.act_on_group_signal(out, t, side="right"))
+                for t in _symmetries("p4m")]
+    assert min(errs) > 1e-5  # the corrected table gives ~1e-15 (test_layers_are_exactly_equivariant)
+
+
+def test_attention_probabilities_layout() -> None:
+    torch.manual_seed(6)
+    lift, attn = _layers("p4", 3, None)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    p_lift = lift.attention_probabilities(x)
+    assert p_lift.shape == (2, 2, 4, 5, 5, 3, 3)
+    torch.testing.assert_close(p_lift.sum((-2, -1)), torch.ones(2, 2, 4, 5, 5, dtype=torch.float64))
+    assert float(p_lift[:, :, :, 0, :, 0, :].abs().max()) == 0.0  # neighbours above the top row are masked
+    p_grp = attn.attention_probabilities(lift(x))
+    assert p_grp.shape == (2, 2, 4, 4, 5, 5, 4, 3, 3)
+    torch.testing.assert_close(p_grp.sum((-3, -2, -1)), torch.ones(2, 2, 4, 4, 5, 5, dtype=torch.float64))
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+def test_layers_reject_bad_input() -> None:
+    lift, attn = _layers("p4", 3, None)
+    with pytest.raises(ValueError, match=r"expects images \[B, 2, H, W\]"):
+        lift(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs square images"):
+        lift(torch.randn(1, 2, 6, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expects group signals \[B, 8, 4, H, W\]"):
+        attn(torch.randn(1, 8, 2, 6, 6, dtype=torch.float64))
+    glob = LiftingSelfAttention("p4", 1, 4, 1, patch_size=None, image_size=6)
+    with pytest.raises(ValueError, match="built for 6x6 inputs, got 5x5"):
+        glob(torch.randn(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="patch_size must be an odd number"):
+        LiftingSelfAttention("p4", 1, 4, 1, patch_size=4)
+    with pytest.raises(ValueError, match="mid_channels must be even"):
+        LiftingSelfAttention("p4", 1, 6, 1)
+    with pytest.raises(ValueError, match="unknown group 'p5'"):
+        GroupSelfAttention("p5", 4, 4, 1)
+    with pytest.raises(ValueError, match="group_index must be one of"):
+        GroupSelfAttention("p4", 4, 6, 1, group_index="fixed")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        GroupSelfAttention("p4", 4, 6, 1, impl="fastest")
+    with torch.no_grad():  # a 1-pixel image: every neighbour but the pixel itself is masked
+        assert math.isfinite(float(lift(torch.randn(1, 2, 1, 1, dtype=torch.float64)).sum()))
