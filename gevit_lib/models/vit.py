@@ -1,0 +1,151 @@
+"""The plain pre-LayerNorm Vision Transformer of the post's post-hoc experiments (UvA DL tutorial 11), timm-style.
+
+Patchify (row-major, channels-first inside a patch) -> Linear -> prepend a learned CLS token -> add a learned
+positional embedding -> dropout -> ``num_layers`` blocks ``x += MHA(LN(x)); x += MLP(LN(x))`` -> head
+``LayerNorm -> Linear`` on the CLS token (SPEC section 4).
+
+Module and parameter names equal the original ``train_vit.VisionTransformer``'s, so the published state dicts load
+as they are (:func:`from_original_state_dict`). Attention is ``nn.MultiheadAttention`` with ``batch_first=True``
+(same parameters as the original's sequence-first layout; it dispatches to PyTorch's fused / SDPA kernels).
+
+The uniform interface (as in timm) that :mod:`gevit_lib.posthoc` relies on:
+
+- ``forward_features(x)``: tokens ``[B, 1 + N, D]`` after the last block (there is no final norm: the norm is the
+  first layer of the head, as in the original);
+- ``forward_head(tokens, pre_logits=False)``: logits, or with ``pre_logits=True`` the CLS vector *before* the
+  head's LayerNorm -- the embedding every post-hoc method pools (the original's ``forward(x, output_cls=True)``);
+- ``get_classifier()``: the head ``mlp_head`` (LayerNorm + Linear);
+- ``embed(x)`` = ``forward_head(forward_features(x), pre_logits=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gevit_lib.checkpoints import load_into
+
+__all__ = ["VisionTransformer", "AttentionBlock", "PRESETS", "build_vit", "from_original_state_dict",
+           "img_to_patch"]
+
+# name -> constructor arguments (SPEC section 4: 503,178 parameters for "mnist", 521,794 for "pcam")
+PRESETS: dict[str, dict[str, Any]] = {
+    "mnist": dict(embed_dim=64, hidden_dim=512, num_heads=4, num_layers=6, patch_size=4, num_channels=1,
+                  num_patches=49, num_classes=10, dropout=0.1),
+    "pcam": dict(embed_dim=64, hidden_dim=512, num_heads=4, num_layers=6, patch_size=6, num_channels=3,
+                 num_patches=256, num_classes=2, dropout=0.1),
+}
+
+
+def img_to_patch(x: Tensor, patch_size: int) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]``: patches in row-major order, each flattened as (C, p, p)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 1, 3, 5).flatten(1, 2).flatten(2, 4)
+
+
+class AttentionBlock(nn.Module):
+    """Pre-LN transformer block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))`` (GELU, dropout after both linears)."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layer_norm_1 = nn.LayerNorm(embed_dim)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.layer_norm_2 = nn.LayerNorm(embed_dim)
+        self.linear = nn.Sequential(
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, embed_dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, L, D]
+        h = self.layer_norm_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.linear(self.layer_norm_2(x))
+
+
+class VisionTransformer(nn.Module):
+    """The post's ViT (see the module docstring); inputs ``[B, num_channels, H, W]``, ``(H/p)(W/p) = num_patches``."""
+
+    def __init__(self, embed_dim: int = 64, hidden_dim: int = 512, num_heads: int = 4, num_layers: int = 6,
+                 patch_size: int = 4, num_channels: int = 1, num_patches: int = 49, num_classes: int = 10,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.num_patches = num_patches
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.input_layer = nn.Linear(num_channels * patch_size**2, embed_dim)
+        self.transformer = nn.Sequential(
+            *(AttentionBlock(embed_dim, hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        )
+        self.mlp_head = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, num_classes))
+        self.dropout = nn.Dropout(dropout)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 1 + num_patches, embed_dim))
+
+    def _check_input(self, x: Tensor) -> None:
+        p = self.patch_size
+        if x.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.num_channels:
+            raise ValueError(f"expected {self.num_channels} input channel(s), got {c} (input shape {tuple(x.shape)})")
+        if h % p or w % p or (h // p) * (w // p) != self.num_patches:
+            side = round(self.num_patches**0.5) * p
+            raise ValueError(f"image size {h}x{w} does not fit this ViT: patch size {p} and {self.num_patches} "
+                             f"patches need (H/{p})*(W/{p}) = {self.num_patches}, e.g. {side}x{side}")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Tokens ``[B, 1 + num_patches, embed_dim]`` (CLS first) after the last block."""
+        self._check_input(x)
+        x = self.input_layer(img_to_patch(x, self.patch_size))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.dropout(x + self.pos_embedding)
+        return self.transformer(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from tokens; ``pre_logits=True``: the CLS vector before the head's LayerNorm."""
+        cls = x[:, 0]
+        return cls if pre_logits else self.mlp_head(cls)
+
+    def get_classifier(self) -> nn.Module:
+        """The head (LayerNorm + Linear) that maps :meth:`embed` to logits."""
+        return self.mlp_head
+
+    def embed(self, x: Tensor) -> Tensor:
+        """CLS vector before the head's LayerNorm, ``[B, embed_dim]`` (what post-hoc methods aggregate)."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_vit(preset: str = "mnist", **overrides: Any) -> VisionTransformer:
+    """A ViT from a preset ("mnist": 1x28x28, 10 classes; "pcam": 3x96x96, 2 classes), any argument overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ViT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = set(overrides) - set(PRESETS[preset])
+    if unknown:
+        raise TypeError(f"unknown VisionTransformer arguments {sorted(unknown)}; valid: {sorted(PRESETS[preset])}")
+    return VisionTransformer(**{**PRESETS[preset], **overrides})
+
+
+def from_original_state_dict(state: Mapping[str, Tensor], preset: str = "mnist", **options: Any) -> VisionTransformer:
+    """Build a ViT and load an original ``train_vit.VisionTransformer`` state dict (80 keys for 6 layers).
+
+    The module names are the original's, so the mapping is the identity (a ``module.`` prefix from
+    ``DataParallel`` is removed). ``options`` override the preset (e.g. ``num_classes``); a state dict that does
+    not fit raises :class:`gevit_lib.checkpoints.IncompatibleCheckpointError` naming the offending keys.
+    """
+    model = build_vit(preset, **options)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return load_into(model, state, source=f"ViT state dict (preset {preset!r})")

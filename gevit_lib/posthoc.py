@@ -1,0 +1,615 @@
+"""Post-hoc invariance for any image classifier: run it on every transformed copy of the input, then aggregate.
+
+``PostHoc(backbone, method, group)`` wraps a classifier that exposes an embedding and a head:
+
+- timm-style models (this library's :class:`~gevit_lib.models.vit.VisionTransformer`, any ``timm`` model):
+  embedding = ``forward_head(forward_features(x), pre_logits=True)``, head = ``get_classifier()``;
+- torchvision ResNets: embedding = everything before ``fc`` (pooled, flattened), head = ``fc``;
+- anything else through :class:`SplitBackbone` ``(features, head)``.
+
+For the post's ViT the embedding is the CLS vector *before* the head's LayerNorm, as in the original code.
+
+The transformed copies (:class:`TransformStack`) follow the original ``get_transforms``: index 0 is the input,
+index i < n the input rotated counter-clockwise by ``i * 360 / n`` degrees (nearest neighbour, no expansion,
+corners filled with 0 -- in normalised space, i.e. the data mean, as in the original), and for dihedral groups
+index n + i the horizontal flip of index i. Multiples of 90 degrees and flips are exact pixel permutations
+(``torch.rot90`` / ``torch.flip``; torchvision's nearest rotation gives the same pixels there), so the wrapper is
+exactly invariant to C4 / D4. Other angles (C_n, D_n with n not in {1, 2, 4}) are interpolated and the wrapper is
+only approximately invariant to them; with the original's stack not even exactly to the rot90 inside C16 (each
+angle has its own sampling grid, which breaks near-ties differently), unless ``subgroup_exact=True``.
+
+All copies are built on the input's device with one gather from a cached index map (computed once per image size
+with torchvision's float32 sampling grid, which is what the original's float32 stack used; values are gathered at
+the input's own precision) and go through the backbone in one batched forward (on the CPU in chunks of 128
+copies by default, see ``PostHoc(max_batch=...)``).
+
+Methods -- key: the post's name (original class): computation. ``e_t`` is the embedding of copy t and
+``z_t = head(e_t)`` its logits. Where the original code and the post's formulas differ, the default
+``variant="original"`` is the code's behaviour (what produced the published numbers) and ``variant="post"`` the
+formula as the post writes it:
+
+- ``mean``: PH Mean Pooling (PostHocEquivariantMean): ``head(mean_t e_t)``.
+- ``max``: PH Max Pooling (PostHocEquivariantMax): ``head(max_t e_t)``, element-wise.
+- ``sum``: PH Sum Pooling (PostHocEquivariantSum): original ``head(sum_t e_t)`` on embeddings (a head that starts
+  with LayerNorm makes this equal to ``mean``); post ``sum_t z_t``, on logits.
+- ``most_probable``: PH Most Likely (PostHocEquivariantMostProbable): original ``P = prod_t softmax(z_t / (T // 2))``
+  normalised over classes, output ``log((P + 1e-8) / (1 - P + 1e-8))``; post ``sum_t log softmax(z_t)`` (the log of
+  the product of probabilities, no temperature).
+- ``most_certain``: PH Most Certain (PostHocMostCertain): original, per class c, ``z_{t*(c), c}`` with ``t*(c) =
+  argmax_t softmax(z_t)_c`` (copies mixed per class); post: all logits of the single copy holding the highest
+  probability of any class.
+- ``learned_score``: PH Learned Weighted Average (PostHocLearnedScoreAggregation): ``w_t = MLP(e_t)``,
+  ``head(sum_t w_t e_t / sum_t w_t)``; original: raw weights divided by their sum (may be negative); post: softmax.
+- ``learned_attention``: PH Learned Attention Aggregation (PostHocLearnedAggregation): a 2-block attention-only
+  transformer with its own CLS token over the T embeddings, ``head(CLS output)``.
+- ``tta``: Normal ViT + TTA (NormalMeanPool): ``mean_t z_t``, the test-time-augmentation baseline.
+
+The product of probabilities is computed in log space: it equals the
+original's product wherever that does not underflow, and stays finite where the original's became 0 / 0 = NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gevit_lib.groups import Group, get_group
+
+__all__ = [
+    "METHODS",
+    "MethodInfo",
+    "FINETUNE_MODES",
+    "VARIANTS",
+    "TransformStack",
+    "SplitBackbone",
+    "ScoreAggregator",
+    "AttentionAggregator",
+    "PostHoc",
+    "resolve_method",
+    "backbone_interface",
+    "backbone_embed",
+    "backbone_head",
+    "aggregate",
+]
+
+FINETUNE_MODES = ("none", "head", "model")
+CPU_CHUNK = 128  # images per backbone forward on the CPU when max_batch="auto"
+VARIANTS = ("original", "post")
+INTERPOLATIONS = ("nearest", "bilinear")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A post-hoc method: its key, the post's name, the original class, what it aggregates, whether it learns."""
+
+    key: str
+    post_name: str
+    original_class: str
+    uses: str  # "embeddings" | "logits"
+    learned: bool = False
+
+
+METHODS: dict[str, MethodInfo] = {m.key: m for m in [
+    MethodInfo("mean", "PH Mean Pooling", "PostHocEquivariantMean", "embeddings"),
+    MethodInfo("max", "PH Max Pooling", "PostHocEquivariantMax", "embeddings"),
+    MethodInfo("sum", "PH Sum Pooling", "PostHocEquivariantSum", "embeddings"),
+    MethodInfo("most_probable", "PH Most Likely", "PostHocEquivariantMostProbable", "logits"),
+    MethodInfo("most_certain", "PH Most Certain", "PostHocMostCertain", "logits"),
+    MethodInfo("learned_score", "PH Learned Weighted Average", "PostHocLearnedScoreAggregation", "embeddings",
+               learned=True),
+    MethodInfo("learned_attention", "PH Learned Attention Aggregation", "PostHocLearnedAggregation", "embeddings",
+               learned=True),
+    MethodInfo("tta", "Normal ViT + TTA", "NormalMeanPool", "logits"),
+]}
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+_ALIASES: dict[str, str] = {}
+for _m in METHODS.values():
+    for _alias in (_m.key, _m.post_name, _m.original_class, _m.original_class.replace("PostHocEquivariant", ""),
+                   _m.original_class.replace("PostHoc", "")):
+        _ALIASES[_norm(_alias)] = _m.key
+_ALIASES.update({_norm("most_likely"): "most_probable", _norm("learned_aggregation"): "learned_attention",
+                 _norm("learned_score_aggregation"): "learned_score", _norm("mean_logits"): "tta"})
+
+
+def resolve_method(name: str) -> str:
+    """The method key for a key, the post's name or the original class name (case and punctuation ignored)."""
+    key = _ALIASES.get(_norm(str(name)))
+    if key is None:
+        raise ValueError(f"unknown post-hoc method {name!r}; choose one of {list(METHODS)}")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transformed copies
+
+
+def _rotation_matrix_inverse(degrees_ccw: float, dtype: torch.dtype) -> Tensor:
+    """Output-to-input map of a counter-clockwise rotation in (x right, y down) pixel coordinates."""
+    a = torch.deg2rad(torch.tensor(degrees_ccw, dtype=torch.float64))
+    c, s = torch.cos(a), torch.sin(a)
+    return torch.stack([torch.stack([c, -s]), torch.stack([s, c])]).to(dtype)
+
+
+def _commute_with_rot90(sources: Tensor) -> Tensor:
+    """Make a nearest-neighbour source map (image of 1-based source pixel numbers, 0 = outside) commute with
+    rot90: the value at each output pixel is taken from its rot90-orbit's first pixel and rotated along."""
+    h, w = sources.shape[-2:]
+    ids = torch.arange(h * w).reshape(h, w)
+    perm = [ids.reshape(-1)]  # perm[k][p]: pixel that rot90^k puts at p
+    for _ in range(3):
+        perm.append(torch.rot90(perm[-1].reshape(h, w), 1, dims=(0, 1)).reshape(-1))
+    powers = torch.stack(perm)  # [4, H*W]
+    orbit = torch.stack([powers[k][ids.reshape(-1)] for k in range(4)])
+    k = orbit.argmin(0)
+    rep = orbit.min(0).values
+    src = sources.reshape(-1).round().long() - 1
+    src_rep = src[rep]
+    inv = (4 - k) % 4
+    out = torch.where(src_rep < 0, src_rep, powers[inv, src_rep.clamp(min=0)])
+    return (out + 1).to(sources.dtype).reshape(sources.shape)
+
+
+class TransformStack:
+    """The copies ``[B, T, C, H, W]`` of a batch under a group: identity, CCW rotations, then flipped (see module doc).
+
+    ``interpolation="nearest"`` (the original's) or ``"bilinear"`` for the non-exact angles; exact elements
+    (multiples of 90 degrees, flips) are always pixel permutations. ``fill`` is the value of the corners that a
+    non-exact rotation exposes (0 = the mean of normalised data, as in the original).
+
+    ``subgroup_exact``: with the original's stack (False, default) every angle is sampled on its own grid, so at
+    near-tie pixels the copy at ``a + 90`` is not exactly ``rot90`` of the copy at ``a``, and a C16 wrapper is not
+    exactly invariant even to rot90 (the parity README measures 0.21 on logits). With True, for groups whose
+    rotations include 90 degrees, the copy at ``a + 90 k`` is built as ``rot90(copy at a, k)``: the wrapper is then
+    exactly invariant to the C4 subgroup (the copies differ from the original's only at such tie pixels);
+    implemented for cyclic groups C_4m.
+    """
+
+    def __init__(self, group: str | Group, interpolation: str = "nearest", fill: float = 0.0,
+                 subgroup_exact: bool = False) -> None:
+        self.group = get_group(group)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {INTERPOLATIONS}")
+        self.interpolation = interpolation
+        self.fill = float(fill)
+        n = self.group.n_rotations
+        if subgroup_exact and self.group.mirror and n > 4:
+            raise ValueError(f"subgroup_exact is implemented for cyclic groups C_4m (and is automatic for D4), "
+                             f"not for {self.group.name}")
+        self.subgroup_exact = bool(subgroup_exact) and n % 4 == 0
+        # stack index -> (rotation steps CCW, flipped)
+        self.steps: list[tuple[int, bool]] = [(i, False) for i in range(n)]
+        if self.group.mirror:
+            self.steps += [(i, True) for i in range(n)]
+        # group element of each copy (groups.py turns element (1, 0) clockwise; see Group docstring)
+        self.elements: list[int] = [self.group.index(-i, int(f)) for i, f in self.steps]
+        self._maps: dict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def angles(self) -> list[float]:
+        """Counter-clockwise rotation of each copy in degrees (before its flip)."""
+        return [i * 360.0 / self.group.n_rotations for i, _ in self.steps]
+
+    def is_exact(self, t: int) -> bool:
+        return (4 * self.steps[t][0]) % self.group.n_rotations == 0
+
+    @property
+    def exact(self) -> bool:
+        """True when every copy is an exact pixel permutation (C1, C2, C4, D1, D2, D4)."""
+        return all(self.is_exact(t) for t in range(len(self)))
+
+    def _split(self, i: int) -> tuple[int, int]:
+        """Rotation step i -> (quarter turns done by rot90, remaining steps sampled on a grid)."""
+        n = self.group.n_rotations
+        if 4 * i % n == 0:
+            return 4 * i // n, 0
+        if self.subgroup_exact:
+            return divmod(i, n // 4)
+        return 0, i
+
+    def index_map(self, h: int, w: int, method: str = "exact+torchvision") -> Tensor:
+        """int64 ``[T, H*W]``: source pixel of each output pixel of each copy (``H*W`` = the fill value).
+
+        Exact copies come from ``torch.rot90`` / ``torch.flip``, the others from torchvision's nearest ``rotate``
+        (float32 grid, as in the original) of an image of pixel numbers. ``method="torchvision"`` uses torchvision
+        for every rotation (to check that both agree at multiples of 90 degrees).
+        """
+        from torchvision.transforms.functional import InterpolationMode, rotate
+
+        if h * w + 1 >= 2**24:
+            raise ValueError(f"image {h}x{w} too large for a float32 index map")
+        n = self.group.n_rotations
+        numbers = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)  # 0 = outside
+        maps = []
+        for i, flipped in self.steps:
+            quarter, rest = self._split(i) if method != "torchvision" else (0, i)
+            if quarter % 2 and h != w:
+                raise ValueError(f"a 90-degree rotation of a non-square {h}x{w} image is not a symmetry")
+            img = numbers
+            if rest:
+                img = rotate(img, rest * 360.0 / n, interpolation=InterpolationMode.NEAREST)
+                if self.subgroup_exact and method != "torchvision":
+                    img = _commute_with_rot90(img)
+            if quarter:
+                img = torch.rot90(img, quarter, dims=(-2, -1))
+            if flipped:
+                img = torch.flip(img, dims=(-1,))
+            maps.append(img.reshape(-1))
+        idx = torch.stack(maps).round().long() - 1
+        return torch.where(idx < 0, torch.full_like(idx, h * w), idx)
+
+    def _grids(self, h: int, w: int) -> Tensor:
+        """Bilinear sampling grids ``[R, H, W, 2]`` of the interpolated copies (align_corners=False, as torchvision)."""
+        ys = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
+        xs = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
+        pts = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [H, W, 2] (x, y) about the centre
+        grids = []
+        for t in self._bilinear_copies():
+            rest = self._split(self.steps[t][0])[1]
+            src = pts @ _rotation_matrix_inverse(rest * 360.0 / self.group.n_rotations, torch.float64).T
+            grids.append(src / torch.tensor([w / 2, h / 2], dtype=torch.float64))
+        return torch.stack(grids) if grids else torch.empty(0, h, w, 2, dtype=torch.float64)
+
+    def _bilinear_copies(self) -> list[int]:
+        """Unflipped copies that are interpolated (their flipped twins and rot90 multiples are derived)."""
+        return [t for t in range(self.group.n_rotations) if self._split(self.steps[t][0])[1]]
+
+    def _cached(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        key = (h, w, str(device), dtype if self.interpolation == "bilinear" else None)
+        if key not in self._maps:
+            grids = None
+            if self.interpolation == "bilinear" and not self.exact:
+                grids = self._grids(h, w).to(device, dtype)
+            self._maps[key] = (self.index_map(h, w).to(device), grids)
+        return self._maps[key]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, T, C, H, W]`` on ``x``'s device and dtype."""
+        if x.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        idx, grids = self._cached(h, w, x.device, x.dtype)
+        flat = x.reshape(b, c, h * w)
+        padded = torch.cat([flat, flat.new_full((b, c, 1), self.fill)], dim=-1)
+        out = padded[:, :, idx].transpose(1, 2).reshape(b, len(self), c, h, w)  # one gather for every copy
+        if grids is not None:  # replace the interpolated copies (and their flips) by bilinear ones
+            copies = self._bilinear_copies()
+            r = len(copies)
+            src = x.repeat_interleave(r, dim=0) - self.fill  # sample x - fill with zero padding, add fill back
+            sampled = F.grid_sample(src, grids.repeat(b, 1, 1, 1), mode="bilinear", padding_mode="zeros",
+                                    align_corners=False).reshape(b, r, c, h, w) + self.fill
+            quarters = [self._split(self.steps[t][0])[0] for t in copies]
+            sampled = torch.stack([torch.rot90(sampled[:, j], q, dims=(-2, -1)) if q else sampled[:, j]
+                                   for j, q in enumerate(quarters)], 1)
+            out = out.clone()
+            out[:, copies] = sampled
+            if self.group.mirror:
+                out[:, [t + self.group.n_rotations for t in copies]] = torch.flip(sampled, dims=(-1,))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbones
+
+
+class SplitBackbone(nn.Module):
+    """A classifier given as ``features`` (images -> embeddings ``[N, D]``) and ``head`` (embeddings -> logits),
+    with the timm-style interface :class:`PostHoc` uses."""
+
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _is_torchvision_resnet(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("conv1", "bn1", "layer1", "layer4", "avgpool", "fc")) and isinstance(
+        model.fc, nn.Linear)
+
+
+def backbone_interface(model: nn.Module) -> str:
+    """"timm" (forward_features / forward_head(pre_logits=True) / get_classifier) or "torchvision_resnet"."""
+    if all(callable(getattr(model, a, None)) for a in ("forward_features", "forward_head", "get_classifier")):
+        return "timm"
+    if _is_torchvision_resnet(model):
+        return "torchvision_resnet"
+    raise TypeError(
+        f"{type(model).__name__} exposes neither the timm interface (forward_features, forward_head(pre_logits=True), "
+        f"get_classifier) nor a torchvision ResNet's (conv1 ... layer4, avgpool, fc); wrap it as "
+        f"SplitBackbone(features, head)"
+    )
+
+
+def backbone_embed(model: nn.Module, x: Tensor) -> Tensor:
+    """The embedding ``[N, D]`` that the head maps to logits (timm: ``pre_logits``; ResNet: pooled features)."""
+    m: Any = model
+    if backbone_interface(model) == "timm":
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+    return torch.flatten(m.avgpool(x), 1)
+
+
+def backbone_head(model: nn.Module) -> nn.Module:
+    """The module mapping :func:`backbone_embed` to logits (``get_classifier()``, or ``fc`` for ResNets)."""
+    m: Any = model
+    return m.get_classifier() if backbone_interface(model) == "timm" else m.fc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+class ScoreAggregator(nn.Module):
+    """Learned weighted average: ``w_t = Linear(D, hidden) -> GELU -> Linear(hidden, 1)`` of each embedding.
+
+    ``variant="original"``: weights divided by their sum (unconstrained, may be negative or near 0, as in the
+    code); ``"post"``: softmax over the copies (positive, sums to one).
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, variant: str = "original") -> None:
+        super().__init__()
+        self.variant = variant
+        self.fc = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def weights(self, e: Tensor) -> Tensor:
+        """``[B, T, D]`` -> normalised weights ``[B, T, 1]``."""
+        w = self.fc(e)
+        return torch.softmax(w, dim=1) if self.variant == "post" else w / w.sum(dim=1, keepdim=True)
+
+    def forward(self, e: Tensor) -> Tensor:
+        return (e * self.weights(e)).sum(dim=1)
+
+
+class _AttentionOnlyBlock(nn.Module):
+    """The original aggregator block: ``x + MHA1(LN1(x))``, then ``LN2`` and ReLU without residual, ``+ MHA2``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.layer_norm_1 = nn.LayerNorm(dim)
+        self.attn1 = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.layer_norm_2 = nn.LayerNorm(dim)
+        self.act = nn.ReLU()
+        self.attn2 = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer_norm_1(x)
+        x = x + self.attn1(h, h, h, need_weights=False)[0]
+        x = self.act(self.layer_norm_2(x))
+        return x + self.attn2(x, x, x, need_weights=False)[0]
+
+    def attention_maps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Same as forward, also returning both layers' head-averaged attention weights ``[B, L, L]``."""
+        h = self.layer_norm_1(x)
+        a, w1 = self.attn1(h, h, h)
+        x = self.act(self.layer_norm_2(x + a))
+        a, w2 = self.attn2(x, x, x)
+        return x + a, [w1, w2]
+
+
+class AttentionAggregator(nn.Module):
+    """Learned attention aggregation: a CLS token (init randn) prepended to the T embeddings, no positional
+    encoding, ``num_layers`` attention-only blocks; returns the CLS output. Permutation invariant over the copies."""
+
+    def __init__(self, dim: int, num_heads: int = 4, num_layers: int = 2) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} must be divisible by num_heads={num_heads}")
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.transformer = nn.Sequential(*(_AttentionOnlyBlock(dim, num_heads) for _ in range(num_layers)))
+
+    def _tokens(self, e: Tensor) -> Tensor:
+        return torch.cat([self.cls_token.expand(e.shape[0], -1, -1).to(e.dtype), e], dim=1)
+
+    def forward(self, e: Tensor) -> Tensor:
+        return self.transformer(self._tokens(e))[:, 0]
+
+    def attention_maps(self, e: Tensor) -> list[Tensor]:
+        """Attention weights of every layer, ``[B, 1 + T, 1 + T]`` each (token 0 = CLS), for visualisation."""
+        x, maps = self._tokens(e), []
+        for block in self.transformer:
+            x, w = block.attention_maps(x)
+            maps += w
+        return maps
+
+
+def aggregate(method: str, embeddings: Tensor, head: nn.Module, variant: str = "original",
+              aggregator: nn.Module | None = None) -> Tensor:
+    """Logits ``[B, K]`` from per-copy embeddings ``[B, T, D]`` (the methods' formulas; see the module doc)."""
+    method = resolve_method(method)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    e = embeddings
+    if method == "mean":
+        return head(e.mean(dim=1))
+    if method == "max":
+        return head(e.amax(dim=1))
+    if method == "sum":
+        return head(e.sum(dim=1)) if variant == "original" else head(e).sum(dim=1)
+    if method in ("learned_score", "learned_attention"):
+        if aggregator is None:
+            raise ValueError(f"method {method!r} needs its aggregator module")
+        return head(aggregator(e))
+    z = head(e)  # [B, T, K] logits of every copy
+    if method == "tta":
+        return z.mean(dim=1)
+    if method == "most_probable":
+        t = z.shape[1]
+        if variant == "post":
+            return torch.log_softmax(z, dim=-1).sum(dim=1)
+        if t < 2:
+            raise ValueError("most_probable (variant 'original') divides by T // 2 and needs at least 2 copies")
+        log_prod = torch.log_softmax(z / (t // 2), dim=-1).sum(dim=1)  # log prod_t p_t, no underflow
+        p = torch.softmax(log_prod, dim=-1)  # prod / sum_c prod
+        eps = 1e-8
+        return torch.log((p + eps) / (1 - p + eps))
+    if method == "most_certain":
+        probs = torch.softmax(z, dim=-1)
+        if variant == "original":
+            best = probs.argmax(dim=1, keepdim=True)  # [B, 1, K]: per class, the copy most sure of it
+            return torch.gather(z, 1, best).squeeze(1)
+        best_t = probs.amax(dim=-1).argmax(dim=1)  # [B]: the copy holding the highest probability
+        return z[torch.arange(z.shape[0], device=z.device), best_t]
+    raise AssertionError(method)  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The wrapper
+
+
+class PostHoc(nn.Module):
+    """Invariant classifier from ``backbone``: aggregate its outputs over the group's transformed copies.
+
+    ``method``: a key of :data:`METHODS` (or the post's / original class name). ``group``: "C4", "D4" (exact),
+    "C16" / any "C<n>", "D<n>" (approximate for angles that are not multiples of 90 degrees), or a
+    :class:`~gevit_lib.groups.Group`. ``variant``: "original" (the code, default) or "post" (the formulas as
+    written in the post). ``interpolation``: "nearest" (original) or "bilinear" for non-exact angles;
+    ``fill``, ``subgroup_exact``: see :class:`TransformStack` (``subgroup_exact=True`` makes e.g. a C16 wrapper
+    exactly invariant to rot90, which the original's C16 stack is not).
+    ``max_batch``: split the ``B*T`` backbone batch into chunks of at most this many images; None: one forward;
+    "auto" (default): one forward on accelerators, chunks of :data:`CPU_CHUNK` on the CPU (the post's ViT runs a
+    third slower per image in CPU batches of 256-512 than of <= 128, measured on 1 thread).
+    Learned methods build their aggregator from the embedding size (``aggregator_options`` go to it).
+
+    ``finetune`` / :meth:`set_finetune`: "none" (backbone and head frozen), "head" (head trainable), "model"
+    (everything trainable); the learned aggregators are always trainable. Freezing sets ``requires_grad``;
+    ``train()`` puts the whole wrapper, backbone included, in training mode as the original did (so the frozen
+    backbone's dropout is active while finetuning).
+    """
+
+    def __init__(self, backbone: nn.Module, method: str, group: str | Group = "C16", *, variant: str = "original",
+                 interpolation: str = "nearest", fill: float = 0.0, subgroup_exact: bool = False,
+                 finetune: str = "none", max_batch: int | str | None = "auto", embed_dim: int | None = None,
+                 aggregator_options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.method = resolve_method(method)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+        if not (max_batch is None or max_batch == "auto" or (isinstance(max_batch, int) and max_batch >= 1)):
+            raise ValueError(f"max_batch must be an int >= 1, None or 'auto', got {max_batch!r}")
+        self.variant = variant
+        self.backbone = backbone
+        self.interface = backbone_interface(backbone)
+        self.transforms = TransformStack(group, interpolation=interpolation, fill=fill,
+                                         subgroup_exact=subgroup_exact)
+        self.group = self.transforms.group
+        self.max_batch = max_batch
+        info = METHODS[self.method]
+        if info.learned:
+            dim = embed_dim or _embedding_dim(backbone, self.head)
+            opts = aggregator_options or {}
+            self.aggregator: nn.Module | None = (
+                ScoreAggregator(dim, variant=variant, **opts) if self.method == "learned_score"
+                else AttentionAggregator(dim, **opts))
+            ref = next(backbone.parameters(), None)
+            if ref is not None:
+                self.aggregator.to(device=ref.device, dtype=ref.dtype)
+        else:
+            self.aggregator = None
+        self.finetune = "none"
+        self.set_finetune(finetune)
+
+    @property
+    def info(self) -> MethodInfo:
+        return METHODS[self.method]
+
+    @property
+    def head(self) -> nn.Module:
+        """The backbone's head (part of the backbone; looked up each time so copies stay consistent)."""
+        return backbone_head(self.backbone)
+
+    @property
+    def num_transforms(self) -> int:
+        return len(self.transforms)
+
+    def set_finetune(self, mode: str) -> PostHoc:
+        """Freeze / unfreeze by ``requires_grad``: "none", "head" or "model"; aggregators always train."""
+        if mode not in FINETUNE_MODES:
+            raise ValueError(f"unknown finetune mode {mode!r}; choose one of {FINETUNE_MODES}")
+        self.finetune = mode
+        self.backbone.requires_grad_(mode == "model")
+        if mode == "head":
+            self.head.requires_grad_(True)
+        if self.aggregator is not None:
+            self.aggregator.requires_grad_(True)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The backbone's embedding of untransformed images ``[B, D]``."""
+        return backbone_embed(self.backbone, x)
+
+    def base_logits(self, x: Tensor) -> Tensor:
+        """The backbone's own logits (no transforms)."""
+        return self.head(backbone_embed(self.backbone, x))
+
+    def transformed_embeddings(self, x: Tensor) -> Tensor:
+        """Embeddings of every transformed copy ``[B, T, D]``: one batched backbone forward on ``x``'s device."""
+        stack = self.transforms(x)  # [B, T, C, H, W]
+        b, t = stack.shape[:2]
+        flat = stack.reshape(b * t, *stack.shape[2:])
+        chunk = self.max_batch
+        if chunk == "auto":
+            chunk = CPU_CHUNK if x.device.type == "cpu" else None
+        if chunk is None or b * t <= chunk:
+            e = backbone_embed(self.backbone, flat)
+        else:
+            e = torch.cat([backbone_embed(self.backbone, part) for part in flat.split(int(chunk))])
+        return e.reshape(b, t, -1)
+
+    def aggregate(self, embeddings: Tensor) -> Tensor:
+        """Logits from per-copy embeddings ``[B, T, D]`` (lets several methods share one backbone pass)."""
+        return aggregate(self.method, embeddings, self.head, self.variant, self.aggregator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, K]`` from images ``[B, C, H, W]``, or from precomputed per-copy embeddings ``[B, T, D]``
+        (:meth:`transformed_embeddings`; lets evaluations with a frozen backbone share one backbone pass)."""
+        if x.dim() == 3:
+            if x.shape[1] != self.num_transforms:
+                raise ValueError(f"precomputed embeddings have {x.shape[1]} copies, group {self.group.name} has "
+                                 f"{self.num_transforms}")
+            return self.aggregate(x)
+        return self.aggregate(self.transformed_embeddings(x))
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method!r}, group={self.group.name!r} (T={self.num_transforms}), "
+                f"variant={self.variant!r}, interpolation={self.transforms.interpolation!r}, "
+                f"finetune={self.finetune!r}")
+
+
+def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int:
+    for attr in ("num_features", "embed_dim"):
+        value = getattr(backbone, attr, None)
+        if isinstance(value, int):
+            return value
+    first = next((m for m in head.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))), None)
+    if isinstance(first, nn.Linear):
+        return first.in_features
+    if isinstance(first, nn.LayerNorm):
+        return int(first.normalized_shape[0])
+    raise ValueError(f"cannot tell the embedding size of {type(backbone).__name__}; pass embed_dim=")
