@@ -1,0 +1,88 @@
+"""Batch entry point for the full-scale runs: ``python -m gevit_lib.run --experiment NAME --profile full``.
+
+Every training the notebooks need at full scale, resumable (``--resume``) and runnable under torchrun, e.g.
+``torchrun --nproc-per-node 4 -m gevit_lib.run --experiment gevit_rotmnist --device cuda --resume``.
+``--list`` prints the experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .profiles import PROFILES
+
+
+def _gevit(preset: str, **fixed: Any) -> Callable[[argparse.Namespace], Any]:
+    def run(a: argparse.Namespace) -> Any:
+        from .experiments.gevit_training import train_gevit
+
+        return train_gevit(preset, fixed.get("group", a.group), a.patch_size, a.profile, device=a.device,
+                           data_dir=a.data_dir, run_dir=a.run_dir, resume=a.resume, seed=a.seed,
+                           fraction=fixed.get("fraction", 1.0), digits=fixed.get("digits"), compile=a.compile,
+                           num_workers=a.num_workers)
+    return run
+
+
+def _posthoc(name: str, checkpoint: str) -> Callable[[argparse.Namespace], Any]:
+    def run(a: argparse.Namespace) -> Any:
+        from .experiments import posthoc
+
+        kwargs: dict[str, Any] = dict(device=a.device, seed=a.seed, out_dir=a.run_dir, resume=a.resume)
+        if name == "pcam":
+            return posthoc.pcam(a.profile, root=a.data_dir, **kwargs)
+        return getattr(posthoc, name)(a.profile, checkpoint=checkpoint, root=a.data_dir, **kwargs)
+    return run
+
+
+EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
+    "gevit_rotmnist": ("GE-ViT on rotated MNIST (--group, --patch-size; post: p4, patch 9, 300 epochs)",
+                       _gevit("rotmnist")),
+    "gevit_rotmnist_10pct": ("GE-ViT on 10% of rotated MNIST", _gevit("rotmnist", fraction=0.1)),
+    "gevit_rotmnist_3v8": ("GE-ViT p4m on rotated MNIST 3 vs 8", _gevit("rotmnist", group="p4m", digits=(3, 8))),
+    "gevit_pcam": ("GE-ViT on PCam (post: p4, patch 5, 100 epochs)", _gevit("pcam")),
+    "vit_rotmnist": ("train the post's ViT on rotated MNIST, then every post-hoc method",
+                     _posthoc("rotmnist", "train")),
+    "vit_mnist": ("train the post's ViT on upright MNIST, then post-hoc on rotated MNIST",
+                  _posthoc("mnist_to_rotmnist", "train")),
+    "vit_rotmnist_10pct": ("train the post's ViT on 10% of rotated MNIST, then post-hoc",
+                           _posthoc("low_data", "train")),
+    "posthoc_rotmnist": ("post-hoc experiment 1 from the published checkpoint", _posthoc("rotmnist", "vit_rotmnist")),
+    "posthoc_mnist_to_rotmnist": ("post-hoc experiment 2 from the published checkpoint",
+                                  _posthoc("mnist_to_rotmnist", "vit_mnist")),
+    "posthoc_low_data": ("post-hoc experiment 3 from the published checkpoint",
+                         _posthoc("low_data", "vit_rotmnist_10pct")),
+    "posthoc_pcam": ("post-hoc experiment 4 (TIAToolbox CNN)", _posthoc("pcam", "")),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--profile", default="full", choices=PROFILES)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--run-dir", default=None, help="run folder (checkpoints, metrics); reuse it with --resume")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group", default="p4")
+    parser.add_argument("--patch-size", type=int, default=9)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    parser.add_argument("--num-workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.list or not args.experiment:
+        for name, (text, _) in sorted(EXPERIMENTS.items()):
+            print(f"{name:28s} {text}")
+        return 0
+    result = EXPERIMENTS[args.experiment][1](args)
+    summary = getattr(result, "best_val", None), getattr(result, "test", None)
+    print(json.dumps({"experiment": args.experiment, "best_val": summary[0], "test": summary[1]}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
