@@ -56,33 +56,39 @@ def figure_to_array(fig: Any, dpi: int = 100) -> np.ndarray:
 
 def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, duration_ms: float = 100,
              loop: int = 0, sidecar: bool = True, **meta: Any) -> Path:
-    """Write RGB frames as an animated GIF (infinite loop by default) and its sidecar."""
-    import imageio.v2 as imageio
+    """Animated GIF of RGB frames (each shown ``duration_ms``; infinite loop by default) and its sidecar."""
+    from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+    if not images:
+        raise ValueError(f"no frames to write to {path}")
     with atomic_write(path) as tmp:
-        imageio.mimsave(tmp, list(frames), format="GIF", duration=duration_ms / 1000.0, loop=loop)
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(round(duration_ms)),
+                       loop=loop, disposal=1)
     if sidecar:
-        write_sidecar(path, [path], frames=len(frames), frame_ms=duration_ms, **meta)
+        write_sidecar(path, [path], frames=len(images), frame_ms=duration_ms, **meta)
     return path
 
 
-def save_mp4(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, fps: int = 60) -> Path | None:
-    """Write frames as an H.264 mp4 when imageio can reach ffmpeg (imageio-ffmpeg); return None otherwise."""
+def save_mp4(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, fps: int = 60, sidecar: bool = False,
+             **meta: Any) -> Path | None:
+    """H.264 mp4 (yuv420p) of RGB frames through imageio-ffmpeg's bundled ffmpeg; None when it is not installed."""
     try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401  # the bundled ffmpeg binary
+        import imageio_ffmpeg
     except ImportError:
         return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                    pixelformat="yuv420p", macro_block_size=2)
+    h, w = frames[0].shape[:2]
+    with atomic_write(path) as tmp:  # the temporary name has no .mp4 suffix: name the container explicitly
+        writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                                             macro_block_size=2, output_params=["-f", "mp4"])
+        writer.send(None)
         for frame in frames:
-            writer.append_data(frame)
+            writer.send(np.ascontiguousarray(frame[..., :3], dtype=np.uint8))
         writer.close()
+    if sidecar:
+        write_sidecar(path, [path], frames=len(frames), fps=fps, **meta)
     return path
 
 

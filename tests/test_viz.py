@@ -30,6 +30,10 @@ def test_save_gif_frames(tmp_path: Path) -> None:
     frames = [np.full((8, 10, 3), i * 40, np.uint8) for i in range(4)]
     path = viz.save_gif(frames, tmp_path / "anim.gif", duration_ms=50, profile="smoke")
     assert len(imageio.mimread(path)) == 4
+    from PIL import Image
+
+    with Image.open(path) as gif:
+        assert gif.info["duration"] == 50 and gif.info["loop"] == 0
     assert json.loads((tmp_path / "anim.json").read_text())["frames"] == 4
 
 
@@ -40,3 +44,11 @@ def test_save_table_csv_md(tmp_path: Path) -> None:
     md = md_path.read_text()
     assert "| mean | 98.12 |" in md and "data_source: official" in md
     assert json.loads((tmp_path / "t.json").read_text())["files"] == ["t.csv", "t.md"]
+
+
+def test_save_mp4(tmp_path: Path) -> None:
+    frames = [np.full((16, 16, 3), i * 20, np.uint8) for i in range(6)]
+    path = viz.save_mp4(frames, tmp_path / "anim.mp4", fps=10)
+    if path is None:
+        return  # imageio-ffmpeg not installed: GIF only, as documented
+    assert path.stat().st_size > 0 and len(imageio.mimread(path, format="FFMPEG")) == 6
