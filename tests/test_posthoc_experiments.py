@@ -97,7 +97,7 @@ def test_rotmnist_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
 
     test = rotated_mnist("test", root=synthetic_root)
     x, y = test.tensors()
-    idx = exp._evenly(len(y), posthoc_profile("rotmnist", "smoke").n_test)
+    idx = exp.evenly_spaced(len(y), posthoc_profile("rotmnist", "smoke").n_test)
     for method in ("mean", "most_certain"):
         direct = evaluate(PostHoc(model, method, "C4"), (x[idx], y[idx]))["accuracy"]
         assert abs(100 * direct - result.accuracy(method, "none")) < 1e-9

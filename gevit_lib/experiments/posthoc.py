@@ -59,6 +59,9 @@ __all__ = [
     "load_pcam_cnn",
     "random_rotation",
     "random_d4",
+    "take_subset",
+    "evenly_spaced",
+    "random_subset",
 ]
 
 MNIST_METHODS: tuple[str, ...] = ("mean", "max", "sum", "most_probable", "most_certain", "learned_score",
@@ -197,20 +200,20 @@ class PostHocResult:
 # Data helpers
 
 
-def _evenly(n_total: int, n: int | None) -> Tensor:
+def evenly_spaced(n_total: int, n: int | None) -> Tensor:
     """``n`` indices spread evenly over ``range(n_total)`` (all of them when ``n`` is None or too large)."""
     if n is None or n >= n_total:
         return torch.arange(n_total)
     return torch.arange(n) * n_total // n
 
 
-def _random_subset(n_total: int, n: int | None, seed: int) -> Tensor:
+def random_subset(n_total: int, n: int | None, seed: int) -> Tensor:
     if n is None or n >= n_total:
         return torch.arange(n_total)
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
-def _take(ds: Dataset, idx: Tensor) -> Dataset | tuple[Tensor, Tensor]:
+def take_subset(ds: Dataset, idx: Tensor) -> Dataset | tuple[Tensor, Tensor]:
     """In-memory datasets become (inputs, labels) tensors (fast); lazily read ones (PCam h5) a Subset."""
     tensors = getattr(ds, "tensors", None)
     if callable(tensors) and getattr(ds, "transform", None) is None:
@@ -490,9 +493,9 @@ def _mnist_experiment(experiment: str, profile: str, checkpoint: str | os.PathLi
     train_ds = rotated_mnist("train", source=source, root=root, fraction=fraction)
     val_ds = rotated_mnist("validation", source=source, root=root)
     test_ds = rotated_mnist("test", source=source, root=root)
-    val = _take(val_ds, _evenly(len(val_ds), settings.n_val))
-    test = _take(test_ds, _evenly(len(test_ds), settings.n_test))
-    train = _take(train_ds, _random_subset(len(train_ds), settings.n_train, seed))
+    val = take_subset(val_ds, evenly_spaced(len(val_ds), settings.n_val))
+    test = take_subset(test_ds, evenly_spaced(len(test_ds), settings.n_test))
+    train = take_subset(train_ds, random_subset(len(train_ds), settings.n_train, seed))
     meta: dict[str, Any] = {"data": {"train": _describe(train_ds), "validation": _describe(val_ds),
                                      "test": _describe(test_ds)},
                             "data_source": _data_label(_describe(test_ds)), "rotated_mnist_source": test_ds.source}
@@ -502,8 +505,8 @@ def _mnist_experiment(experiment: str, profile: str, checkpoint: str | os.PathLi
         else:  # rotated MNIST with random rotations and flips (SPEC 4)
             bb_train_ds, bb_val_ds = train_ds, val_ds
             bb_aug = random_rotation(180.0, fill=MNIST_BACKGROUND, flips=True)
-        bb_train = _take(bb_train_ds, _random_subset(len(bb_train_ds), settings.train_subset, seed))
-        bb_val = _take(bb_val_ds, _evenly(len(bb_val_ds), settings.n_val))
+        bb_train = take_subset(bb_train_ds, random_subset(len(bb_train_ds), settings.train_subset, seed))
+        bb_val = take_subset(bb_val_ds, evenly_spaced(len(bb_val_ds), settings.n_val))
         backbone, where = _train_vit("mnist", bb_train, bb_val, settings, bb_aug, out, device, seed, progress, resume)
         where["backbone_training"]["data"] = _data_label(_describe(bb_train_ds))
     else:
@@ -588,15 +591,15 @@ def pcam(profile: str = "quick", *, backbone: str | nn.Module = "densenet161.tia
     norm = (not hub) if normalize is None else normalize
     splits = {s: pcam_data(s, root=root, normalize=norm) for s in ("train", "validation", "test")}  # data first
     out = _out_dir(out_dir, "pcam", profile)
-    val = _take(splits["validation"], _evenly(len(splits["validation"]), settings.n_val))
-    test = _take(splits["test"], _evenly(len(splits["test"]), settings.n_test))
-    train = _take(splits["train"], _random_subset(len(splits["train"]), settings.n_train, seed))
+    val = take_subset(splits["validation"], evenly_spaced(len(splits["validation"]), settings.n_val))
+    test = take_subset(splits["test"], evenly_spaced(len(splits["test"]), settings.n_test))
+    train = take_subset(splits["train"], random_subset(len(splits["train"]), settings.n_train, seed))
     meta: dict[str, Any] = {"data": {s: _describe(d) for s, d in splits.items()},
                             "data_source": _data_label(_describe(splits["test"])), "normalize": norm}
     if isinstance(backbone, nn.Module):
         model, meta["checkpoint"] = backbone, f"model object {type(backbone).__name__}"
     elif backbone == "vit":
-        bb_train = _take(splits["train"], _random_subset(len(splits["train"]), settings.train_subset, seed))
+        bb_train = take_subset(splits["train"], random_subset(len(splits["train"]), settings.train_subset, seed))
         model, where = _train_vit("pcam", bb_train, val, settings, random_d4(), out, device, seed, progress, resume,
                                   optimizer="sgd", weight_decay=1e-4, schedule="warmup_cosine", warmup_epochs=1.0)
         meta.update(where)

@@ -21,7 +21,7 @@ from ..posthoc import METHODS, PostHoc
 from ..profiles import posthoc_profile
 from ..train import TrainConfig, fit
 from ..viz import save_figure, save_table
-from .posthoc import MNIST_BACKGROUND, PostHocResult, _evenly, _random_subset, _take, random_rotation
+from .posthoc import MNIST_BACKGROUND, PostHocResult, evenly_spaced, random_subset, take_subset, random_rotation
 
 __all__ = ["reference_results", "comparison_rows", "save_comparison", "find_six_like_nine", "plot_six_like_nine",
            "train_attention_aggregator", "aggregator_attention", "plot_aggregator_attention"]
@@ -130,8 +130,8 @@ def train_attention_aggregator(backbone: nn.Module, train_data: Any, val_data: A
     """The learned transformer aggregator (D4, as the original built it) trained on a frozen backbone with the
     profile's finetuning settings and subset sizes (Adam, random rotations, best on validation)."""
     settings = posthoc_profile("rotmnist", profile)
-    train_data = _take(train_data, _random_subset(len(train_data), settings.n_train, seed))
-    val_data = _take(val_data, _evenly(len(val_data), settings.n_val))
+    train_data = take_subset(train_data, random_subset(len(train_data), settings.n_train, seed))
+    val_data = take_subset(val_data, evenly_spaced(len(val_data), settings.n_val))
     wrapper = PostHoc(backbone, "learned_attention", settings.learned_group, finetune="none")
     config = TrainConfig(epochs=settings.epochs_attention, batch_size=settings.batch_size, optimizer=settings.optimizer,
                          lr=settings.lr, seed=seed, device=device, select_initial=True, label="learned_attention")
