@@ -1,0 +1,426 @@
+"""Faster equivariant ViTs (the post's "modern equivariant ViT", SPEC 6): GE-ViT on a small artificial image.
+
+Two ways to make that image, both exactly invariant to the group's 90-degree rotations (and, with p4m, flips):
+
+- :class:`PatchGEViT` (approach 1): cut the image into p x p patches, embed every group-transformed copy of a patch
+  with one shared network and average over the copies (``embed_method="mean"``, the post's design), or run a small
+  G-CNN on each patch and pool it invariantly (``"gcnn"``); the per-patch embeddings, laid out on the patch grid,
+  are the artificial image. Rotating the input by 90 degrees moves every patch to the rotated grid position and
+  rotates it about its own centre (p must divide the image size), so the artificial image rotates as an image.
+- :class:`HybridGEViT` (approach 2, the post's "hybrid"): an exact G-CNN front end (:mod:`gevit_lib.nn.gconv`),
+  max over the group axis, an adaptive spatial max-pool (its windows are symmetric under rot90 and flips), then
+  GE-ViT.
+
+GE-ViT (``gevit_lib.models.gevit``, corrected group-index table) is invariant to its group, so the models are
+invariant to every exact element of ``group`` (p4: rot90; p4m: rot90 and flips), provided every spatial max-pool
+sees an even size (otherwise pooling drops a row and column on one side; such configurations are refused).
+
+Deviations from the post, on purpose: the post's G-CNN (flip encoded as an angle, filters resampled) is replaced by
+exact group convolutions; the post used the D4 patch transforms / D4 G-CNN with a p4 GE-ViT, which is only
+rot90-invariant: here the patch group and G-CNN group default to the GE-ViT group (``patch_group`` /
+``gcnn_group`` reproduce the post's choice). The published hybrid weights cannot be loaded (see
+:func:`from_original_state_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints import IncompatibleCheckpointError
+from ..groups import Group, get_group
+from ..nn.gconv import GCNN, GroupPool, check_exact_group
+from .gevit import GEViT, GEViTConfig, build_gevit
+
+__all__ = [
+    "EMBED_METHODS",
+    "InvariantPatchEmbedding",
+    "PatchGEViTConfig",
+    "PatchGEViT",
+    "HybridConfig",
+    "HybridGEViT",
+    "PATCH_PRESETS",
+    "HYBRID_PRESETS",
+    "build_patch_gevit",
+    "build_hybrid",
+    "grid_layout",
+    "check_exact_pooling",
+    "from_original_state_dict",
+]
+
+EMBED_METHODS: tuple[str, ...] = ("mean", "gcnn")
+
+# GE-ViT on the artificial image (SPEC 6.1: p4, 20 channels, blocks [2, 3], crop [1, 0, 0, 0, 0], neighbourhood 3,
+# 9 heads, LayerNorm, Swish, dropouts 0.1 / 0.1, normalisation between layers, max-pool after block 0 only)
+_POST_GEVIT: dict[str, Any] = dict(num_channels=20, num_heads=9, block_sizes=(2, 3), expansion_per_block=(1,),
+                                   crop_per_layer=(1, 0, 0, 0, 0), norm="LayerNorm", activation="Swish",
+                                   attention_dropout=0.1, value_dropout=0.1, normalize_between_layers=True,
+                                   maxpool_after_last_block=False)
+
+
+# ---- GE-ViT layout on small grids -------------------------------------------------------------------------------
+def check_exact_pooling(config: GEViTConfig, size: int) -> None:
+    """Raise if the network cannot run on ``size`` x ``size`` or max-pools an odd size (which breaks invariance)."""
+    for kind, _, _, crop in config.layer_plan():
+        if kind == "block":
+            size -= 2 * crop
+        else:
+            if size % 2:
+                raise ValueError(f"GE-ViT would max-pool a {size}x{size} map, dropping its last row and column: not "
+                                 f"rotation invariant. Change crop_per_layer / block_sizes / "
+                                 f"maxpool_after_last_block (plan {config.layer_plan()})")
+            size //= 2
+        if size < 1:
+            raise ValueError(f"GE-ViT's crops and poolings (crop_per_layer {list(config.crop_per_layer)}, blocks "
+                             f"{list(config.block_sizes)}) do not fit a {size}x{size} input")
+
+
+def grid_layout(grid: int, num_layers: int = 5, first_block: int = 2, pool_last: bool = False) -> dict[str, Any]:
+    """``block_sizes`` / ``crop_per_layer`` / ``maxpool_after_last_block`` for GE-ViT on a ``grid`` x ``grid`` image.
+
+    The post's layout (crop 1 in the first layer, max-pool after the first block) where it fits and pools an even
+    map; otherwise no crop (grids < 4) and/or a single block without pooling (odd maps).
+    """
+    if grid < 1 or num_layers < 1:
+        raise ValueError(f"grid and num_layers must be >= 1, got {grid}, {num_layers}")
+    crop = 1 if grid >= 3 else 0
+    crops = (crop,) + (0,) * (num_layers - 1)
+    after = grid - 2 * crop
+    if 1 <= first_block < num_layers and after % 2 == 0:
+        blocks: tuple[int, ...] = (first_block, num_layers - first_block)
+        pool_last = pool_last and (after // 2) % 2 == 0 and after // 2 >= 2
+    else:
+        blocks = (num_layers,)
+        pool_last = pool_last and after % 2 == 0 and after >= 2
+    return dict(block_sizes=blocks, crop_per_layer=crops, maxpool_after_last_block=pool_last)
+
+
+def _build_grid_gevit(group: str, in_channels: int, grid: int, attention_patch: int, num_classes: int,
+                      options: Mapping[str, Any]) -> GEViT:
+    opts = {**_POST_GEVIT, **options}
+    if not {"block_sizes", "crop_per_layer"} & set(options):
+        opts.update(grid_layout(grid, sum(opts["block_sizes"]), opts["block_sizes"][0],
+                                bool(opts["maxpool_after_last_block"])))
+    opts.update(in_channels=in_channels, image_size=grid)
+    model = build_gevit("rotmnist", group, patch_size=attention_patch, num_classes=num_classes,
+                        group_index="corrected", **opts)
+    check_exact_pooling(model.config, grid)
+    return model
+
+
+# ---- approach 1: invariant patch embeddings ---------------------------------------------------------------------
+class InvariantPatchEmbedding(nn.Module):
+    """Images ``[B, C, H, W]`` -> artificial image ``[B, D, H/p, W/p]`` of group-invariant patch embeddings.
+
+    ``method="mean"``: ``e = mean_{g in G} phi(T_g patch)`` with one shared ``phi`` (a Linear layer as in the post,
+    or an MLP with ``hidden_dim``), then LayerNorm. For a linear ``phi`` the mean equals ``phi`` with the filter
+    averaged over the group, ``W_sym = mean_g T_g W``, so the fast path (``impl="fast"``) is one stride-p
+    convolution; ``impl="plain"`` embeds every copy explicitly. The same identity shows the limit of the post's
+    linear design: it only sees the group-invariant linear projections of a patch (about p^2/|G| numbers per
+    channel; for 2x2 patches under C4 only their mean); an MLP ``phi`` sees nonlinear invariants as well.
+    ``method="gcnn"``: a small G-CNN on each patch (lifting + group convolutions, padding k//2), max over the group
+    axis, mean over the patch, Linear, LayerNorm: exactly invariant by construction rather than by averaging copies.
+    """
+
+    def __init__(self, in_channels: int, patch_size: int, embed_dim: int, group: Group | str = "p4",
+                 method: str = "mean", hidden_dim: int | None = None, gcnn_channels: int = 8, gcnn_layers: int = 2,
+                 gcnn_kernel: int = 3, impl: str = "fast") -> None:
+        super().__init__()
+        if method not in EMBED_METHODS:
+            raise ValueError(f"embed method must be one of {EMBED_METHODS}, got {method!r}")
+        if impl not in ("fast", "plain"):
+            raise ValueError(f"impl must be 'fast' or 'plain', got {impl!r}")
+        if min(in_channels, patch_size, embed_dim) < 1:
+            raise ValueError(f"in_channels, patch_size and embed_dim must be >= 1, got {in_channels}, {patch_size}, "
+                             f"{embed_dim}")
+        self.group = check_exact_group(group)
+        self.in_channels, self.patch_size, self.embed_dim = in_channels, patch_size, embed_dim
+        self.method, self.impl = method, impl
+        dim = in_channels * patch_size**2
+        if method == "mean":
+            if hidden_dim is None:
+                self.phi: nn.Module = nn.Linear(dim, embed_dim)
+            else:
+                self.phi = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim))
+        else:
+            self.gcnn = GCNN(self.group, in_channels, gcnn_channels, num_layers=gcnn_layers, kernel_size=gcnn_kernel,
+                             padding=gcnn_kernel // 2, bias=True, norm=True, norm_affine=True)
+            self.group_pool = GroupPool("max")
+            self.phi = nn.Linear(gcnn_channels, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    @property
+    def linear(self) -> bool:
+        return isinstance(self.phi, nn.Linear) and self.method == "mean"
+
+    def symmetrized_weight(self) -> Tensor:
+        """``mean_g T_g W`` as a conv weight ``[D, C, p, p]`` (only for the linear ``mean`` embedding)."""
+        if not self.linear:
+            raise ValueError("symmetrized_weight needs method='mean' without hidden_dim (a single Linear layer)")
+        p = self.patch_size
+        w = self.phi.weight.view(self.embed_dim, self.in_channels, p, p)
+        return torch.stack([self.group.act_on_image(w, g) for g in range(len(self.group))]).mean(0)
+
+    def patches(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, n, n, C, p, p]`` (patch grid in image layout)."""
+        b, c, h, w = x.shape
+        p = self.patch_size
+        return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+
+    def check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h != w or h % self.patch_size:
+            raise ValueError(f"patch size {self.patch_size} must divide a square image exactly (otherwise rotations "
+                             f"do not map patches to patches), got {h}x{w}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        b, _, h, _ = x.shape
+        n, p = h // self.patch_size, self.patch_size
+        if self.linear and self.impl == "fast":
+            e = F.conv2d(x, self.symmetrized_weight(), self.phi.bias, stride=p).permute(0, 2, 3, 1)  # [B, n, n, D]
+        else:
+            patches = self.patches(x).reshape(b * n * n, self.in_channels, p, p)
+            if self.method == "mean":
+                copies = torch.stack([self.group.act_on_image(patches, g) for g in range(len(self.group))], 1)
+                e = self.phi(copies.flatten(2)).mean(1)
+            else:
+                e = self.phi(self.group_pool(self.gcnn(patches)).mean(dim=(-2, -1)))
+            e = e.view(b, n, n, self.embed_dim)
+        return self.norm(e).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method!r}, group={self.group.name}, patch_size={self.patch_size}, "
+                f"embed_dim={self.embed_dim}, impl={self.impl!r}")
+
+
+@dataclass(frozen=True)
+class PatchGEViTConfig:
+    """Invariant patch embeddings -> GE-ViT. ``attention_patch`` is GE-ViT's local neighbourhood on the patch grid;
+    ``gevit`` overrides :class:`~gevit_lib.models.gevit.GEViTConfig` fields of the GE-ViT part (defaults: the
+    post's, SPEC 6.1, with ``grid_layout`` choosing crops / pooling for the grid unless given)."""
+
+    group: str = "p4"
+    patch_group: str | None = None  # transforms averaged inside each patch (default: group; the post used p4m)
+    in_channels: int = 1
+    image_size: int = 28
+    patch_size: int = 4
+    embed_dim: int = 64
+    embed_method: str = "mean"
+    embed_hidden: int | None = None
+    gcnn_channels: int = 8
+    gcnn_layers: int = 2
+    gcnn_kernel: int = 3
+    attention_patch: int = 3
+    num_classes: int = 10
+    gevit: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class PatchGEViT(nn.Module):
+    """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. Logits ``[B, classes]``."""
+
+    def __init__(self, config: PatchGEViTConfig) -> None:
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ValueError(f"patch size {config.patch_size} must divide the image size {config.image_size}")
+        patch_group = get_group(config.patch_group or config.group)
+        group = get_group(config.group)
+        missing = [g for g in group.exact_elements if not _contains(patch_group, group, g)]
+        if missing:
+            raise ValueError(f"patch_group {patch_group.name} must contain the exact elements of group {group.name}, "
+                             f"otherwise the patch embeddings are not invariant to them")
+        self.config = config
+        self.embed = InvariantPatchEmbedding(config.in_channels, config.patch_size, config.embed_dim, patch_group,
+                                             config.embed_method, config.embed_hidden, config.gcnn_channels,
+                                             config.gcnn_layers, config.gcnn_kernel)
+        self.gevit = _build_grid_gevit(config.group, config.embed_dim, config.grid, config.attention_patch,
+                                       config.num_classes, config.gevit)
+
+    @property
+    def group(self) -> Group:
+        return self.gevit.group
+
+    def artificial_image(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
+            raise ValueError(f"this model was built for {self.config.image_size}x{self.config.image_size} images, got "
+                             f"{tuple(x.shape[-2:])}")
+        return self.embed(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gevit(self.artificial_image(x))
+
+    def set_impl(self, impl: str) -> PatchGEViT:
+        """"fast" / "plain" for the embedding (and its G-CNN) and every GE-ViT attention layer."""
+        if impl not in ("fast", "plain"):
+            raise ValueError(f"impl must be 'fast' or 'plain', got {impl!r}")
+        self.embed.impl = impl
+        if self.embed.method == "gcnn":
+            self.embed.gcnn.set_impl(impl)
+        self.gevit.set_impl(impl)
+        return self
+
+
+def _contains(big: Group, small: Group, g: int) -> bool:
+    """Whether element g of ``small`` (as a matrix) is an element of ``big``."""
+    mat = small.matrices[g]
+    return bool(((big.matrices - mat).abs().flatten(1).amax(1) < 1e-9).any())
+
+
+# ---- approach 2: G-CNN front end ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HybridConfig:
+    """G-CNN front end -> invariant pooling -> GE-ViT (SPEC 6.2). ``gcnn_group`` defaults to ``group`` (the post
+    used a D4 G-CNN with a p4 GE-ViT); ``gevit`` overrides GE-ViT fields of the back end."""
+
+    group: str = "p4"
+    gcnn_group: str | None = None
+    in_channels: int = 3
+    image_size: int = 96
+    gcnn_channels: int = 8
+    gcnn_layers: int = 8
+    gcnn_kernel: int = 5
+    gcnn_padding: int = 0
+    gcnn_bias: bool = False
+    pooled_size: int = 6
+    attention_patch: int = 5
+    num_classes: int = 2
+    gevit: Mapping[str, Any] = field(default_factory=lambda: {"maxpool_after_last_block": True})
+
+
+class HybridGEViT(nn.Module):
+    """Approach 2: exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size`` -> GE-ViT."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        group = get_group(config.group)
+        gcnn_group = check_exact_group(config.gcnn_group or config.group)
+        missing = [g for g in group.exact_elements if not _contains(gcnn_group, group, g)]
+        if missing:
+            raise ValueError(f"gcnn_group {gcnn_group.name} must contain the exact elements of group {group.name}")
+        self.config = config
+        self.gcnn = GCNN(gcnn_group, config.in_channels, config.gcnn_channels, num_layers=config.gcnn_layers,
+                         kernel_size=config.gcnn_kernel, padding=config.gcnn_padding, bias=config.gcnn_bias,
+                         norm=True, norm_affine=False)
+        size = self.gcnn.output_size(config.image_size)
+        if size < config.pooled_size:
+            raise ValueError(f"the G-CNN turns {config.image_size}x{config.image_size} images into {size}x{size} maps, "
+                             f"smaller than pooled_size={config.pooled_size}")
+        self.group_pool = GroupPool("max")
+        self.spatial_pool = nn.AdaptiveMaxPool2d(config.pooled_size)  # windows symmetric under rot90 / flips
+        self.gevit = _build_grid_gevit(config.group, config.gcnn_channels, config.pooled_size, config.attention_patch,
+                                       config.num_classes, config.gevit)
+
+    @property
+    def group(self) -> Group:
+        return self.gevit.group
+
+    def features(self, x: Tensor) -> Tensor:
+        """The artificial image ``[B, gcnn_channels, pooled_size, pooled_size]`` (invariant G-CNN features)."""
+        if x.dim() != 4 or x.shape[-2:] != (self.config.image_size, self.config.image_size):
+            raise ValueError(f"this model was built for images [B, {self.config.in_channels}, {self.config.image_size},"
+                             f" {self.config.image_size}], got {tuple(x.shape)}")
+        return self.spatial_pool(self.group_pool(self.gcnn(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gevit(self.features(x))
+
+    def set_impl(self, impl: str) -> HybridGEViT:
+        self.gcnn.set_impl(impl)
+        self.gevit.set_impl(impl)
+        return self
+
+
+# ---- presets ------------------------------------------------------------------------------------------------------
+PATCH_PRESETS: dict[str, PatchGEViTConfig] = {
+    # SPEC 6.1 (n_embd 128 as in the code; the post's text says 64)
+    "pcam": PatchGEViTConfig(in_channels=3, image_size=96, patch_size=6, embed_dim=128, num_classes=2),
+    "rotmnist": PatchGEViTConfig(in_channels=1, image_size=28, patch_size=4, embed_dim=64, num_classes=10),
+}
+
+HYBRID_PRESETS: dict[str, HybridConfig] = {
+    # SPEC 6.2: 8 layers of 5x5 without padding (96 -> 64), max-pool to 6x6, GE-ViT patch 5, pool after every block
+    "pcam": HybridConfig(),
+    # rotated MNIST: 3 layers (28 -> 16), 2x2 max-pool to 8x8, GE-ViT neighbourhood 3, pool after the first block
+    "rotmnist": HybridConfig(in_channels=1, image_size=28, gcnn_layers=3, pooled_size=8, attention_patch=3,
+                             num_classes=10, gevit={}),
+}
+
+
+def _merge_gevit(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    gevit = dict(base)
+    gevit.update(overrides)
+    return gevit
+
+
+def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = None, embed_method: str = "mean",
+                      num_classes: int | None = None, gevit: Mapping[str, Any] | None = None,
+                      **overrides: Any) -> PatchGEViT:
+    """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace :class:`PatchGEViTConfig`
+    fields and ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
+    if preset not in PATCH_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PATCH_PRESETS)}")
+    fields = set(PatchGEViTConfig.__dataclass_fields__) - {"gevit"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown PatchGEViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    base = PATCH_PRESETS[preset]
+    cfg = replace(base, group=get_group(group).name, embed_method=embed_method,
+                  patch_size=base.patch_size if patch_size is None else int(patch_size),
+                  num_classes=base.num_classes if num_classes is None else int(num_classes),
+                  gevit=_merge_gevit(base.gevit, gevit or {}), **overrides)
+    return PatchGEViT(cfg)
+
+
+def build_hybrid(preset: str, group: str = "p4", num_classes: int | None = None,
+                 gevit: Mapping[str, Any] | None = None, **overrides: Any) -> HybridGEViT:
+    """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace
+    :class:`HybridConfig` fields and ``gevit`` GE-ViT fields."""
+    if preset not in HYBRID_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HYBRID_PRESETS)}")
+    fields = set(HybridConfig.__dataclass_fields__) - {"gevit"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown HybridGEViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    base = HYBRID_PRESETS[preset]
+    cfg = replace(base, group=get_group(group).name,
+                  num_classes=base.num_classes if num_classes is None else int(num_classes),
+                  gevit=_merge_gevit(base.gevit, gevit or {}), **overrides)
+    return HybridGEViT(cfg)
+
+
+# ---- the published hybrid checkpoint ------------------------------------------------------------------------------
+_ORIGINAL_GCNN_KEYS = ("gcnn.lifting_conv.kernel.weight", "gcnn.gconvs.0.kernel.transformed_grid_R2xH")
+
+
+def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> HybridGEViT:
+    """The post's hybrid checkpoints (``modern_eq_vit``, ``modern_eq_vit_finetuned``) do not map onto this model.
+
+    Their G-CNN stores one filter per layer and builds the filters of the other group elements by resampling it on
+    the grids in ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``. For group convolutions those grids put the group
+    coordinate between the 8 stored elements (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3 for
+    pairs of a rotation and a mirrored element), so each transformed filter is an interpolated blend -- partly
+    zero -- of the stored ones, not a permutation (the reason that G-CNN is not equivariant, SPEC 9.3). An exact
+    group convolution given the same weights computes a different function, so loading them here would give a
+    model that looks trained but is not. Always raises :class:`IncompatibleCheckpointError` with that explanation.
+    """
+    del options
+    keys = set(state)
+    if not all(k in keys or f"module.{k}" in keys for k in _ORIGINAL_GCNN_KEYS):
+        raise IncompatibleCheckpointError("not an original hybrid (G-CNN -> GE-ViT) state dict: missing "
+                                          f"{[k for k in _ORIGINAL_GCNN_KEYS if k not in keys]}")
+    raise IncompatibleCheckpointError(
+        "the published hybrid checkpoint cannot be loaded into HybridGEViT: its G-CNN builds the filters of the "
+        "group convolutions by interpolating the stored filter between (and beyond) the 8 group elements "
+        "(see gcnn.gconvs.*.kernel.transformed_grid_R2xH), which no exact group convolution reproduces; the "
+        "weights would compute a different function. Train HybridGEViT instead (build_hybrid('pcam', ...)).")
