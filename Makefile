@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[notebooks,test]'
 	touch $@
 
+# Data: $GEVIT_DATA_DIR, else ../shared/data beside the checkout when present, else ./data.
 reproduce: install
+	GEVIT_DATA_DIR="$${GEVIT_DATA_DIR:-$$(cd ../shared/data 2>/dev/null && pwd)}" \
 	$(PY) -m gevit_lib.reproduce --profile $(PROFILE) --device $(DEVICE)
 
 test: install
