@@ -16,15 +16,13 @@ from ..data import pcam, rotated_mnist
 from ..models.gevit import build_gevit
 from ..profiles import gevit_training_profile
 from ..train import FitResult, TrainConfig, fit, seed_everything
+from .posthoc import random_subset, take_subset
 
 __all__ = ["train_gevit"]
 
 
 def _subset(ds: Any, n: int | None, seed: int) -> Any:
-    if n is None or n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.utils.data.Subset(ds, idx.tolist())
+    return take_subset(ds, random_subset(len(ds), n, seed))
 
 
 def train_gevit(preset: str = "rotmnist", group: str = "p4", patch_size: int = 5, profile: str = "full", *,

@@ -454,14 +454,9 @@ def _speed_devices(devices: Sequence[str] | None) -> list[str]:
 
 def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset | tuple[Tensor, Tensor]:
     """A seeded random subset (sorted) of ``n`` items; in-memory datasets become tensors."""
-    total = len(ds)  # type: ignore[arg-type]
-    idx = (torch.arange(total) if n is None or n >= total
-           else torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values)
-    tensors = getattr(ds, "tensors", None)
-    if callable(tensors) and getattr(ds, "transform", None) is None:
-        x, y = tensors()
-        return x[idx], y[idx]
-    return Subset(ds, idx.tolist())
+    from .posthoc import random_subset, take_subset
+
+    return take_subset(ds, random_subset(len(ds), n, seed))  # type: ignore[arg-type]
 
 
 def _head(data: Dataset | tuple[Tensor, Tensor], n: int | None) -> Dataset | tuple[Tensor, Tensor]:
