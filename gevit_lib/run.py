@@ -38,6 +38,31 @@ def _posthoc(name: str, checkpoint: str) -> Callable[[argparse.Namespace], Any]:
     return run
 
 
+def _zoo(dataset: str) -> Callable[[argparse.Namespace], Any]:
+    def run(a: argparse.Namespace) -> Any:
+        from .experiments.modern_vit import model_zoo
+
+        return model_zoo(a.profile, a.device, a.data_dir, a.run_dir, a.seed, dataset=dataset, models=a.models,
+                         overrides=_overrides(a.set))
+    return run
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any] | None:
+    """``FIELD=VALUE`` pairs, VALUE as JSON (``epochs=12``, ``lr=3e-3``, ``n_test=5000``), else as a string."""
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "gevit_rotmnist": ("GE-ViT on rotated MNIST (--group, --patch-size; post: p4, patch 9, 300 epochs)",
                        _gevit("rotmnist")),
@@ -56,6 +81,9 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "posthoc_low_data": ("post-hoc experiment 3 from the published checkpoint",
                          _posthoc("low_data", "vit_rotmnist_10pct")),
     "posthoc_pcam": ("post-hoc experiment 4 (TIAToolbox CNN)", _posthoc("pcam", "")),
+    "model_zoo_rotmnist": ("speed / size / accuracy of every equivariant ViT on rotated MNIST (--models, --set)",
+                           _zoo("rotmnist")),
+    "model_zoo_pcam": ("the same on PCam, with the patch-size ablation (--models, --set)", _zoo("pcam")),
 }
 
 
@@ -73,12 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=9)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=None, help="model_zoo_*: only these rows (table keys)")
+    parser.add_argument("--set", nargs="+", default=None, metavar="FIELD=VALUE",
+                        help="model_zoo_*: profile fields to change, e.g. --set epochs=12 n_test=5000")
     args = parser.parse_args(argv)
     if args.list or not args.experiment:
         for name, (text, _) in sorted(EXPERIMENTS.items()):
             print(f"{name:28s} {text}")
         return 0
     result = EXPERIMENTS[args.experiment][1](args)
+    if hasattr(result, "rows"):  # model zoo: one line per row
+        for row in result.rows:
+            print(json.dumps({k: row.get(k) for k in ("key", "params", "val_acc", "test_acc", "epoch_s", "note")}))
+        return 0
     summary = getattr(result, "best_val", None), getattr(result, "test", None)
     print(json.dumps({"experiment": args.experiment, "best_val": summary[0], "test": summary[1]}, default=str))
     return 0

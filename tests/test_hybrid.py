@@ -206,6 +206,64 @@ def test_model_zoo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert "Patch GE-ViT p4, patch 7" in result.markdown() == (out / "model_zoo.md").read_text()
 
 
+def test_published_gevit_row_accuracy(shared_dir: Path) -> None:
+    """The GE-ViT p4, P=5 row reports the published checkpoint's accuracy, computed here on the run's images."""
+    from gevit_lib.checkpoints import load_published
+    from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
+
+    prof = modern_vit_profile("rotmnist", "quick", {"gevit_n_eval": 6, "eval_batch_size": 3})
+    assert ("p4", 5, "gevit_p4sa_patch5_rotmnist") in prof.gevit_published
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    model = load_published("gevit_p4sa_patch5_rotmnist")
+    with torch.no_grad():
+        expected = 100.0 * (model(x[:6]).argmax(-1) == y[:6]).double().mean().item()
+    out = _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)}, prof, "cpu")
+    assert out is not None
+    assert out["row"]["val_acc"] == pytest.approx(expected) and out["row"]["test_acc"] == pytest.approx(expected)
+    assert out["row"]["checkpoint"] == "gevit_p4sa_patch5_rotmnist" and "6 / 6" in out["note"]
+
+
+def test_published_gevit_row_falls_back_when_missing(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from gevit_lib import checkpoints
+    from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
+    from gevit_lib.files import MissingFileError
+
+    def missing(name: str, download: bool = True, **options):
+        raise MissingFileError(f"{name}.pt not found")
+
+    monkeypatch.setattr(checkpoints, "load_published", missing)
+    prof = modern_vit_profile("rotmnist", "quick")
+    x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    assert _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)}, prof,
+                               "cpu") is None
+    assert "not available" in capsys.readouterr().out
+
+
+def test_select_models_and_comparison() -> None:
+    from gevit_lib.experiments.modern_vit import ZooResult, model_specs, modern_vit_profile, select_models
+
+    specs = model_specs("rotmnist", modern_vit_profile("rotmnist", "quick"))
+    assert [s.key for s in select_models(specs, ["posthoc_mean_C4", "hybrid_p4"])] == [
+        "vit", "posthoc_mean_C4", "hybrid_p4"]  # table order; the post-hoc row brings its ViT
+    with pytest.raises(ValueError, match="unknown model key"):
+        select_models(specs, ["patch_p4_p5_mean"])
+    rows = [
+        {"key": "gevit_p4_P5", "name": "GE-ViT p4, P=5", "family": "gevit", "val_acc": 80.0, "test_acc": 81.0,
+         "train_img_s_cpu": 2.0, "infer_img_s_cpu": 10.0, "note": "published"},
+        {"key": "a", "name": "A", "family": "patch", "val_acc": 70.0, "test_acc": 90.0, "train_img_s_cpu": 100.0,
+         "infer_img_s_cpu": 300.0},
+        {"key": "b", "name": "B", "family": "patch", "val_acc": 75.0, "test_acc": 60.0, "train_img_s_cpu": 50.0,
+         "infer_img_s_cpu": 100.0},
+    ]
+    result = ZooResult("rotmnist", "quick", rows, {})
+    cmp = result.comparison()
+    assert cmp is not None
+    assert cmp["model"] == "b"  # selected on validation, not test
+    assert cmp["train_speedup"] == pytest.approx(25.0) and cmp["infer_speedup"] == pytest.approx(10.0)
+    assert cmp["reference_test_acc"] == 81.0 and result.comparison("missing") is None
+
+
 def test_posthoc_copies_shared_between_cyclic_groups() -> None:
     """C4 / C8 copies are every 4th / 2nd C16 copy (same images), so the experiment computes C16 embeddings once."""
     from gevit_lib.experiments.modern_vit import _posthoc_accuracy, posthoc_mean

@@ -30,3 +30,25 @@ def test_gevit_training_smoke_and_resume(tmp_path: Path, capsys: pytest.CaptureF
     assert run.main(args + ["--resume"]) == 0  # a finished run resumes to the same result
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["best_val"] == first["best_val"]
+
+
+def test_overrides_parse_json_values() -> None:
+    assert run._overrides(["epochs=12", "lr=3e-3", "n_train=null", "patch_group=p4m"]) == {
+        "epochs": 12, "lr": 3e-3, "n_train": None, "patch_group": "p4m"}
+    assert run._overrides(None) is None
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        run._overrides(["epochs"])
+
+
+def test_model_zoo_subset_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEVIT_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_synthetic_mnist(tmp_path / "data", n_train=200, n_test=40, seed=0).parent
+    args = ["--experiment", "model_zoo_rotmnist", "--profile", "smoke", "--device", "cpu", "--data-dir", str(root),
+            "--run-dir", str(tmp_path / "zoo"), "--models", "patch_p4_p14_mean", "--set", "n_train=32", "n_val=8",
+            "n_test=8"]
+    assert run.main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    assert [r["key"] for r in rows] == ["patch_p4_p14_mean"]
+    meta = json.loads((tmp_path / "zoo" / "meta.json").read_text())
+    assert meta["n_train"] == 32 and meta["profile_sizes"]["n_test"] == 8

@@ -54,6 +54,7 @@ __all__ = [
     "ModelSpec",
     "ZooResult",
     "model_specs",
+    "select_models",
     "measure_speed",
     "posthoc_mean",
     "model_zoo",
@@ -84,6 +85,9 @@ class ModernViTProfile:
     ``n_test``); ``gevit_overrides`` change their architecture (smoke: narrow). Speed: ``speed_batch`` images per
     batch (``gevit_speed_batch`` for the full-image GE-ViTs), ``speed_steps`` timed batches, ``speed_budget_s``
     seconds per model and mode (None: no limit). ``num_workers``: data-loader processes (PCam is read lazily).
+    ``gevit_published``: (group, neighbourhood, checkpoint) of full-image GE-ViT rows whose accuracy comes from the
+    authors' published checkpoint (evaluated on ``gevit_n_eval`` images) instead of a training run here; when the
+    checkpoint cannot be found or downloaded the row falls back to ``gevit_trained`` (and says so).
     """
 
     n_train: int | None
@@ -118,6 +122,7 @@ class ModernViTProfile:
     speed_steps: int
     speed_budget_s: float | None
     num_workers: int = 0
+    gevit_published: tuple[tuple[str, int, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +130,8 @@ class ModernViTProfile:
 
 _NO_DROPOUT = {"attention_dropout": 0.0, "value_dropout": 0.0}
 _GEVIT_4 = (("p4", 5), ("p4", 9), ("p4m", 5), ("p4m", 9))
+# the authors' GE-ViT p4, patch 5, rotated MNIST (10 classes; a ~83% model, SPEC addendum)
+_PUBLISHED_ROTMNIST = (("p4", 5, "gevit_p4sa_patch5_rotmnist"),)
 
 _MNIST_QUICK = ModernViTProfile(
     n_train=1000, n_val=500, n_test=1000, epochs=4, hybrid_epochs=4, batch_size=16, eval_batch_size=100,
@@ -133,7 +140,8 @@ _MNIST_QUICK = ModernViTProfile(
     hybrid_groups=("p4",), grid_gevit={"num_channels": 12, "num_heads": 4, **_NO_DROPOUT}, embed_dim=32,
     embed_hidden=64, hybrid_overrides={}, vit_overrides={}, posthoc_groups=("C4", "C8", "C16"),
     gevit_models=_GEVIT_4, gevit_trained=(("p4", 5),), gevit_overrides=dict(_NO_DROPOUT), gevit_n_train=16,
-    gevit_n_eval=32, gevit_epochs=1, gevit_speed_batch=1, speed_batch=16, speed_steps=3, speed_budget_s=12.0)
+    gevit_n_eval=32, gevit_epochs=1, gevit_speed_batch=1, speed_batch=16, speed_steps=3, speed_budget_s=12.0,
+    gevit_published=_PUBLISHED_ROTMNIST)
 _MNIST_SMOKE = replace(
     _MNIST_QUICK, n_train=160, n_val=40, n_test=40, epochs=1, hybrid_epochs=1, batch_size=16, eval_batch_size=40,
     patch_sizes=(7, 14), extra_patch_models=(("p4", 14, "gcnn"),),
@@ -142,7 +150,8 @@ _MNIST_SMOKE = replace(
     vit_overrides={"embed_dim": 16, "hidden_dim": 32, "num_heads": 2, "num_layers": 1},
     posthoc_groups=("C4",), gevit_models=(("p4", 5),), gevit_trained=(("p4", 5),),
     gevit_overrides={"num_channels": 8, "num_heads": 1, "block_sizes": (1,), "crop_per_layer": (0,), **_NO_DROPOUT},
-    gevit_n_train=4, gevit_n_eval=4, gevit_speed_batch=2, speed_batch=4, speed_steps=1, speed_budget_s=5.0)
+    gevit_n_train=4, gevit_n_eval=4, gevit_speed_batch=2, speed_batch=4, speed_steps=1, speed_budget_s=5.0,
+    gevit_published=())
 _MNIST_FULL = ModernViTProfile(
     n_train=None, n_val=None, n_test=None, epochs=50, hybrid_epochs=50, batch_size=64, eval_batch_size=256,
     lr=1e-3, weight_decay=0.01, warmup_fraction=0.2, augment=False,
@@ -150,7 +159,7 @@ _MNIST_FULL = ModernViTProfile(
     hybrid_groups=("p4", "p4m"), grid_gevit={}, embed_dim=None, embed_hidden=64, hybrid_overrides={},
     vit_overrides={}, posthoc_groups=("C4", "C8", "C16"), gevit_models=_GEVIT_4, gevit_trained=(("p4", 5), ("p4m", 5)),
     gevit_overrides={}, gevit_n_train=None, gevit_n_eval=None, gevit_epochs=50, gevit_speed_batch=16,
-    speed_batch=64, speed_steps=10, speed_budget_s=120.0)
+    speed_batch=64, speed_steps=10, speed_budget_s=120.0, gevit_published=_PUBLISHED_ROTMNIST)
 
 _PCAM_FULL = ModernViTProfile(
     # SPEC 6.1 / 6.2: batch 256, AdamW 1e-3 (wd 0.01), warm-up 10 of 50 epochs then cosine, random D4; hybrid 15
@@ -208,6 +217,7 @@ class ModelSpec:
 
     ``family``: "vit", "posthoc" (wraps the trained ViT; not trained itself), "gevit", "patch", "hybrid".
     ``train``: "profile" (the profile's sizes), "subset" (GE-ViT baselines: ``gevit_n_train`` images), "none".
+    ``published``: a published checkpoint of the same architecture whose accuracy the row reports when available.
     """
 
     key: str
@@ -219,6 +229,7 @@ class ModelSpec:
     train: str = "profile"
     patch_size: int | None = None
     epochs: int = 1
+    published: str | None = None
 
 
 def _invariance(group: str | None) -> str:
@@ -240,11 +251,13 @@ def model_specs(dataset: str, prof: ModernViTProfile) -> list[ModelSpec]:
         specs.append(ModelSpec(f"posthoc_mean_{grp}", f"ViT + post-hoc mean ({grp}, T={_order(grp)})", "posthoc",
                                grp, _invariance(grp), _unbuildable, train="none"))
     trained = set(prof.gevit_trained)
+    published = {(grp, hood): name for grp, hood, name in prof.gevit_published}
     for grp, hood in prof.gevit_models:
         specs.append(ModelSpec(
             f"gevit_{grp}_P{hood}", f"GE-ViT {grp}, P={hood}", "gevit", grp, _invariance(grp),
             _builder(build_gevit, dataset, grp, patch_size=hood, group_index="corrected", **prof.gevit_overrides),
-            train="subset" if (grp, hood) in trained else "none", epochs=prof.gevit_epochs))
+            train="subset" if (grp, hood) in trained else "none", epochs=prof.gevit_epochs,
+            published=published.get((grp, hood))))
     patch_rows = [(prof.patch_group, p, "mean") for p in prof.patch_sizes]
     patch_rows += [r for r in prof.extra_patch_models if r not in patch_rows]
     embed: dict[str, Any] = {"embed_hidden": prof.embed_hidden}
@@ -264,6 +277,20 @@ def model_specs(dataset: str, prof: ModernViTProfile) -> list[ModelSpec]:
             _builder(build_hybrid, dataset, grp, gevit=prof.grid_gevit, **prof.hybrid_overrides),
             epochs=prof.hybrid_epochs))
     return specs
+
+
+def select_models(specs: Sequence[ModelSpec], keys: Sequence[str] | None) -> list[ModelSpec]:
+    """The specs named by ``keys`` (all when None), in table order; post-hoc rows bring the ViT row."""
+    if keys is None:
+        return list(specs)
+    known = [s.key for s in specs]
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise ValueError(f"unknown model key(s) {unknown}; this profile has {known}")
+    wanted = set(keys)
+    if any(s.family == "posthoc" and s.key in wanted for s in specs):
+        wanted.add("vit")
+    return [s for s in specs if s.key in wanted]
 
 
 def _order(group: str) -> int:
@@ -516,6 +543,29 @@ class ZooResult:
             raise FileNotFoundError("this result has not been written (no markdown table among its files)")
         return md.read_text()
 
+    def best(self, family: str = "patch", accuracy: str = "val_acc") -> dict[str, Any] | None:
+        """The row of ``family`` with the highest ``accuracy`` (validation by default: selection never uses test)."""
+        rows = [r for r in self.rows if r["family"] == family and r.get(accuracy) is not None]
+        return max(rows, key=lambda r: r[accuracy]) if rows else None
+
+    def comparison(self, reference: str = "gevit_p4_P5", family: str = "patch",
+                   device: str = "cpu") -> dict[str, Any] | None:
+        """The best ``family`` model (by validation accuracy) against ``reference``: accuracies and speed-ups.
+
+        Returns None when either row lacks what is needed (no accuracy, speed not timed)."""
+        best = self.best(family)
+        try:
+            ref = self.row(reference)
+        except KeyError:
+            return None
+        if best is None:
+            return None
+        return {"model": best["key"], "name": best["name"], "reference": reference, "reference_name": ref["name"],
+                "val_acc": best["val_acc"], "test_acc": best["test_acc"], "reference_val_acc": ref.get("val_acc"),
+                "reference_test_acc": ref.get("test_acc"), "reference_note": ref.get("note", ""),
+                "train_speedup": self.speedup(best["key"], reference, device, "train"),
+                "infer_speedup": self.speedup(best["key"], reference, device, "infer"), "device": device}
+
     def speedup(self, key: str, reference: str, device: str = "cpu", mode: str = "train") -> float | None:
         """Ratio of images/s of ``key`` over ``reference`` on ``device`` ("train" or "infer")."""
         a, b = self.row(key).get(f"{mode}_img_s_{device}"), self.row(reference).get(f"{mode}_img_s_{device}")
@@ -587,6 +637,28 @@ def _posthoc_accuracy(vit: nn.Module, group: str, groups: Sequence[str], data: D
     return 100.0 * (logits.argmax(-1) == labels).double().mean().item()
 
 
+def _published_accuracy(name: str, data: dict[str, Any], prof: ModernViTProfile,
+                        device: str) -> dict[str, Any] | None:
+    """Validation / test accuracy (%) of a published checkpoint on the first ``gevit_n_eval`` images of the
+    profile's splits, or None (with a printed reason) when the checkpoint cannot be found or downloaded."""
+    from gevit_lib.checkpoints import load_published
+    from gevit_lib.files import ChecksumError, MissingFileError
+    from gevit_lib.train import evaluate
+
+    try:
+        model = load_published(name)
+    except (MissingFileError, ChecksumError, OSError) as exc:
+        print(f"[modern_vit] {name} not available ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+              "training the row on a subset instead", flush=True)
+        return None
+    val, test = _head(data["validation"], prof.gevit_n_eval), _head(data["test"], prof.gevit_n_eval)
+    accs = [_percent(evaluate(model, split, batch_size=prof.eval_batch_size, device=device)) for split in (val, test)]
+    return {"row": {"n_train": None, "epochs": None, "val_acc": accs[0], "test_acc": accs[1],
+                    "checkpoint": name},
+            "note": f"accuracy of the published checkpoint {name} (trained by the post's authors, not in this run) "
+                    f"on {_size(val)} / {_size(test)} validation / test images of this run's data"}
+
+
 def _run_models(dataset: str, prof: ModernViTProfile, specs: Sequence[ModelSpec], device: str,
                 data_dir: str | os.PathLike[str] | None, out: Path, seed: int, devices: list[str],
                 progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -634,6 +706,9 @@ def _run_models(dataset: str, prof: ModernViTProfile, specs: Sequence[ModelSpec]
             row.update({"n_train": vit_row["n_train"], "epochs": vit_row["epochs"], "val_acc": accs[0],
                         "test_acc": accs[1]})
             notes.append("the trained ViT, no finetuning (training speed: finetuning the whole wrapper)")
+        elif spec.published is not None and (published := _published_accuracy(spec.published, data, prof, dev)):
+            row.update(published["row"])
+            notes.append(published["note"])
         elif spec.train != "none":
             train, val, test = data["train"], data["validation"], data["test"]
             if spec.train == "subset":
@@ -765,7 +840,8 @@ def _write(result: ZooResult, out: Path, stem: str, title: str, devices: list[st
 def model_zoo(profile: str = "quick", device: str = "cpu",
               data_dir: str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] | None = None,
               seed: int = 0, *, dataset: str = "rotmnist", speed_devices: Sequence[str] | None = None,
-              progress: bool = True, overrides: dict[str, Any] | None = None) -> ZooResult:
+              progress: bool = True, overrides: dict[str, Any] | None = None,
+              models: Sequence[str] | None = None) -> ZooResult:
     """The speed / size / accuracy table of every model (see the module docstring) and the ablation plot.
 
     ``device``: where models are trained and evaluated ("cpu", "cuda", "auto"); ``speed_devices``: where speed is
@@ -774,11 +850,13 @@ def model_zoo(profile: str = "quick", device: str = "cpu",
     ``runs/modern_vit_<dataset>/<profile>-<time>``) receives ``model_zoo.{csv,md,json}``, ``ablation.png`` (+
     ``.json``), ``meta.json`` and one ``runs/<model>`` training folder per trained model (reused on a re-run:
     finished trainings are not repeated, speeds are re-measured). ``overrides``: profile fields to change.
+    ``models``: only these rows (keys as in the table's JSON, e.g. ``"patch_p4_p4_mean"``, ``"gevit_p4_P5"``;
+    post-hoc rows bring the ViT row they wrap).
     """
     prof = modern_vit_profile(dataset, profile, overrides)
     out = _out_dir(out_dir, f"modern_vit_{dataset}", profile)
     devices = _speed_devices(speed_devices)
-    specs = model_specs(dataset, prof)
+    specs = select_models(model_specs(dataset, prof), models)
     rows, meta = _run_models(dataset, prof, specs, device, data_dir, out, seed, devices, progress)
     meta.update({"profile_sizes": prof.to_dict(), "patch_group": prof.patch_group, "experiment": "model_zoo"})
     result = ZooResult(dataset, profile, rows, meta)
