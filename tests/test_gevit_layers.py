@@ -128,6 +128,32 @@ def test_fast_matches_plain_values_and_gradients(group: str, patch: int | None, 
         assert float((a - b).abs().max()) < 1e-10 * scale
 
 
+@pytest.mark.parametrize("pool", (True, False))
+def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bool) -> None:
+    """Many chunks, run on the CPU thread pool (2 threads, every layer forced onto it) or serially."""
+    monkeypatch.setattr(fast_attention, "POOL_MIN_ELEMENTS", 0 if pool else 1 << 62)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        n, h, w, g, d, p = 5, 6, 6, 4, 6, 3
+        q, k, v = (torch.randn(n, h, w, g, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        pos = torch.randn(g, p * p, 2, dtype=torch.float64, requires_grad=True)
+        grp = torch.randn(g, 2, dtype=torch.float64, requires_grad=True)
+        gidx = group_index_table("p4")
+        assert fast_attention._n_groups(q.device, 1000) == (2 if pool else 1)
+        inputs = (q, k, v, pos, grp)
+        weight = torch.linspace(-1, 1, n * h * w * g * d, dtype=torch.float64).view(n, h, w, g, d)
+        fast = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, chunk_elements=500)
+        plain = local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, impl="plain")
+        assert rel_err(fast, plain) < 1e-12
+        for a, b in zip(torch.autograd.grad((fast * weight).sum(), inputs),
+                        torch.autograd.grad((plain * weight).sum(), inputs)):
+            assert float((a - b).abs().max()) < 1e-10 * max(1.0, float(b.abs().max()))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fast_dropout_backward_is_the_gradient_of_its_forward() -> None:
     """With attention dropout on, the recomputing backward pass redraws the same masks (gradcheck)."""
     torch.manual_seed(1)
