@@ -89,7 +89,14 @@ display(Image(filename=str(out_dir / "ablation.png")))
 #
 # The patch-embedding model with the best *validation* accuracy in this run, its training and inference speed-up
 # over GE-ViT p4 with a 5x5 neighbourhood (same device, same run), and both accuracies. Compare the accuracies
-# before reading the speed-up: it is a speed-up *at comparable accuracy* only where they are close.
+# before reading the speed-up: it is a speed-up *at comparable accuracy* only where they are close. In `quick`
+# they are not; to train the candidates on all 10,000 training digits on a CPU (about half an hour on 2 cores), run
+#
+# ```
+# python -m gevit_lib.run --experiment model_zoo_rotmnist --profile quick --device cpu \
+#     --models gevit_p4_P5 patch_p4_p4_mean hybrid_p4 --run-dir runs/zoo_compare \
+#     --set n_train=null n_val=2000 n_test=5000 epochs=10 hybrid_epochs=10 gevit_n_eval=1000
+# ```
 
 # %%
 cmp = zoo.comparison("gevit_p4_P5", family="patch", device="cpu")
