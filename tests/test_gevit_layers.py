@@ -128,6 +128,14 @@ def test_fast_matches_plain_values_and_gradients(group: str, patch: int | None, 
         assert float((a - b).abs().max()) < 1e-10 * scale
 
 
+def _attention_inputs(n: int, h: int, w: int, g: int, d: int, p: int, dg: int) -> tuple[torch.Tensor, ...]:
+    """Random float64 q, k, v ``[n, h, w, g, d]``, positional table ``[g, p*p, 2]`` and group table ``[g, dg]``."""
+    q, k, v = (torch.randn(n, h, w, g, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pos = torch.randn(g, p * p, 2, dtype=torch.float64, requires_grad=True)
+    grp = torch.randn(g, dg, dtype=torch.float64, requires_grad=True)
+    return q, k, v, pos, grp
+
+
 @pytest.mark.parametrize("pool", (True, False))
 def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bool) -> None:
     """Many chunks, run on the CPU thread pool (2 threads, every layer forced onto it) or serially."""
@@ -137,9 +145,7 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
     try:
         torch.manual_seed(0)
         n, h, w, g, d, p = 5, 6, 6, 4, 6, 3
-        q, k, v = (torch.randn(n, h, w, g, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        pos = torch.randn(g, p * p, 2, dtype=torch.float64, requires_grad=True)
-        grp = torch.randn(g, 2, dtype=torch.float64, requires_grad=True)
+        q, k, v, pos, grp = _attention_inputs(n, h, w, g, d, p, dg=2)
         gidx = group_index_table("p4")
         assert fast_attention._n_groups(q.device, 1000) == (2 if pool else 1)
         inputs = (q, k, v, pos, grp)
@@ -158,9 +164,7 @@ def test_fast_dropout_backward_is_the_gradient_of_its_forward() -> None:
     """With attention dropout on, the recomputing backward pass redraws the same masks (gradcheck)."""
     torch.manual_seed(1)
     n, h, w, g, d, p = 1, 3, 3, 2, 3, 3
-    q, k, v = (torch.randn(n, h, w, g, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    pos = torch.randn(g, p * p, 2, dtype=torch.float64, requires_grad=True)
-    grp = torch.randn(g, 1, dtype=torch.float64, requires_grad=True)
+    q, k, v, pos, grp = _attention_inputs(n, h, w, g, d, p, dg=1)
     gidx = group_index_table("mz2")
 
     def f(q, k, v, pos, grp):
