@@ -28,7 +28,7 @@
 # The post promised a table of parameters, training and inference speed for all models; here it is, measured in
 # this run on this machine (CPU, plus the GPU when there is one), next to the accuracy each model reaches in the
 # same profile (best validation epoch, test evaluated once). GE-ViT on the full image is far too slow to train on a
-# CPU: on rotated MNIST its p4, P=5 row reports the accuracy of the authors' published checkpoint
+# CPU: in `quick` on rotated MNIST its p4, P=5 row reports the accuracy of the authors' published checkpoint
 # (`gevit_p4sa_patch5_rotmnist`, evaluated here on this run's images) next to the speed measured here; without
 # that file it is trained on a few images only, and the table says which. The ablation plot replaces the post's
 # hand-typed ablation.png: accuracy against epoch time per patch size.
