@@ -32,3 +32,13 @@ def shared_mnist_dir(shared_dir: Path) -> Path:
     if not (d / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"genuine MNIST not found in {d}")
     return d
+
+
+@pytest.fixture
+def float64():
+    """float64 default dtype and seed 0 for exact equivariance checks; restores the dtype afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)

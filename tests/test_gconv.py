@@ -13,13 +13,7 @@ GROUPS = ("p4", "p4m", "mz2")
 TOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here: float64, seed 0 (conftest)
 
 
 @pytest.mark.parametrize("group", GROUPS)

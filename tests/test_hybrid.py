@@ -30,15 +30,6 @@ TINY_GEVIT = {"num_channels": 8, "num_heads": 1}
 TWO_LAYERS = {**TINY_GEVIT, "block_sizes": (1, 1), "crop_per_layer": (1, 0)}
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _exact_symmetries(group: str) -> dict[int, str]:
     g = get_group(group)
     names = {g.rot90_element(k): f"rot90 k={k}" for k in (1, 2, 3)}
@@ -238,6 +229,21 @@ def test_published_gevit_row_falls_back_when_missing(monkeypatch: pytest.MonkeyP
     assert _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)}, prof,
                                "cpu") is None
     assert "not available" in capsys.readouterr().out
+
+
+def test_published_gevit_row_refuses_a_corrupt_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gevit_lib import checkpoints
+    from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
+    from gevit_lib.files import ChecksumError
+
+    def corrupt(name: str, download: bool = True, **options):
+        raise ChecksumError(f"{name}.pt: sha256 mismatch")
+
+    monkeypatch.setattr(checkpoints, "load_published", corrupt)
+    x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ChecksumError, match="sha256"):
+        _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)},
+                            modern_vit_profile("rotmnist", "quick"), "cpu")
 
 
 def test_select_models_and_comparison() -> None:
