@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fast_local_attention", "default_chunk_elements"]
+from . import cpu_kernel
+
+__all__ = ["fast_local_attention", "default_chunk_elements", "BACKENDS"]
 
 
 def default_chunk_elements(device: torch.device) -> int:
@@ -387,11 +389,70 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, gr
     return dq, dk, dv_, dpos_tab, dgrp
 
 
+def _planar_padded(x: Tensor, r: int) -> Tensor:
+    """``[N, H, W, G, c]`` -> zero-padded planar ``[N, G, c, H+2r, W+2r]`` (the kernel's key/value layout)."""
+    return F.pad(x.permute(0, 3, 4, 1, 2), (r, r, r, r)).contiguous()
+
+
+def _unpad_planar(x: Tensor, r: int) -> Tensor:
+    """Adjoint layout change of :func:`_planar_padded`: ``[N, G, c, H+2r, W+2r]`` -> ``[N, H, W, G, c]``."""
+    return x[..., r:x.shape[-2] - r, r:x.shape[-1] - r].permute(0, 3, 4, 1, 2)
+
+
+class _KernelAttention(torch.autograd.Function):
+    """The fused CPU kernel (:mod:`gevit_lib.nn.cpu_kernel`): same function, one pass over the pixels each way."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None,
+                scale: float, patch: int, dropout: float, seed: int) -> Tensor:
+        ext = cpu_kernel.load()
+        assert ext is not None
+        r = patch // 2
+        kp, vp = _planar_padded(k, r), _planar_padded(v, r)
+        g = grp if grp is not None else q.new_empty(0)
+        gi = gidx.to(torch.int64).contiguous() if gidx is not None else torch.empty(0, dtype=torch.int64)
+        out, lse = ext.forward(q, kp, vp, pos, g, gi, scale, patch, dropout, seed)
+        ctx.save_for_backward(q, kp, vp, pos, g, gi, lse)
+        ctx.config = (scale, patch, dropout, seed, grp is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        ext = cpu_kernel.load()
+        assert ext is not None
+        scale, patch, dropout, seed, has_group = ctx.config
+        q, kp, vp, pos, g, gi, lse = ctx.saved_tensors
+        dq, dkp, dvp, dpos, dgrp = ext.backward(grad_out.to(q.dtype).contiguous(), q, kp, vp, pos, g, gi, lse,
+                                                scale, patch, dropout, seed)
+        r = patch // 2
+        return (dq, _unpad_planar(dkp, r), _unpad_planar(dvp, r), dpos, (dgrp if has_group else None),
+                None, None, None, None, None)
+
+
+BACKENDS: tuple[str, ...] = ("auto", "kernel", "chunked")
+
+
+def _use_kernel(backend: str, device: torch.device) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "chunked" or (backend == "auto" and device.type != "cpu"):
+        return False
+    if device.type != "cpu":
+        raise ValueError(f"backend 'kernel' is the fused CPU kernel; tensors are on {device}")
+    if cpu_kernel.load() is None:
+        if backend == "kernel":
+            raise RuntimeError(f"the fused CPU attention kernel is unavailable: {cpu_kernel.unavailable_reason()}")
+        return False
+    return True
+
+
 def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, *,
                          scale: float, patch_size: int, dropout: float = 0.0,
-                         chunk_elements: int | None = None) -> Tensor:
+                         chunk_elements: int | None = None, backend: str = "auto") -> Tensor:
     """Local (lifting or group) self-attention without materialising the full score tensor; see the module docstring.
 
+    ``backend``: "kernel" is the fused CPU kernel (:mod:`gevit_lib.nn.cpu_kernel`), "chunked" the torch path of
+    this module (any device), "auto" the kernel on CPU when it builds, else the chunked path.
     ``dropout`` > 0 drops attention probabilities (as ``nn.Dropout`` would) with masks drawn from a seed taken
     from torch's default generator, so the backward pass can redraw them.
     """
@@ -401,10 +462,12 @@ def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tens
         raise ValueError(f"positional table has {pos.shape[1]} offsets, patch {patch_size} needs {patch_size ** 2}")
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    budget = chunk_elements or default_chunk_elements(q.device)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
-    args = [t.to(work) if t is not None else None for t in (q, k, v, pos, grp)]
+    args = [t.to(work).contiguous() if t is not None else None for t in (q, k, v, pos, grp)]
     with torch.autocast(q.device.type, enabled=False):
-        out = _LocalAttention.apply(*[a.contiguous() if a is not None else None for a in args], gidx, float(scale),
-                                    int(patch_size), float(dropout), seed, int(budget))
+        if _use_kernel(backend, q.device):
+            out = _KernelAttention.apply(*args, gidx, float(scale), int(patch_size), float(dropout), seed)
+        else:
+            budget = chunk_elements or default_chunk_elements(q.device)
+            out = _LocalAttention.apply(*args, gidx, float(scale), int(patch_size), float(dropout), seed, int(budget))
     return out.to(dtype)
