@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,7 +18,11 @@ from gevit_lib.nn import (
     reference_relative_positions,
     relative_coordinates,
 )
-from gevit_lib.nn import fast_attention
+from gevit_lib.nn import cpu_kernel, fast_attention
+
+
+requires_kernel = pytest.mark.skipif(not cpu_kernel.available(),
+                                     reason=f"fused CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,8 +112,10 @@ def _layers(group: str, patch: int | None, image: int | None, positional: str = 
     ("p4", 3, None, (7, 7)), ("p4m", 5, None, (6, 6)), ("z2", 3, None, (5, 7)), ("mz2", 3, None, (6, 5)),
     ("p8", None, 5, (5, 5)), ("p4m", None, 4, (4, 4)),
 ])
-def test_fast_matches_plain_values_and_gradients(group: str, patch: int | None, image: int | None,
-                                                 size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=requires_kernel), False], ids=["kernel", "chunked"])
+def test_fast_matches_plain_values_and_gradients(monkeypatch, group: str, patch: int | None, image: int | None,
+                                                 size: tuple[int, int], kernel: bool) -> None:
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "1" if kernel else "0")
     torch.manual_seed(0)
     lift, attn = _layers(group, patch, image)
     x = torch.randn(2, 2, *size, dtype=torch.float64)
@@ -150,7 +157,8 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
         assert fast_attention._n_groups(q.device, 1000) == (2 if pool else 1)
         inputs = (q, k, v, pos, grp)
         weight = torch.linspace(-1, 1, n * h * w * g * d, dtype=torch.float64).view(n, h, w, g, d)
-        fast = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, chunk_elements=500)
+        fast = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, chunk_elements=500,
+                                    backend="chunked")
         plain = local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, impl="plain")
         assert rel_err(fast, plain) < 1e-12
         for a, b in zip(torch.autograd.grad((fast * weight).sum(), inputs),
@@ -160,7 +168,8 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
         torch.set_num_threads(threads)
 
 
-def test_fast_dropout_backward_is_the_gradient_of_its_forward() -> None:
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "chunked"])
+def test_fast_dropout_backward_is_the_gradient_of_its_forward(backend: str) -> None:
     """With attention dropout on, the recomputing backward pass redraws the same masks (gradcheck)."""
     torch.manual_seed(1)
     n, h, w, g, d, p = 1, 3, 3, 2, 3, 3
@@ -169,13 +178,78 @@ def test_fast_dropout_backward_is_the_gradient_of_its_forward() -> None:
 
     def f(q, k, v, pos, grp):
         torch.manual_seed(123)  # the dropout seed comes from the default generator
-        return fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, dropout=0.3, chunk_elements=200)
+        return fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, dropout=0.3, chunk_elements=200,
+                                    backend=backend)
 
     assert torch.autograd.gradcheck(f, (q, k, v, pos, grp), fast_mode=True)
     out_a, out_b = f(q, k, v, pos, grp), f(q, k, v, pos, grp)
     torch.manual_seed(0)
-    out_c = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, dropout=0.3)
+    out_c = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, dropout=0.3, backend=backend)
     assert torch.equal(out_a, out_b) and not torch.equal(out_a, out_c)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "chunked"])
+def test_fast_dropout_is_unbiased(backend: str) -> None:
+    """Dropped probabilities are rescaled: averaged over many masks the output is the output without dropout."""
+    torch.manual_seed(4)
+    q, k, v, pos, grp = (t.detach() for t in _attention_inputs(2, 5, 5, 4, 6, 3, dg=2))
+    gidx = group_index_table("p4")
+    ref = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=3, backend=backend)
+    runs = torch.stack([fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=3, dropout=0.3,
+                                             backend=backend) for _ in range(400)])
+    assert rel_err(runs[0], ref) > 0.01  # one draw differs
+    assert rel_err(runs.mean(0), ref) < 0.05  # the mean converges (~1/sqrt(400) x the per-draw spread)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "chunked"])
+def test_fast_matches_plain_with_huge_logits_and_large_neighbourhoods(backend: str) -> None:
+    """Logits so large that the product of the per-term exponentials underflows (the exact fallback), with the group
+    term, a 9x9 neighbourhood on a 7x6 image (most offsets outside), float32 against the float64 plain path."""
+    torch.manual_seed(2)
+    n, h, w, g, d, p = 2, 7, 6, 4, 5, 9
+    q = torch.randn(n, h, w, g, d, dtype=torch.float64) * 40
+    q[..., 2:4] = q[..., :2].abs() * 40  # positional channels large and positive
+    k = torch.randn(n, h, w, g, d, dtype=torch.float64) * 40
+    v = torch.randn(n, h, w, g, d, dtype=torch.float64)
+    pos = torch.randn(g, p * p, 2, dtype=torch.float64) * 40
+    grp = torch.randn(g, 1, dtype=torch.float64) * 40
+    gidx = group_index_table("p4")
+    args = [t.clone().requires_grad_(True) for t in (q, k, v, pos, grp)]
+    out = fast_local_attention(*args[:4], args[4], gidx, scale=1.0, patch_size=p, backend=backend)
+    ref_args = [t.clone().requires_grad_(True) for t in (q, k, v, pos, grp)]
+    ref = local_attention(*ref_args[:4], ref_args[4], gidx, scale=1.0, patch_size=p, impl="plain")
+    assert rel_err(out, ref) < 1e-10
+    weight = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weight).sum(), args)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), ref_args)
+    scale = max(float(b.abs().max()) for b in ref_grads)  # saturated softmax: some gradients are ~1e-17
+    for a, b in zip(grads, ref_grads):
+        assert float((a - b).abs().max()) < 1e-12 * scale
+    small = [t.float() for t in (q / 40, k / 40, v, pos / 40, grp / 40)]
+    out32 = fast_local_attention(*small[:4], small[4], gidx, scale=1.0, patch_size=p, backend=backend)
+    ref64 = local_attention(*[t.double() for t in small[:4]], small[4].double(), gidx, scale=1.0, patch_size=p,
+                            impl="plain")
+    assert out32.dtype == torch.float32 and rel_err(out32.double(), ref64) < 1e-5
+
+
+def test_kernel_backend_choice(monkeypatch) -> None:
+    q, k, v, pos, grp = (t.detach() for t in _attention_inputs(1, 3, 3, 1, 2, 3, dg=0))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fast_local_attention(q, k, v, pos, None, None, scale=1.0, patch_size=3, backend="cuda")
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    assert not cpu_kernel.available() and "disabled" in str(cpu_kernel.unavailable_reason())
+    with pytest.raises(RuntimeError, match="kernel is unavailable: disabled"):
+        fast_local_attention(q, k, v, pos, None, None, scale=1.0, patch_size=3, backend="kernel")
+    out = fast_local_attention(q, k, v, pos, None, None, scale=1.0, patch_size=3)  # auto: the chunked path
+    assert torch.equal(out, fast_local_attention(q, k, v, pos, None, None, scale=1.0, patch_size=3,
+                                                 backend="chunked"))
+
+
+def test_kernel_builds_where_required() -> None:
+    """CI (.ci/run) sets GEVIT_REQUIRE_CPU_KERNEL=1: there a failed build is an error, not a silent fallback."""
+    if os.environ.get("GEVIT_REQUIRE_CPU_KERNEL") != "1":
+        pytest.skip("GEVIT_REQUIRE_CPU_KERNEL is not set (the kernel may fall back to the chunked path here)")
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
 
 
 def test_fast_path_falls_back_when_the_shift_bound_underflows(monkeypatch) -> None:
@@ -196,7 +270,7 @@ def test_fast_path_falls_back_when_the_shift_bound_underflows(monkeypatch) -> No
     v = torch.randn(n, h, w, g, d, dtype=torch.float64)
     pos = torch.randn(3, p * p, 2, dtype=torch.float64) * 40
     args = [t.clone().requires_grad_(True) for t in (q, k, v, pos)]
-    fast = fast_local_attention(*args, None, None, scale=1.0, patch_size=p)
+    fast = fast_local_attention(*args, None, None, scale=1.0, patch_size=p, backend="chunked")
     assert calls, "the fallback was not exercised"
     plain = local_attention(q, k, v, pos, scale=1.0, patch_size=p, impl="plain")
     assert rel_err(fast, plain) < 1e-10

@@ -292,7 +292,7 @@ class _LocalAttention(torch.autograd.Function):
                 if dropout > 0:
                     e.mul_(_keep_mask(seed, c, e.shape, dropout, e))
                     inv *= _keep_scale(dropout, e.dtype)
-                weights = torch.bmm(inv.view(n * n_gv, 1, gq), e.view(n * n_gv, gq, -1))  # sum over g of p
+                weights = torch.bmm(inv.view(n * n_gv, 1, gq), e.reshape(n * n_gv, gq, -1))  # sum over g of p
                 weights = weights.view(n, n_gv, gk, p2).transpose(2, 3).reshape(n, n_gv, -1)  # (delta, m) order
                 values = _neighbours(vp, b0, b1, i0, i1, patch)
                 out[b0:b1, i0:i1] = torch.bmm(weights, values).view(nb, nr, width, n_gv, dv)
@@ -347,7 +347,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, gr
                 prob = _exact_block(sc, qc, keys, pos, grp, flat_index, bias[i0:i1], scale, nb, n_gv, log_norm)[0]
             else:
                 prob = sc.block((sc.shift - log_norm).exp_())  # exp(logits - lse)
-            prob = prob.view(n, n_gv, gq, -1)  # [n, Gv, Gq, K], K in (m, delta) order
+            prob = prob.reshape(n, n_gv, gq, -1)  # [n, Gv, Gq, K], K in (m, delta) order
             go = grad_out[b0:b1, i0:i1].reshape(n, n_gv, dv)
             dprob = torch.bmm(go, values.transpose(1, 2))  # d out / d p, the same for every g: [n, Gv, (delta, m)]
             dprob = dprob.view(n, n_gv, p2, gk).transpose(2, 3).reshape(n, n_gv, 1, -1)

@@ -10,7 +10,8 @@
 // the pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser.
 // Layouts: q [N,H,W,Gq,D]; keys and values planar and zero-padded by r = P/2, kp [N,Gk,D,H+2r,W+2r],
 // vp [N,Gk,Dv,H+2r,W+2r] (a neighbourhood row is then P contiguous numbers); pos [Gv,P*P,Dpos], grp [J,Dg],
-// gidx [Gv,Gq,Gk] (int64); out [N,H,W,Gv,Dv], lse [N,H,W,Gv,Gq]; the backward pass returns dk, dv padded planar.
+// gidx [Gv,Gq,Gk] (int64); out [N,H,W,Gv,Dv], lse [N,H,W,Gv,Gq] (log row sums, see kExactRow); the backward
+// pass returns dk, dv padded planar.
 // Per pixel the neighbourhood axis is (m, d): md = m * P*P + d, rows padded to a multiple of 8 (MDp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -63,6 +64,11 @@ struct Dims {
   int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, MDp, Hp, Wp, Dpos, Dg, J;
   bool has_group;
 };
+// lse output: log of the row sum relative to the row's shift (sum of the three maxima), or this marker for rows
+// computed the exact way (the shift bound underflowed).
+template <typename T>
+constexpr T kExactRow = std::numeric_limits<T>::lowest();
+
 constexpr int64_t kBlock = 8;  // dot products over channels are accumulated 8 neighbours at a time, in registers
 
 // out[t] = sum_c w[c] * x[c * stride + t] for t < n (n a multiple of kBlock), in vector registers, four blocks at a
@@ -341,15 +347,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
             std::fill(wv, wv + MD, T(0));
             for (int64_t g = 0; g < s.Gq; ++g) {
               T z = px.factored_row(vv, g, row.data(), T(1));
-              T log_norm;
-              if (z < tiny) {  // the shift bound was too loose: exact maximum
+              T log_z;
+              if (z < tiny) {  // the shift bound was too loose: exact maximum (the backward pass redoes this)
                 T mx;
                 z = px.exact_row(vv, g, row.data(), &mx, true);
-                log_norm = mx + std::log(z);
+                log_z = kExactRow<T>;
               } else {
-                log_norm = px.shift(vv, g) + std::log(z);
+                log_z = std::log(z);
               }
-              ld[(pixel * s.Gv + vv) * s.Gq + g] = log_norm;
+              ld[(pixel * s.Gv + vv) * s.Gq + g] = log_z;
               const T w = keep_scale / z;
               if (dropout > 0) {
                 px.keep_factors(vv, g, keep.data(), key, threshold, w);
@@ -399,7 +405,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     T* dqd = dq.data_ptr<T>();
     T* dkd = dkp.data_ptr<T>();
     T* dvd = dvp.data_ptr<T>();
-    const T log_tiny = std::log(std::numeric_limits<T>::min() * T(1e8));
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const T sc = T(scale);
     const int64_t MD = s.MD, MDp = s.MDp, P = s.P, P2 = s.P2, plane = s.Hp * s.Wp, strip = s.Wp * P;
@@ -436,13 +441,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
               T* wv = wsum.data() + vv * MDp;
               for (int64_t g = 0; g < s.Gq; ++g) {
                 const int64_t vg = vv * s.Gq + g;
-                const T log_norm = ld[pixel * s.Gv * s.Gq + vg];
-                const T shift = px.shift(vv, g);
-                if (log_norm - shift < log_tiny) {  // the forward pass took the exact path for this row
-                  T ref = log_norm;
-                  px.exact_row(vv, g, prob.data(), &ref, false);
-                } else {
-                  px.factored_row(vv, g, prob.data(), std::exp(shift - log_norm));
+                const T log_z = ld[pixel * s.Gv * s.Gq + vg];
+                if (log_z == kExactRow<T>) {  // the forward pass took the exact path for this row
+                  T mx;
+                  const T z = px.exact_row(vv, g, prob.data(), &mx, true);
+                  for (int64_t md = 0; md < MD; ++md) prob[md] /= z;
+                } else {  // relative to the shift: no cancellation between large logits and their normaliser
+                  px.factored_row(vv, g, prob.data(), std::exp(-log_z));
                 }
                 if (dropout > 0) {
                   px.keep_factors(vv, g, kept.data(), key, threshold, keep_scale);
