@@ -15,6 +15,10 @@ measured at batch 2 and the row says so.
     python benchmarks/gevit_speed.py                 # CPU (and CUDA when available), full table
     python benchmarks/gevit_speed.py --quick         # small run (batch 2, p4 patch 5 only)
     python benchmarks/gevit_speed.py --out runs/bench/gevit_speed.json
+    python benchmarks/gevit_speed.py --device cpu --chunked   # also the chunked torch backend of the fast path
+
+On CPU "fast" is the fused C++ kernel (gevit_lib.nn.cpu_kernel, built on first use) when it builds, otherwise the
+chunked torch path; the row says which.
 """
 
 from __future__ import annotations
@@ -46,10 +50,13 @@ def _peak_rss_gib() -> float:
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of the fused CPU kernel
+        os.environ["GEVIT_CPU_KERNEL"] = "0"
     import torch
 
     sys.path.insert(0, str(REPO))
     from gevit_lib.models.gevit import build_gevit
+    from gevit_lib.nn import cpu_kernel
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -104,7 +111,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     step = timed(train_step)
     out = {**spec, "params": sum(p.numel() for p in model.parameters()), "eval_forward_s": statistics.median(fwd),
            "train_step_s": statistics.median(step), "eval_forward_all_s": fwd, "train_step_all_s": step,
-           "threads": torch.get_num_threads(), "torch": torch.__version__}
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "backend": ("plain" if spec["impl"] == "plain" else
+                       "kernel" if device.type == "cpu" and cpu_kernel.available() else "chunked")}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["device_name"] = torch.cuda.get_device_name()
@@ -166,11 +175,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     by_key: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        by_key[(r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"])] = r
+        by_key[(r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"])] = r  # (fast rows: any backend)
     body = []
     for r in rows:
         name = f"rotmnist {r['group']} P={r['patch']}" + (f" {r['autocast']}" if r.get("autocast") else "")
-        impl = "fast" if r["impl"] == "fast" else "reference (original algorithm)"
+        impl = {"kernel": "fast (fused CPU kernel)", "chunked": "fast (chunked torch)"}.get(
+            r.get("backend", ""), "fast") if r["impl"] == "fast" else "reference (original algorithm)"
         if "error" in r:
             body.append([r["device"], name, str(r["batch"]), "", impl, "error", " ".join(r["error"]), "", "", ""])
             continue
@@ -200,6 +210,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--skip-plain", action="store_true", help="only the fast path")
+    ap.add_argument("--chunked", action="store_true",
+                    help="CPU: also time the fast path's chunked torch backend (the fused kernel is the default)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,9 +234,13 @@ def main() -> None:
             for amp, big_batch in variants:
                 b = big_batch or batch
                 impls = ["fast"] if args.skip_plain or (device == "cuda" and big_batch) else ["fast", "plain"]
+                if device == "cpu" and args.chunked:
+                    impls.insert(1, "fast-chunked")
                 for impl in impls:
                     spec = dict(group=group, patch=patch, batch=b, impl=impl, device=device, repeats=repeats,
                                 threads=args.threads, autocast=amp)
+                    if impl == "fast-chunked":
+                        spec.update(impl="fast", backend="chunked")
                     if impl == "plain":
                         b_plain, _ = plain_batch(group, patch, b, device, repeats, args.threads, log)
                         if b_plain != b:

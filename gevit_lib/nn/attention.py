@@ -6,8 +6,8 @@ One attention function, two implementations (``impl=``):
   ``[B, heads, G(v), G(g), H, W, G(m), P, P]`` (global: ``[..., G(m), H, W]``) from the content, row, column and
   group terms, masks outside-image neighbours with -inf, takes the softmax jointly over (m, neighbourhood), applies
   dropout and sums ``prob * value`` over (g, m, neighbourhood). Kept for tests and teaching; memory ~ G^3 H W P^2.
-- ``"fast"`` (default): :mod:`gevit_lib.nn.fast_attention`, the same function computed chunk by chunk with a
-  recomputing backward pass; global attention runs as local attention with a (2S-1) x (2S-1) neighbourhood, which
+- ``"fast"`` (default): :mod:`gevit_lib.nn.fast_attention`, the same function without the 9-D tensor (on CPU a
+  fused C++ kernel, elsewhere chunk by chunk in torch) with a recomputing backward pass; global attention runs as local attention with a (2S-1) x (2S-1) neighbourhood, which
   has exactly the same normalised relative offsets.
 
 The lifting layer is the special case with one query/key group element and no group term, so both layers share

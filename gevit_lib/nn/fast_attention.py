@@ -20,6 +20,10 @@ The logits of a group self-attention layer (SPEC 2.3) are, per head and pixel x,
 - The lifting layer is the special case G_query = G_key = 1 without group term; global attention is local attention
   with a (2S-1) x (2S-1) neighbourhood (the same normalised offsets, the outside masked).
 
+Two backends compute this (``backend=``): on CPU, by default, the fused C++ kernel of
+:mod:`gevit_lib.nn.cpu_kernel` (``csrc/local_attention_cpu.cpp``, the same algorithm one pixel at a time, built on
+first use), and the chunked torch code below (any device; the CPU fallback when the kernel cannot be built).
+
 Layouts: q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v ``[N, H, W, Gk, dv]`` (N = batch * heads),
 pos ``[Gv, P*P, dpos]`` (matched with ``q[..., :dpos]``), grp ``[J, dg]`` (with ``q[..., dpos:dpos+dg]``),
 gidx ``[Gv, Gq, Gk]``; output ``[N, H, W, Gv, dv]``. Neighbours are gathered in (delta, m) order, blocks are
