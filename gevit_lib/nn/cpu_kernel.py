@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -46,6 +47,20 @@ def _disabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no")
 
 
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; pip's ninja lives beside the (not activated) venv's python."""
+    if shutil.which("ninja"):
+        return
+    dirs = [str(Path(sys.executable).parent)]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        dirs.insert(0, str(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    os.environ["PATH"] = os.pathsep.join(dirs + [os.environ.get("PATH", "")])
+
+
 def load() -> ModuleType | None:
     """The compiled module, building it on first use; None if disabled or the build failed (see the warning)."""
     global _MODULE, _ERROR
@@ -62,6 +77,8 @@ def load() -> ModuleType | None:
         name = f"gevit_attention_cpu_{digest.hexdigest()[:12]}"
         try:
             from torch.utils.cpp_extension import load as load_extension
+
+            _ninja_on_path()
 
             print(f"gevit_lib: loading the fused CPU attention kernel (the first use builds it, ~1 min): {name}",
                   file=sys.stderr, flush=True)
