@@ -71,6 +71,48 @@ constexpr T kExactRow = std::numeric_limits<T>::lowest();
 
 constexpr int64_t kBlock = 8;  // dot products over channels are accumulated 8 neighbours at a time, in registers
 
+// Row strips (keys, values and their gradients): for the `planes` of image n ([N, planes, Hp, Wp], padded),
+// strip[(p * Wp + jj) * P + a] = plane p at (row i + a, column jj), so the window of pixel j is P*P contiguous
+// numbers from jj = j, in the offset order d = b * P + a.
+template <typename T>
+void to_strips(const Dims& s, const T* planes, int64_t count, int64_t n, int64_t i, T* strips) {
+  const int64_t P = s.P, Wp = s.Wp, plane = s.Hp * Wp;
+  for (int64_t p = 0; p < count; ++p) {
+    const T* src = planes + (n * count + p) * plane + i * Wp;
+    T* dst = strips + p * Wp * P;
+    for (int64_t a = 0; a < P; ++a)
+      for (int64_t jj = 0; jj < Wp; ++jj) dst[jj * P + a] = src[a * Wp + jj];
+  }
+}
+
+// Adjoint of to_strips: planes += strips.
+template <typename T>
+void add_strips(const Dims& s, const T* strips, int64_t count, int64_t n, int64_t i, T* planes) {
+  const int64_t P = s.P, Wp = s.Wp, plane = s.Hp * Wp;
+  for (int64_t p = 0; p < count; ++p) {
+    T* dst = planes + (n * count + p) * plane + i * Wp;
+    const T* src = strips + p * Wp * P;
+    for (int64_t a = 0; a < P; ++a)
+      for (int64_t jj = 0; jj < Wp; ++jj) dst[a * Wp + jj] += src[jj * P + a];
+  }
+}
+
+// The window of pixel j as [c][md] (row stride MDp), from strips of `channels` channels per key group element;
+// with accumulate, the adjoint: strips += window.
+template <typename T, bool accumulate>
+void window(const Dims& s, T* strips, int64_t channels, int64_t j, T* win) {
+  const int64_t P2 = s.P2, strip = s.Wp * s.P;
+  for (int64_t m = 0; m < s.Gk; ++m)
+    for (int64_t c = 0; c < channels; ++c) {
+      T* st = strips + (m * channels + c) * strip + j * s.P;
+      T* w = win + c * s.MDp + m * P2;
+      for (int64_t t = 0; t < P2; ++t) {
+        if constexpr (accumulate) st[t] += w[t];
+        else w[t] = st[t];
+      }
+    }
+}
+
 // out[t] = sum_c w[c] * x[c * stride + t] for t < n (n a multiple of kBlock), in vector registers, four blocks at a
 // time so that the multiply-adds do not wait on each other (GCC/Clang vector extension: the auto-vectoriser
 // vectorises the channel loop instead and keeps the accumulators in memory).
@@ -121,30 +163,17 @@ struct Pixel {
         cmax(dims.Gq), smax(dims.Gv * dims.Gq), amax(dims.Gv * dims.Gq),
         qg(dims.Gq * std::max<int64_t>(dims.J, 1)), qs(dims.D) {}
 
-  // Row strips of image n, row i: ks[(m * D + c) * Wp * P + jj * P + a] = kp[n, m, c, i + a, jj] (likewise vs),
-  // so that the window of pixel j is P*P contiguous numbers from jj = j, in the offset order d = b * P + a.
+  // Keys and values of pixel (n, i, j) as [c][md] (zeros outside, from the padding); strips() first, per row.
   std::vector<T> ks, vs;
   void strips(const T* kp, const T* vp, int64_t n, int64_t i) {
-    const int64_t P = s.P, Wp = s.Wp, plane = s.Hp * Wp, strip = Wp * P;
-    ks.resize(s.Gk * s.D * strip);
-    vs.resize(s.Gk * s.Dv * strip);
-    for (int64_t mc = 0; mc < s.Gk * s.D; ++mc) {
-      const T* src = kp + (n * s.Gk * s.D + mc) * plane + i * Wp;
-      T* dst = ks.data() + mc * strip;
-      for (int64_t a = 0; a < P; ++a)
-        for (int64_t jj = 0; jj < Wp; ++jj) dst[jj * P + a] = src[a * Wp + jj];
-    }
-    for (int64_t mc = 0; mc < s.Gk * s.Dv; ++mc) {
-      const T* src = vp + (n * s.Gk * s.Dv + mc) * plane + i * Wp;
-      T* dst = vs.data() + mc * strip;
-      for (int64_t a = 0; a < P; ++a)
-        for (int64_t jj = 0; jj < Wp; ++jj) dst[jj * P + a] = src[a * Wp + jj];
-    }
+    ks.resize(s.Gk * s.D * s.Wp * s.P);
+    vs.resize(s.Gk * s.Dv * s.Wp * s.P);
+    to_strips(s, kp, s.Gk * s.D, n, i, ks.data());
+    to_strips(s, vp, s.Gk * s.Dv, n, i, vs.data());
   }
 
-  // Keys and values of pixel (n, i, j) as [c][md] from the strips of its row (zeros outside, from the padding).
   void gather(int64_t i, int64_t j) {
-    const int64_t r = s.P / 2, MDp = s.MDp, P = s.P, P2 = s.P2, strip = s.Wp * P;
+    const int64_t r = s.P / 2, P = s.P, P2 = s.P2;
     for (int64_t b = 0; b < P; ++b) {
       const bool col_in = j + b - r >= 0 && j + b - r < s.W;
       for (int64_t a = 0; a < P; ++a) {
@@ -152,18 +181,8 @@ struct Pixel {
         for (int64_t m = 0; m < s.Gk; ++m) mask[m * P2 + b * P + a] = in ? T(1) : T(0);
       }
     }
-    for (int64_t m = 0; m < s.Gk; ++m) {
-      for (int64_t c = 0; c < s.D; ++c) {
-        const T* src = ks.data() + (m * s.D + c) * strip + j * P;
-        T* dst = Kt.data() + c * MDp + m * P2;
-        for (int64_t t = 0; t < P2; ++t) dst[t] = src[t];
-      }
-      for (int64_t c = 0; c < s.Dv; ++c) {
-        const T* src = vs.data() + (m * s.Dv + c) * strip + j * P;
-        T* dst = Vt.data() + c * MDp + m * P2;
-        for (int64_t t = 0; t < P2; ++t) dst[t] = src[t];
-      }
-    }
+    window<T, false>(s, ks.data(), s.D, j, Kt.data());
+    window<T, false>(s, vs.data(), s.Dv, j, Vt.data());
   }
 
   // Content, spatial and group terms (times scale), their maxima over the neighbourhood and shifted exponentials.
@@ -220,9 +239,7 @@ struct Pixel {
     }
   }
 
-  T shift(int64_t v, int64_t g) const { return cmax[g] + smax[v * s.Gq + g] + amax[v * s.Gq + g]; }
-
-  // row[md] = exp(L[v,g,md] - shift(v,g)) * f as the product of the three factors; returns the row sum.
+  // row[md] = exp(L[v,g,md] - shift) * f (shift = cmax + smax + amax) as the product of the three factors; returns the row sum.
   T factored_row(int64_t v, int64_t g, T* row, T f) const {
     const int64_t P2 = s.P2, vg = v * s.Gq + g;
     const T* eCg = eC.data() + g * s.MDp;
@@ -407,7 +424,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     T* dvd = dvp.data_ptr<T>();
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const T sc = T(scale);
-    const int64_t MD = s.MD, MDp = s.MDp, P = s.P, P2 = s.P2, plane = s.Hp * s.Wp, strip = s.Wp * P;
+    const int64_t MD = s.MD, MDp = s.MDp, P2 = s.P2, strip = s.Wp * s.P;
     // Whole images per task: the scatters into dk, dv of one image never cross tasks.
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
@@ -415,7 +432,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       T* dgrp = dgrp_parts.data_ptr<T>() + tid * std::max<int64_t>(s.J, 1) * std::max<int64_t>(s.Dg, 1);
       Pixel<T> px(s);
       std::vector<T> prob(MDp), kept(MDp, T(0)), dP(s.Gv * MDp), wsum(s.Gv * MDp), dC(s.Gq * MDp),
-          dS(s.Gv * s.Gq * P2), dA(s.Gv * s.Gq * s.Gk), dqg(s.Gq * std::max<int64_t>(s.J, 1)), tmp(MDp),
+          dS(s.Gv * s.Gq * P2), dA(s.Gv * s.Gq * s.Gk), dqg(s.Gq * std::max<int64_t>(s.J, 1)), dwin(std::max(s.D, s.Dv) * MDp),
           dks(s.Gk * s.D * strip), dvs(s.Gk * s.Dv * strip);  // gradients of the row strips
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t i = 0; i < s.H; ++i) {
@@ -486,33 +503,27 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 dqp[g * s.D + c] += sc * acc;
               }
             }
-            for (int64_t c = 0; c < s.D; ++c) {
-              std::fill(tmp.begin(), tmp.end(), T(0));
+            for (int64_t c = 0; c < s.D; ++c) {  // dK window [c][md]
+              T* tmp = dwin.data() + c * MDp;
+              std::fill(tmp, tmp + MD, T(0));
               for (int64_t g = 0; g < s.Gq; ++g) {
                 const T a = sc * qp[g * s.D + c];
                 const T* dCg = dC.data() + g * MDp;
                 for (int64_t md = 0; md < MD; ++md) tmp[md] += a * dCg[md];
               }
-              for (int64_t m = 0; m < s.Gk; ++m) {
-                T* dst = dks.data() + (m * s.D + c) * strip + j * P;
-                const T* src = tmp.data() + m * P2;
-                for (int64_t t = 0; t < P2; ++t) dst[t] += src[t];
-              }
             }
+            window<T, true>(s, dks.data(), s.D, j, dwin.data());
             // Values: dV[md] += sum_v wsum[v, md] go[v]
-            for (int64_t c = 0; c < s.Dv; ++c) {
-              std::fill(tmp.begin(), tmp.end(), T(0));
+            for (int64_t c = 0; c < s.Dv; ++c) {  // dV window [c][md]
+              T* tmp = dwin.data() + c * MDp;
+              std::fill(tmp, tmp + MD, T(0));
               for (int64_t vv = 0; vv < s.Gv; ++vv) {
                 const T a = go[vv * s.Dv + c];
                 const T* wv = wsum.data() + vv * MDp;
                 for (int64_t md = 0; md < MD; ++md) tmp[md] += a * wv[md];
               }
-              for (int64_t m = 0; m < s.Gk; ++m) {
-                T* dst = dvs.data() + (m * s.Dv + c) * strip + j * P;
-                const T* src = tmp.data() + m * P2;
-                for (int64_t t = 0; t < P2; ++t) dst[t] += src[t];
-              }
             }
+            window<T, true>(s, dvs.data(), s.Dv, j, dwin.data());
             // Spatial: dq[g, :Dpos] += sc * dS[v,g] . posT[v]; dposT[v] += sc * q[g, :Dpos] dS[v,g]
             for (int64_t vv = 0; vv < s.Gv; ++vv) {
               for (int64_t g = 0; g < s.Gq; ++g) {
@@ -548,19 +559,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
               }
             }
           }
-          // the row strips' gradients back into the padded planar dk, dv (adjoint of Pixel::strips)
-          for (int64_t mc = 0; mc < s.Gk * s.D; ++mc) {
-            T* dst = dkd + (n * s.Gk * s.D + mc) * plane + i * s.Wp;
-            const T* src = dks.data() + mc * strip;
-            for (int64_t a = 0; a < P; ++a)
-              for (int64_t jj = 0; jj < s.Wp; ++jj) dst[a * s.Wp + jj] += src[jj * P + a];
-          }
-          for (int64_t mc = 0; mc < s.Gk * s.Dv; ++mc) {
-            T* dst = dvd + (n * s.Gk * s.Dv + mc) * plane + i * s.Wp;
-            const T* src = dvs.data() + mc * strip;
-            for (int64_t a = 0; a < P; ++a)
-              for (int64_t jj = 0; jj < s.Wp; ++jj) dst[a * s.Wp + jj] += src[jj * P + a];
-          }
+          add_strips(s, dks.data(), s.Gk * s.D, n, i, dkd);  // the row's gradients into the padded planar dk, dv
+          add_strips(s, dvs.data(), s.Gk * s.Dv, n, i, dvd);
         }
       }
     });
@@ -573,5 +573,4 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "GE-ViT local attention, forward (out, log-normaliser)");
   m.def("backward", &backward, "GE-ViT local attention, backward (dq, dk, dv, dpos, dgrp)");
-  m.def("keep_probability", &keep_probability, "keep probability of the attention-dropout masks");
 }
