@@ -32,4 +32,5 @@ clean-runs:
 
 # Regenerate every .ipynb from its reviewed .py source (outputs stripped), after editing notebooks/*.py.
 notebooks: install
-	$(VENV)/bin/jupytext --to ipynb notebooks/[0-9][0-9]_*.py
+	$(VENV)/bin/jupytext --update --to ipynb notebooks/[0-9][0-9]_*.py  # --update keeps the cell ids
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace --log-level WARN notebooks/[0-9][0-9]_*.ipynb

@@ -39,6 +39,15 @@ def outputs_since(out_dir: Path, start: float) -> list[tuple[Path, dict]]:
     return found
 
 
+def batch_parameters(book: Path, params: dict) -> dict:
+    """``params`` plus ``interactive=False`` for notebooks that declare it: a batch run draws static figures and
+    creates no widgets (executing widget cells headless can deadlock the notebook client, jupyter/nbclient#312)."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(book))
+    return {**params, "interactive": False} if "interactive" in declared else dict(params)
+
+
 def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_dir: Path, data_dir: str | None,
         seed: int, only: list[str] | None = None) -> int:
     books = find_notebooks(notebooks_dir, only)
@@ -60,7 +69,7 @@ def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_di
             params["data_dir"] = data_dir
         print(f"=== {book.name} (profile={profile}, device={device})", flush=True)
         try:
-            pm.execute_notebook(str(book), str(target), parameters=params, cwd=str(notebooks_dir),
+            pm.execute_notebook(str(book), str(target), parameters=batch_parameters(book, params), cwd=str(notebooks_dir),
                                 progress_bar=False, log_output=False)
             status = "ok"
         except Exception as exc:  # noqa: BLE001 - report every failing notebook, then fail at the end

@@ -45,6 +45,7 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/01_why_equivariance"
 seed = 0
+interactive = True  # the angle slider below (ipywidgets); batch runs (papermill) pass False
 
 # %%
 import time
@@ -94,17 +95,26 @@ for name, probs in result.probabilities.items():
 
 # %% [markdown]
 # ## Turn it yourself
-# In JupyterLab the slider below recomputes both predictions for any angle (it needs `ipywidgets`; in a
-# non-interactive run, such as papermill's, only the first frame is drawn).
+# In JupyterLab the slider below recomputes both predictions for any angle (it needs `ipywidgets`). A batch run
+# (`make reproduce`, or papermill with `-p interactive False`) draws the 45-degree frame instead: a slider means
+# nothing in an executed notebook, and executing widget cells headless can deadlock the notebook client
+# (jupyter/nbclient#312, jupyter/nbconvert#2029).
 
 # %%
+from PIL import Image as PILImage
+
+
+def show(angle: int = 45) -> None:
+    display(PILImage.fromarray(figures.rotation_frame_at(views, digit.images[0], angle, label)))
+
+
 try:
     import ipywidgets
-    from PIL import Image as PILImage
-
-    def show(angle: int = 45) -> None:
-        display(PILImage.fromarray(figures.rotation_frame_at(views, digit.images[0], angle, label)))
-
-    ipywidgets.interact(show, angle=ipywidgets.IntSlider(value=45, min=0, max=359, step=1))
 except ImportError:
-    print("ipywidgets is not installed: no slider (pip install ipywidgets)")
+    ipywidgets = None
+    if interactive:
+        print("ipywidgets is not installed: no slider (pip install ipywidgets)")
+if interactive and ipywidgets is not None:
+    ipywidgets.interact(show, angle=ipywidgets.IntSlider(value=45, min=0, max=359, step=1))
+else:
+    show(45)

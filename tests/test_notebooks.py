@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gevit_lib.reproduce import batch_parameters
+
 jupytext = pytest.importorskip("jupytext")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,7 @@ NOTEBOOKS = REPO / "notebooks"
 MANIFEST = json.loads((NOTEBOOKS / "manifest.json").read_text()) if (NOTEBOOKS / "manifest.json").exists() else {}
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 REQUIRED_PARAMETERS = ("profile", "device", "data_dir", "out_dir", "seed")
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -81,8 +84,13 @@ def test_notebook_runs_in_smoke_profile(source: Path, tmp_path: Path) -> None:
               "run_dir": str(tmp_path / "run")}
     if os.environ.get("GEVIT_DATA_DIR"):
         params["data_dir"] = os.environ["GEVIT_DATA_DIR"]
-    papermill.execute_notebook(str(source.with_suffix(".ipynb")), str(tmp_path / source.with_suffix(".ipynb").name),
-                               parameters=params, cwd=str(NOTEBOOKS), progress_bar=False)
+    book, executed = source.with_suffix(".ipynb"), tmp_path / source.with_suffix(".ipynb").name
+    # A cell that hangs fails here after 15 min instead of eating the whole CI budget.
+    papermill.execute_notebook(str(book), str(executed), parameters=batch_parameters(book, params),
+                               cwd=str(NOTEBOOKS), progress_bar=False, execution_timeout=900)
+    widgets = [i for i, cell in enumerate(json.loads(executed.read_text())["cells"])
+               for out in cell.get("outputs", []) if WIDGET_MIME in out.get("data", {})]
+    assert not widgets, f"a batch run created widgets (cells {widgets}); gate them on `interactive`"
     for spec in MANIFEST[source.stem]["outputs"]:
         if spec.get("optional") and not (out_dir / spec["file"]).exists():
             continue
