@@ -774,7 +774,7 @@ def _find_rot_archive(root: Path) -> Path | None:
 
 def _parse_amat(stream: io.TextIOBase, path: str, chunk: int = 4000) -> tuple[np.ndarray, np.ndarray]:
     """Rows of 784 floats in [0, 1] + a label -> uint8 [N, 28, 28] (row-major, x 255, rounded) and int64 labels."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: a widget bar in a headless notebook run can deadlock the client
 
     images, labels = [], []
     with tqdm(desc=f"parsing {Path(path).name}", unit=" rows", disable=None) as bar:
