@@ -69,8 +69,8 @@ def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_di
             params["data_dir"] = data_dir
         print(f"=== {book.name} (profile={profile}, device={device})", flush=True)
         try:
-            pm.execute_notebook(str(book), str(target), parameters=batch_parameters(book, params), cwd=str(notebooks_dir),
-                                progress_bar=False, log_output=False)
+            pm.execute_notebook(str(book), str(target), parameters=batch_parameters(book, params),
+                                cwd=str(notebooks_dir), progress_bar=False, log_output=False)
             status = "ok"
         except Exception as exc:  # noqa: BLE001 - report every failing notebook, then fail at the end
             status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
