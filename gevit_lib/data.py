@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, atomic_write, data_dir, fetch, verify
 
@@ -64,6 +65,7 @@ SPLITS = ("train", "validation", "test")
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+MNIST_BACKGROUND = (0.0 - MNIST_MEAN[0]) / MNIST_STD[0]  # black, in normalised space
 PCAM_MEAN, PCAM_STD = (0.701, 0.538, 0.692), (0.235, 0.277, 0.213)
 
 FRACTION_SEED = 0  # the original: torch.manual_seed(0); torch.randperm(n)[:int(n * fraction)]
@@ -983,3 +985,29 @@ def write_fake_pcam(root: str | os.PathLike[str], n_per_split: int = 16, seed: i
         with atomic_write(folder / y_name) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("y", data=labels.reshape(-1, 1, 1, 1))
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subsets
+
+
+def evenly_spaced(n_total: int, n: int | None) -> Tensor:
+    """``n`` indices spread evenly over ``range(n_total)`` (all of them when ``n`` is None or too large)."""
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    return torch.arange(n) * n_total // n
+
+
+def random_subset(n_total: int, n: int | None, seed: int) -> Tensor:
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def take_subset(ds: Dataset, idx: Tensor) -> Dataset | tuple[Tensor, Tensor]:
+    """In-memory datasets become (inputs, labels) tensors (fast); lazily read ones (PCam h5) a Subset."""
+    tensors = getattr(ds, "tensors", None)
+    if callable(tensors) and getattr(ds, "transform", None) is None:
+        x, y = tensors()
+        return x[idx], y[idx]
+    return Subset(ds, idx.tolist())

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .groups import Group, _rotate_bilinear, get_group
+from .groups import Group, get_group, rotate
 
 __all__ = ["relative_error", "invariance_errors", "equivariance_errors", "rotation_sweep"]
 
@@ -59,7 +59,5 @@ def rotation_sweep(model: Callable[[Tensor], Tensor], x: Tensor, angles: Iterabl
     ref = model(x)
     errs = []
     for angle in angles:
-        quarter, rest = divmod(float(angle), 90.0)
-        rotated = torch.rot90(x, int(quarter) % 4, dims=(-2, -1)) if rest == 0 else _rotate_bilinear(x, float(angle))
-        errs.append(relative_error(model(rotated), ref))
+        errs.append(relative_error(model(rotate(x, float(angle))), ref))
     return torch.tensor(errs, dtype=torch.float64)

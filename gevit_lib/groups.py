@@ -163,7 +163,7 @@ class Group:
                 raise ValueError(f"rotating a non-square image {tuple(x.shape[-2:])} by 90 degrees changes its shape")
             out = torch.rot90(x, -quarter, dims=(-2, -1)) if quarter else x
         else:
-            out = _rotate_bilinear(x, -360.0 * k / self.n_rotations)
+            out = rotate(x, -360.0 * k / self.n_rotations)
         return torch.flip(out, dims=(-1,)) if s else out
 
     def act_on_group_signal(self, x: Tensor, g: int, side: str = "right", group_dim: int = -3) -> Tensor:
@@ -186,14 +186,34 @@ class Group:
         return f"Group({self.name!r}: {kind}{self.n_rotations}, order {len(self)})"
 
 
-def _rotate_bilinear(x: Tensor, degrees_ccw: float) -> Tensor:
-    """Rotate images counter-clockwise about their centre, bilinear, zero fill (torchvision); approximate."""
-    from torchvision.transforms.functional import InterpolationMode, rotate
+def rotate(x: Tensor, degrees: float, interpolation: str = "bilinear") -> Tensor:
+    """Rotate images ``[..., H, W]`` counter-clockwise about their centre, zero fill (= black for raw images).
 
+    The library's one image rotation by an angle. Multiples of 90 degrees are exact (``torch.rot90``); other angles
+    are interpolated by torchvision ("bilinear" or "nearest"). Rotating raw images with zero fill and then
+    normalising equals rotating normalised images with the background value as fill.
+    """
+    from torchvision.transforms.functional import InterpolationMode, rotate as tv_rotate
+
+    quarter, rest = divmod(float(degrees), 90.0)
+    if rest == 0.0:
+        return torch.rot90(x, int(quarter) % 4, dims=(-2, -1))
+    modes = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
     shape = x.shape
-    flat = x.reshape(-1, 1, *shape[-2:])
-    out = rotate(flat, degrees_ccw, interpolation=InterpolationMode.BILINEAR)
+    out = tv_rotate(x.reshape(-1, 1, *shape[-2:]), float(degrees), interpolation=modes[interpolation])
     return out.reshape(shape)
+
+
+def translate(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Shift the content of images ``[..., H, W]`` by (dy, dx) pixels (negative = up / left), zero fill."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[..., yd, xd] = x[..., ys, xs]
+    return out
 
 
 def get_group(name: str) -> Group:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILES = ("smoke", "quick", "full")
+from gevit_lib.profiles import PROFILES
 
 
 def find_notebooks(folder: Path, only: list[str] | None = None) -> list[Path]:

@@ -42,7 +42,7 @@ from pathlib import Path
 from IPython.display import Image, Markdown, display
 
 from gevit_lib.experiments import figures
-from gevit_lib.experiments.resources import published_model
+from gevit_lib.notebook import published_model
 from gevit_lib.nn.positional import group_index_table
 from gevit_lib.train import seed_everything
 from gevit_lib.viz import markdown_table, save_table

@@ -49,7 +49,7 @@ from pathlib import Path
 from IPython.display import Image, display
 
 from gevit_lib.experiments import figures
-from gevit_lib.experiments.resources import published_model
+from gevit_lib.notebook import published_model
 from gevit_lib.train import seed_everything
 
 seed_everything(seed)

@@ -37,7 +37,7 @@ from pathlib import Path
 from IPython.display import Image, Markdown, display
 
 from gevit_lib.experiments import posthoc, posthoc_figures
-from gevit_lib.experiments.resources import digits_root, published_model, rotated_digits
+from gevit_lib.notebook import digits_root, published_model, rotated_digits
 
 out_dir, run_dir = Path(out_dir), Path(run_dir)
 backbone, checkpoint = published_model("vit_mnist", profile)

@@ -33,7 +33,7 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from gevit_lib.experiments import posthoc, posthoc_figures
-from gevit_lib.experiments.resources import digits_root, published_model
+from gevit_lib.notebook import digits_root, published_model
 
 out_dir, run_dir = Path(out_dir), Path(run_dir)
 backbone, checkpoint = published_model("vit_rotmnist_10pct", profile)

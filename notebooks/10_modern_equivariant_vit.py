@@ -52,7 +52,7 @@ from pathlib import Path
 from IPython.display import Image, Markdown, display
 
 from gevit_lib.experiments.modern_vit import model_zoo
-from gevit_lib.experiments.resources import digits_root
+from gevit_lib.notebook import digits_root
 from gevit_lib.viz import save_figure, save_table
 
 out_dir, run_dir = Path(out_dir), Path(run_dir)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..data import MNIST_MEAN, MNIST_STD
 from ..equivariance import relative_error
-from ..groups import Group, get_group
+from ..groups import Group, get_group, rotate, translate
 from ..models.gevit import GEViT, build_gevit
 from ..files import atomic_write
 from ..nn.positional import relative_coordinates
@@ -154,36 +154,6 @@ def normalize(raw: Tensor) -> Tensor:
     return (raw - MNIST_MEAN[0]) / MNIST_STD[0]
 
 
-def rotate(x: Tensor, degrees: float, interpolation: str = "bilinear") -> Tensor:
-    """Rotate images ``[..., H, W]`` counter-clockwise about their centre, zero fill (= black for raw images).
-
-    Multiples of 90 degrees are exact (``torch.rot90``); other angles are interpolated by torchvision
-    ("bilinear" or "nearest"). Rotating raw images with zero fill and then normalising equals rotating normalised
-    images with the background value as fill: the corners look like the rest of the background.
-    """
-    from torchvision.transforms.functional import InterpolationMode, rotate as tv_rotate
-
-    quarter, rest = divmod(float(degrees), 90.0)
-    if rest == 0.0:
-        return torch.rot90(x, int(quarter) % 4, dims=(-2, -1))
-    modes = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
-    if interpolation not in modes:
-        raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
-    shape = x.shape
-    out = tv_rotate(x.reshape(-1, 1, *shape[-2:]), float(degrees), interpolation=modes[interpolation])
-    return out.reshape(shape)
-
-
-def translate(x: Tensor, dy: int, dx: int) -> Tensor:
-    """Shift the content of images ``[..., H, W]`` by (dy, dx) pixels (negative = up / left), zero fill."""
-    out = torch.zeros_like(x)
-    h, w = x.shape[-2:]
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[..., yd, xd] = x[..., ys, xs]
-    return out
-
-
 def _labels(dataset: Any) -> np.ndarray:
     labels = getattr(dataset, "labels", None)
     if labels is None:
@@ -238,7 +208,7 @@ class Digits:
 
 
 def _split(split: str, profile: str, data_dir: str | os.PathLike[str] | None) -> tuple[Any, str]:
-    from .resources import rotated_digits
+    from ..notebook import rotated_digits
 
     return rotated_digits(split, profile, data_dir, normalize=False)
 
@@ -348,7 +318,7 @@ class ModelView:
 def rotation_views(profile: str, device: str | torch.device = "cpu") -> dict[str, ModelView]:
     """Fig 1's models, as in the post: the published p4 GE-ViT (trained on rotated MNIST: gets the digits as
     stored) and the published ViT trained on upright MNIST (gets them transposed back into MNIST's orientation)."""
-    from .resources import published_model
+    from ..notebook import published_model
 
     gevit, gevit_ck = published_model("gevit_p4sa_patch5_rotmnist", profile)
     vit, vit_ck = published_model("vit_mnist", profile)
@@ -780,7 +750,7 @@ def p4m_tables(profile: str, device: str | torch.device = "cpu") -> dict[str, tu
     a model nobody trained), each with its provenance label."""
     import warnings
 
-    from .resources import published_model
+    from ..notebook import published_model
 
     out = {}
     for table in ("reference", "corrected"):
@@ -796,7 +766,7 @@ def sweep_views(profile: str, seed: int = 0, device: str | torch.device = "cpu")
     (published, reference and corrected table), the ViT trained on rotated MNIST and its post-hoc mean-pooling
     wrappers over C4, D4 and C16 (the original's stacks: nearest interpolation, 0-filled corners)."""
     from ..posthoc import PostHoc
-    from .resources import published_model
+    from ..notebook import published_model
 
     p4, p4_ck = published_model("gevit_p4sa_patch5_rotmnist", profile)
     tables = p4m_tables(profile, device)

@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from gevit_lib import __version__
+from gevit_lib.augment import Augment, random_d4, random_rotation
+from gevit_lib.data import MNIST_BACKGROUND, evenly_spaced, random_subset, take_subset
 from gevit_lib.files import MissingFileError, atomic_write
 from gevit_lib.posthoc import FINETUNE_MODES, METHODS, VARIANTS, PostHoc, resolve_method
 from gevit_lib.profiles import PostHocProfile, posthoc_profile
@@ -72,57 +74,11 @@ PCAM_BACKBONES: dict[str, str] = {
     "densenet161.tiatoolbox-pcam": "1aurent/densenet161.tiatoolbox-pcam",
     "resnet50.tiatoolbox-pcam": "1aurent/resnet50.tiatoolbox-pcam",
 }
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-MNIST_BACKGROUND = (0.0 - MNIST_MEAN) / MNIST_STD  # black, in normalised space
 
-Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Augmentations (on-device, all randomness from the generator that fit() seeds and checkpoints)
-
-
-def random_rotation(degrees: float = 180.0, fill: float = 0.0, flips: bool = False,
-                    interpolation: str = "nearest") -> Augment:
-    """Rotate each image by a uniform angle in ``[-degrees, degrees]`` (nearest, like torchvision's
-    ``RandomRotation``; exposed corners = ``fill``), then with ``flips`` flip H and W each with probability 1/2."""
-
-    def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-        b = x.shape[0]
-        angle = (torch.rand(b, generator=generator, device=generator.device) * 2 - 1) * math.radians(degrees)
-        angle = angle.to(x.device, x.dtype)
-        c, s = torch.cos(angle), torch.sin(angle)
-        zero = torch.zeros_like(c)
-        theta = torch.stack([torch.stack([c, -s, zero], -1), torch.stack([s, c, zero], -1)], -2)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = F.grid_sample(x - fill, grid, mode=interpolation, padding_mode="zeros", align_corners=False) + fill
-        if flips:
-            out = _random_flips(out, generator)
-        return out
-
-    return augment
-
-
-def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
-    for dim in (-1, -2):
-        mask = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
-        x = torch.where(mask.to(x.device).view(-1, 1, 1, 1), torch.flip(x, dims=(dim,)), x)
-    return x
-
-
-def random_d4() -> Augment:
-    """A random multiple of 90 degrees, then random horizontal and vertical flips (the original's PCam training)."""
-
-    def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-        k = torch.randint(0, 4, (x.shape[0],), generator=generator, device=generator.device).to(x.device)
-        out = x.clone()
-        for q in (1, 2, 3):
-            sel = k == q
-            if bool(sel.any()):
-                out[sel] = torch.rot90(x[sel], q, dims=(-2, -1))
-        return _random_flips(out, generator)
-
-    return augment
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,28 +154,6 @@ class PostHocResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data helpers
-
-
-def evenly_spaced(n_total: int, n: int | None) -> Tensor:
-    """``n`` indices spread evenly over ``range(n_total)`` (all of them when ``n`` is None or too large)."""
-    if n is None or n >= n_total:
-        return torch.arange(n_total)
-    return torch.arange(n) * n_total // n
-
-
-def random_subset(n_total: int, n: int | None, seed: int) -> Tensor:
-    if n is None or n >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-
-
-def take_subset(ds: Dataset, idx: Tensor) -> Dataset | tuple[Tensor, Tensor]:
-    """In-memory datasets become (inputs, labels) tensors (fast); lazily read ones (PCam h5) a Subset."""
-    tensors = getattr(ds, "tensors", None)
-    if callable(tensors) and getattr(ds, "transform", None) is None:
-        x, y = tensors()
-        return x[idx], y[idx]
-    return Subset(ds, idx.tolist())
 
 
 def _size(data: Dataset | tuple[Tensor, Tensor]) -> int:

@@ -17,9 +17,9 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..checkpoints import PUBLISHED, load_published
-from ..files import ChecksumError, MissingFileError
-from ..profiles import check_profile
+from .checkpoints import PUBLISHED, load_published
+from .files import ChecksumError, MissingFileError
+from .profiles import check_profile
 
 __all__ = ["published_model", "rotated_digits", "upright_digits", "smoke_mnist_root", "digits_root"]
 
@@ -28,11 +28,11 @@ def _build_untrained(name: str, **options: Any) -> nn.Module:
     entry = PUBLISHED[name]
     config = {**entry.config, **options}
     if entry.kind == "gevit":
-        from ..models.gevit import build_gevit
+        from .models.gevit import build_gevit
 
         return build_gevit(**config)
     if entry.kind == "vit":
-        from ..models.vit import build_vit
+        from .models.vit import build_vit
 
         return build_vit(config.pop("preset", "mnist"), **config)
     raise ValueError(f"no untrained fallback for {name} ({entry.kind})")
@@ -53,7 +53,7 @@ def published_model(name: str, profile: str, **options: Any) -> tuple[nn.Module,
 
 def smoke_mnist_root() -> Path:
     """A folder with a small synthetic MNIST (written once per cache dir), for smoke runs without real data."""
-    from ..data import make_synthetic_mnist
+    from .data import make_synthetic_mnist
 
     base = Path(os.environ.get("GEVIT_CACHE_DIR") or tempfile.gettempdir()) / "gevit_smoke_mnist"
     if not (base / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
@@ -77,7 +77,7 @@ def _with_fallback(loader: Any, split: str, profile: str, data_dir: str | os.Pat
 def rotated_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None,
                    **kwargs: Any) -> tuple[Dataset, str]:
     """``(rotated MNIST split, data-source label)``: official archive, else regenerated; smoke falls back."""
-    from ..data import rotated_mnist
+    from .data import rotated_mnist
 
     ds, label = _with_fallback(rotated_mnist, split, profile, data_dir, **kwargs)
     return ds, (f"rotated MNIST ({label})" if "stand-in" not in label else label)
@@ -86,7 +86,7 @@ def rotated_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | 
 def upright_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None,
                    **kwargs: Any) -> tuple[Dataset, str]:
     """``(MNIST split, data-source label)``; smoke falls back to synthetic digits."""
-    from ..data import mnist
+    from .data import mnist
 
     ds, label = _with_fallback(mnist, split, profile, data_dir, **kwargs)
     return ds, (f"MNIST ({label})" if "stand-in" not in label else label)
