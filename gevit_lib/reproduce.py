@@ -48,12 +48,32 @@ def batch_parameters(book: Path, params: dict) -> dict:
     return {**params, "interactive": False} if "interactive" in declared else dict(params)
 
 
+def failure_message(exc: BaseException) -> str:
+    """One line naming the failing cell, the exception type and its message (papermill's own str() can be empty)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        where = f"cell {exc.exec_count}" if exc.exec_count is not None else f"cell index {exc.cell_index}"
+        message = str(exc.evalue).strip().splitlines()
+        return f"{where}: {exc.ename}: {message[-1] if message else '(no message)'}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else '(no message)'}"
+
+
+def default_cell_timeout(profile: str) -> int | None:
+    """Seconds one cell may run before the notebook fails: an hour at smoke / quick, unlimited at full (GPU
+    trainings run for hours in one cell)."""
+    return None if profile == "full" else 3600
+
+
 def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_dir: Path, data_dir: str | None,
-        seed: int, only: list[str] | None = None) -> int:
+        seed: int, only: list[str] | None = None, cell_timeout: int | None = None) -> int:
     books = find_notebooks(notebooks_dir, only)
     if not books:
-        print(f"No numbered notebooks in {notebooks_dir} yet: nothing to run.")
-        return 0
+        known = ", ".join(p.stem for p in find_notebooks(notebooks_dir)) or "none"
+        what = f"matching {' '.join(only)}" if only else "at all"
+        print(f"error: no numbered notebooks {what} in {notebooks_dir} (notebooks there: {known})", file=sys.stderr)
+        return 2
     import papermill as pm  # imported late: only the notebooks extra needs it
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,10 +90,11 @@ def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_di
         print(f"=== {book.name} (profile={profile}, device={device})", flush=True)
         try:
             pm.execute_notebook(str(book), str(target), parameters=batch_parameters(book, params),
-                                cwd=str(notebooks_dir), progress_bar=False, log_output=False)
+                                cwd=str(notebooks_dir), progress_bar=False, log_output=False,
+                                execution_timeout=cell_timeout)
             status = "ok"
         except Exception as exc:  # noqa: BLE001 - report every failing notebook, then fail at the end
-            status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            status = f"FAILED: {failure_message(exc)}"
             failed += 1
         seconds = time.time() - start
         summary.append((book.name, status, seconds, outputs_since(out_dir, start), target))
@@ -97,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "notebooks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="run only notebooks whose name starts with one of these")
+    parser.add_argument("--cell-timeout", type=int, default=None,
+                        help="seconds one cell may run before its notebook fails (0: no limit; default: an hour at "
+                             "smoke and quick, no limit at full)")
     args = parser.parse_args(argv)
+    timeout = default_cell_timeout(args.profile) if args.cell_timeout is None else (args.cell_timeout or None)
     return run(args.profile, args.device, notebooks_dir=REPO / "notebooks", out_dir=args.out_dir.resolve(),
-               run_dir=args.run_dir.resolve(), data_dir=args.data_dir, seed=args.seed, only=args.only)
+               run_dir=args.run_dir.resolve(), data_dir=args.data_dir, seed=args.seed, only=args.only,
+               cell_timeout=timeout)
 
 
 if __name__ == "__main__":
