@@ -3,7 +3,7 @@
 Every pixel attends to a P x P neighbourhood of pixels around it (or, for global attention, to the whole image),
 and in a group layer also to every group element of those pixels. Per head, with queries ``q``, keys ``k`` and
 values ``val`` (1x1 linear maps of the input), a query at pixel x and group element g looks at the key at pixel
-x + delta and group element m. For every *output* group element v the logit is the sum of three terms:
+x + delta and group element m. For every *output* group element v the logit sums content, position and group terms:
 
     L[v, g, x, m, delta] = s * (   q(g, x) . k(m, x + delta)                              content
                                  + q_row(g, x) . e_row(row of A_v delta)                   row position
