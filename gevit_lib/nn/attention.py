@@ -145,7 +145,7 @@ def reference_logits(q: Tensor, k: Tensor, pos: Tensor, grp: Tensor | None = Non
         g_emb = grp[gidx.reshape(-1)].view(*gidx.shape, dg)  # [v, g, m, c]: e_grp[gidx[v, g, m]]
         g_scores = torch.einsum("bcgij,vgmc->bvgijm", qo[:, dpos:dpos + dg], g_emb)
         scores = scores + g_scores[..., None, None]  # [b, v, g, i, j, m, 1, 1]: the same for every offset
-    scores = (scores + content.expand_as(scores)) * scale
+    scores = (scores + content.expand_as(scores)) * scale  # [b, v, g, i, j, m, k, l]
     if patch_size is not None:
         p = patch_size
         ones = torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device)
