@@ -1,7 +1,8 @@
 """Speed and memory of GE-ViT: the fast attention path against the original algorithm, same machine, same run.
 
 "reference (original algorithm)" is ``impl="plain"``: gevit_lib's transcription of the original computation
-(materialised 9-D logits, SPEC 2.2-2.3); the original repository's code itself is not part of this project.
+(materialised 9-D logits, :func:`gevit_lib.nn.attention.reference_attention`); the original repository's code
+itself is not part of this project.
 Columns: parameters, eval forward time (no grad), training step time (forward + backward + Adam step, train mode,
 dropout on as in the presets), peak memory. Times are medians over ``--repeats`` runs after one warm-up run.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -13,8 +14,10 @@ from gevit_lib.nn import (
     GroupSelfAttention,
     LiftingSelfAttention,
     fast_local_attention,
+    global_attention,
     group_index_table,
     local_attention,
+    reference_attention,
     reference_relative_positions,
     relative_coordinates,
 )
@@ -31,8 +34,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- tables and grids ------------------------------------------------------------------------------------------
-def test_reference_tables_follow_spec() -> None:
-    """SPEC 1.5: GE-ViT C4 relative positions and gidx = (2g - m - v) mod n; GSA-Nets (j - k) and (m + v - g)."""
+def test_reference_tables_are_the_original_formulas() -> None:
+    """The original code's tables: GE-ViT C4 relative positions and gidx = (2g - m - v) mod n; GSA-Nets (j - k) and
+    (m + v - g); the flip group's special case."""
     assert reference_relative_positions("p4").tolist() == [[0, 3, 2, 1], [2, 1, 0, 3], [0, 3, 2, 1], [2, 1, 0, 3]]
     for name in ("p4", "p8", "p12"):
         n = len(get_group(name))
@@ -60,9 +64,9 @@ def test_corrected_table_is_invariant_and_equals_reference_where_original_was_ri
     assert same == (name not in ("p4m", "p8m"))
 
 
-def test_coordinate_grids_follow_spec_figures() -> None:
-    """SPEC 1.3 (row_embd_idxs.png): g0 rows -1..1 top to bottom; g1 (90 deg): the row input varies -1..1 left to
-    right; g4 (mirror): row grid as g0, column grid left-right reversed."""
+def test_coordinate_grids_follow_the_posts_figures() -> None:
+    """As in the post's row_embd_idxs.png / col_embd_idxs.png: g0 rows -1..1 top to bottom; g1 (90 deg): the row
+    input varies -1..1 left to right; g4 (mirror): row grid as g0, column grid left-right reversed."""
     c = relative_coordinates("p4m", 5)
     o = torch.linspace(-1, 1, 5, dtype=torch.float64)
     torch.testing.assert_close(c[0, :, :, 0], o.view(-1, 1).expand(5, 5))
@@ -143,6 +147,43 @@ def _attention_inputs(n: int, h: int, w: int, g: int, d: int, p: int, dg: int) -
     return q, k, v, pos, grp
 
 
+def test_reference_attention_is_the_formula() -> None:
+    """reference_attention against the module docstring's formula, one logit at a time (loops over v, g, x, m,
+    delta): content + row/column position of the offset moved by v + group embedding gidx[v, g, m], -inf outside
+    the image, softmax over (m, delta), sum over g."""
+    torch.manual_seed(4)
+    n, h, w, g, d, p, dpos, dg = 1, 4, 3, 4, 5, 3, 2, 2
+    q, k, v, pos, grp = (t.detach() for t in _attention_inputs(n, h, w, g, d, p, dg))
+    pos = pos.expand(g, p * p, 2).clone() + torch.randn(g, p * p, 2, dtype=torch.float64)  # a table per v
+    gidx, s, r = group_index_table("p4"), 0.7, p // 2
+    out = torch.zeros(n, h, w, g, d, dtype=torch.float64)
+    for vv, gg, i, j in itertools.product(range(g), range(g), range(h), range(w)):
+        logits, values = [], []
+        for m, di, dj in itertools.product(range(g), range(-r, r + 1), range(-r, r + 1)):
+            if 0 <= i + di < h and 0 <= j + dj < w:
+                qx = q[0, i, j, gg]
+                term = qx @ k[0, i + di, j + dj, m] + qx[:dpos] @ pos[vv, (di + r) * p + dj + r]
+                logits.append(s * (term + qx[dpos:dpos + dg] @ grp[gidx[vv, gg, m]]))
+                values.append(v[0, i + di, j + dj, m])
+        out[0, i, j, vv] += torch.softmax(torch.stack(logits), 0) @ torch.stack(values)
+    torch.testing.assert_close(reference_attention(q, k, v, pos, grp, gidx, scale=s, patch_size=p), out,
+                               atol=1e-12, rtol=0)
+
+
+def test_local_and_global_attention_dispatch_on_impl() -> None:
+    torch.manual_seed(5)
+    q, k, v, pos, grp = (t.detach() for t in _attention_inputs(2, 3, 3, 4, 4, 5, dg=1))
+    gidx = group_index_table("p4")
+    for fn, extra in ((local_attention, {"patch_size": 5}), (global_attention, {})):
+        plain = fn(q, k, v, pos, grp, gidx, scale=0.5, impl="plain", **extra)
+        assert torch.equal(plain, reference_attention(q, k, v, pos, grp, gidx, scale=0.5,
+                                                      patch_size=extra.get("patch_size")))
+        assert torch.equal(fn(q, k, v, pos, grp, gidx, scale=0.5, **extra),
+                           fast_local_attention(q, k, v, pos, grp, gidx, scale=0.5, patch_size=5))
+        with pytest.raises(ValueError, match="impl must be one of"):
+            fn(q, k, v, pos, grp, gidx, scale=0.5, impl="flash", **extra)
+
+
 @pytest.mark.parametrize("pool", (True, False))
 def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bool) -> None:
     """Many chunks, run on the CPU thread pool (2 threads, every layer forced onto it) or serially."""
@@ -159,7 +200,7 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
         weight = torch.linspace(-1, 1, n * h * w * g * d, dtype=torch.float64).view(n, h, w, g, d)
         fast = fast_local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, chunk_elements=500,
                                     backend="chunked")
-        plain = local_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p, impl="plain")
+        plain = reference_attention(q, k, v, pos, grp, gidx, scale=0.7, patch_size=p)
         assert rel_err(fast, plain) < 1e-12
         for a, b in zip(torch.autograd.grad((fast * weight).sum(), inputs),
                         torch.autograd.grad((plain * weight).sum(), inputs)):
@@ -217,7 +258,7 @@ def test_fast_matches_plain_with_huge_logits_and_large_neighbourhoods(backend: s
     args = [t.clone().requires_grad_(True) for t in (q, k, v, pos, grp)]
     out = fast_local_attention(*args[:4], args[4], gidx, scale=1.0, patch_size=p, backend=backend)
     ref_args = [t.clone().requires_grad_(True) for t in (q, k, v, pos, grp)]
-    ref = local_attention(*ref_args[:4], ref_args[4], gidx, scale=1.0, patch_size=p, impl="plain")
+    ref = reference_attention(*ref_args[:4], ref_args[4], gidx, scale=1.0, patch_size=p)
     assert rel_err(out, ref) < 1e-10
     weight = torch.randn_like(ref)
     grads = torch.autograd.grad((out * weight).sum(), args)
@@ -227,8 +268,7 @@ def test_fast_matches_plain_with_huge_logits_and_large_neighbourhoods(backend: s
         assert float((a - b).abs().max()) < 1e-12 * scale
     small = [t.float() for t in (q / 40, k / 40, v, pos / 40, grp / 40)]
     out32 = fast_local_attention(*small[:4], small[4], gidx, scale=1.0, patch_size=p, backend=backend)
-    ref64 = local_attention(*[t.double() for t in small[:4]], small[4].double(), gidx, scale=1.0, patch_size=p,
-                            impl="plain")
+    ref64 = reference_attention(*[t.double() for t in small[:4]], small[4].double(), gidx, scale=1.0, patch_size=p)
     assert out32.dtype == torch.float32 and rel_err(out32.double(), ref64) < 1e-5
 
 
@@ -272,11 +312,11 @@ def test_fast_path_falls_back_when_the_shift_bound_underflows(monkeypatch) -> No
     args = [t.clone().requires_grad_(True) for t in (q, k, v, pos)]
     fast = fast_local_attention(*args, None, None, scale=1.0, patch_size=p, backend="chunked")
     assert calls, "the fallback was not exercised"
-    plain = local_attention(q, k, v, pos, scale=1.0, patch_size=p, impl="plain")
+    plain = reference_attention(q, k, v, pos, scale=1.0, patch_size=p)
     assert rel_err(fast, plain) < 1e-10
     grads = torch.autograd.grad(fast.sum(), args)
     ref_args = [t.clone().requires_grad_(True) for t in (q, k, v, pos)]
-    ref = torch.autograd.grad(local_attention(*ref_args, scale=1.0, patch_size=p, impl="plain").sum(), ref_args)
+    ref = torch.autograd.grad(reference_attention(*ref_args, scale=1.0, patch_size=p).sum(), ref_args)
     for a, b in zip(grads, ref):
         assert rel_err(a, b) < 1e-8
 

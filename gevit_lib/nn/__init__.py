@@ -1,6 +1,15 @@
 """Equivariant self-attention layers (GE-ViT, GSA-Nets): lifting and group self-attention, positional encodings."""
 
-from .attention import IMPLS, GroupSelfAttention, LiftingSelfAttention, Pointwise, global_attention, local_attention
+from .attention import (
+    IMPLS,
+    GroupSelfAttention,
+    LiftingSelfAttention,
+    Pointwise,
+    global_attention,
+    local_attention,
+    reference_attention,
+    reference_logits,
+)
 from .fast_attention import fast_local_attention
 from .positional import (
     GROUP_INDEX,
@@ -21,6 +30,8 @@ __all__ = [
     "GroupSelfAttention",
     "Pointwise",
     "local_attention",
+    "reference_attention",
+    "reference_logits",
     "global_attention",
     "fast_local_attention",
     "CoordinateMLP",

@@ -1,18 +1,56 @@
-"""Lifting and group self-attention layers of GE-ViT / GSA-Nets (local P x P neighbourhoods or global).
+"""Lifting and group self-attention of GE-ViT / GSA-Nets, written the way the math reads.
 
-One attention function, two implementations (``impl=``):
+Every pixel attends to a P x P neighbourhood of pixels around it (or, for global attention, to the whole image),
+and in a group layer also to every group element of those pixels. Per head, with queries ``q``, keys ``k`` and
+values ``val`` (1x1 linear maps of the input), a query at pixel x and group element g looks at the key at pixel
+x + delta and group element m. For every *output* group element v the logit sums content, position and group terms:
 
-- ``"plain"`` transcribes the original computation (SPEC 2.2-2.4): it materialises the full logit tensor
-  ``[B, heads, G(v), G(g), H, W, G(m), P, P]`` (global: ``[..., G(m), H, W]``) from the content, row, column and
-  group terms, masks outside-image neighbours with -inf, takes the softmax jointly over (m, neighbourhood), applies
-  dropout and sums ``prob * value`` over (g, m, neighbourhood). Kept for tests and teaching; memory ~ G^3 H W P^2.
-- ``"fast"`` (default): :mod:`gevit_lib.nn.fast_attention`, the same function without the 9-D tensor (on CPU a
-  fused C++ kernel, elsewhere chunk by chunk in torch) with a recomputing backward pass; global attention runs as local attention with a (2S-1) x (2S-1) neighbourhood, which
-  has exactly the same normalised relative offsets.
+    L[v, g, x, m, delta] = s * (   q(g, x) . k(m, x + delta)                              content
+                                 + q_row(g, x) . e_row(row of A_v delta)                   row position
+                                 + q_col(g, x) . e_col(column of A_v delta)                column position
+                                 + q_grp(g, x) . e_grp[gidx[v, g, m]] )                    group position
 
-The lifting layer is the special case with one query/key group element and no group term, so both layers share
-the implementation. Heads are laid out channel-major as in the original (channel ``c * heads + h``), the score
-normaliser is ``sqrt(in_channels)``, and projections are 1x1 linear maps (``weight [out, in]``).
+- ``A_v delta`` is the offset delta moved by the group element v (rotated, maybe mirrored): the only place where v
+  enters the spatial terms. ``e_row``, ``e_col`` are small MLPs of one scalar coordinate. Both live in
+  :mod:`gevit_lib.nn.positional`, which also explains the two conventions (GE-ViT and GSA-Nets).
+- ``e_grp`` is a table of |G| learned vectors; ``gidx[v, g, m]`` says which one the pair (query g, key m) uses for
+  output v (:func:`gevit_lib.nn.positional.group_index_table`; docs/group_table.md explains the choice).
+- ``q_row``, ``q_col``, ``q_grp`` are consecutive slices of the query channels; ``s = 1 / sqrt(C_in)`` (the number of
+  input channels of the layer, not the head size, as in the original code).
+- Neighbours outside the image get ``L = -inf``.
+
+The probabilities are a softmax over (m, delta) *jointly*, separately for every (v, g, x), and the output at v sums
+the attended values of *all* query group elements g:
+
+    p[v, g, x, m, delta] = exp(L[v, g, x, m, delta]) / sum over (m', delta') of exp(L[v, g, x, m', delta'])
+    out(v, x) = sum over g of   sum over (m, delta) of   p[v, g, x, m, delta] * val(m, x + delta)
+
+Lifting self-attention is the special case of an image input: one query and one key "group element" and no group
+term, so ``L[v, x, delta] = s * (q(x) . k(x + delta) + q_row(x) . e_row(...) + q_col(x) . e_col(...))``. The
+output still has a group axis, because every v sees the neighbourhood through its own transformed offsets.
+Global attention is the same with delta ranging over all key pixels (offsets taken from a (2S-1) x (2S-1) table
+for an S x S image).
+
+Index letters (the einsum subscripts below) and the tensor sizes they run over:
+
+    b     batch x heads          N = B * n (B images, n heads; channel-major: channel c * n + head, as in the original)
+    c     channel within a head  d (``mid_channels``; q/k split into row, column and group slices)
+    v     output group element   Gv = |G|
+    g     query group element    Gq = |G| (1 in the lifting layer)
+    m     key group element      Gk = |G| (1 in the lifting layer)
+    i, j  query pixel row, col   H, W
+    k, l  neighbour row, col     P, P (offset k - P//2, l - P//2); global attention: key pixel row, col (H, W)
+
+Two implementations compute this (``impl=``):
+
+- ``"plain"``: :func:`reference_attention`, the formula above transcribed with einsum. It builds the full logit
+  tensor ``[b, v, g, i, j, m, k, l]`` (memory ~ |G|^3 H W P^2 per head), so it is for tests and for reading.
+- ``"fast"`` (default): :func:`gevit_lib.nn.fast_attention.fast_local_attention`, the same function without that
+  tensor (on CPU a fused C++ kernel, elsewhere chunk by chunk in torch) and a recomputing backward pass; global
+  attention runs as local attention with a (2S-1) x (2S-1) neighbourhood, which has exactly the same offsets.
+  The tests check it against the plain path, values and gradients.
+
+Projections are 1x1 linear maps (``weight [out, in]``), as 1x1 convolutions were in the original.
 """
 
 from __future__ import annotations
@@ -21,6 +59,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..groups import Group, get_group
@@ -30,6 +69,8 @@ from .positional import RelativePositionalEncoding, feature_action_side
 __all__ = [
     "IMPLS",
     "Pointwise",
+    "reference_logits",
+    "reference_attention",
     "local_attention",
     "global_attention",
     "LiftingSelfAttention",
@@ -56,87 +97,99 @@ class Pointwise(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"
 
 
-# ---- the attention function ------------------------------------------------------------------------------------
+# ---- the plain path: the formula, one einsum per term ------------------------------------------------------------
 def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
 
 
-def _plain_scores(q: Tensor, k: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, scale: float,
-                  patch_size: int | None) -> Tensor:
-    """The materialised logits, original layout ``[N, Gv, Gq, H, W, Gk, *neighbourhood]`` (N = batch * heads).
+def _neighbourhoods(x: Tensor, p: int) -> Tensor:
+    """The P x P neighbours of every pixel (zeros outside the image): ``[b, c, m, i, j] -> [b, c, m, k, l, i, j]``."""
+    n, d, gk, h, w = x.shape
+    cols = F.unfold(rearrange(x, "b c m i j -> b (c m) i j"), p, padding=p // 2)  # [b, (c m k l), (i j)]
+    return cols.view(n, d, gk, p, p, h, w)  # [b, c, m, k, l, i, j]
 
-    ``patch_size`` None means global attention: neighbourhood = the whole image, ``pos`` on the (2S-1)^2 offsets.
+
+def reference_logits(q: Tensor, k: Tensor, pos: Tensor, grp: Tensor | None = None, gidx: Tensor | None = None, *,
+                     scale: float, patch_size: int | None) -> Tensor:
+    """The logits ``L`` of the module docstring, materialised: ``[b, v, g, i, j, m, k, l]``.
+
+    q ``[b, i, j, g, c]``, k ``[b, i, j, m, c]``; pos ``[v, k*l, dpos]`` holds the row and column embeddings of the
+    transformed offsets, used with ``q[..., :dpos]``; grp ``[|G|, dg]`` and gidx ``[v, g, m]`` the group term, used
+    with ``q[..., dpos:dpos+dg]`` (None for lifting). ``patch_size`` None means global attention (``pos`` then holds
+    all (2S-1)^2 offsets and (k, l) is the key pixel). Outside-image neighbours are -inf.
     """
     n, h, w, gq, d = q.shape
     gk, n_gv, dpos = k.shape[3], pos.shape[0], pos.shape[-1]
-    qo = q.permute(0, 4, 3, 1, 2)  # [N, d, Gq, H, W] as in the original
-    ko = k.permute(0, 4, 3, 1, 2)
+    qo = rearrange(q, "b i j g c -> b c g i j")
+    ko = rearrange(k, "b i j m c -> b c m i j")
     if patch_size is not None:
         p = patch_size
-        k_local = F.unfold(ko.reshape(n, d * gk, h, w), p, padding=p // 2).view(n, d, gk, p, p, h, w)
-        content = torch.einsum("bcgij,bcmklij->bgijmkl", qo, k_local).unsqueeze(1)
-        table = pos.view(n_gv, p, p, dpos)
+        content = torch.einsum("bcgij,bcmklij->bgijmkl", qo, _neighbourhoods(ko, p)).unsqueeze(1)  # [b,1,g,i,j,m,k,l]
+        table = pos.view(n_gv, p, p, dpos)  # [v, k, l, c]
         spatial = torch.einsum("bcgij,vklc->bvgijkl", qo[:, :dpos], table)
     else:
         if h != w:
             raise ValueError(f"global attention needs a square image, got {h}x{w}")
-        content = torch.einsum("bcgij,bcmkl->bgijmkl", qo, ko).unsqueeze(1)
+        content = torch.einsum("bcgij,bcmkl->bgijmkl", qo, ko).unsqueeze(1)  # [b, 1, g, i, j, m, k, l]
         s = h
-        table = pos.view(n_gv, 2 * s - 1, 2 * s - 1, dpos)
-        # window of relative offsets (key - query) for every query position, as the original's extract_patches
+        table = pos.view(n_gv, 2 * s - 1, 2 * s - 1, dpos)  # [v, row offset, column offset, c]
+        # for query (i, j) and key (k, l) the offset is (k - i, l - j): table row k - i + S - 1, column l - j + S - 1
         rel = torch.arange(s).view(1, -1) - torch.arange(s).view(-1, 1) + s - 1  # [query, key]
-        windows = table[:, rel.view(s, 1, s, 1), rel.view(1, s, 1, s)]  # [G, i, j, k, l, c]
+        windows = table[:, rel.view(s, 1, s, 1), rel.view(1, s, 1, s)]  # [v, i, j, k, l, c]
         spatial = torch.einsum("bcgij,vijklc->bvgijkl", qo[:, :dpos], windows)
-    scores = spatial.unsqueeze(-3)  # broadcast over m
+    scores = spatial.unsqueeze(-3)  # [b, v, g, i, j, 1, k, l]: the same for every key group element m
     if grp is not None and gidx is not None:
         dg = grp.shape[1]
-        g_emb = grp[gidx.reshape(-1)].view(*gidx.shape, dg)  # [v, g, m, c]
+        g_emb = grp[gidx.reshape(-1)].view(*gidx.shape, dg)  # [v, g, m, c]: e_grp[gidx[v, g, m]]
         g_scores = torch.einsum("bcgij,vgmc->bvgijm", qo[:, dpos:dpos + dg], g_emb)
-        scores = scores + g_scores[..., None, None]
-    scores = (scores + content.expand_as(scores)) * scale
+        scores = scores + g_scores[..., None, None]  # [b, v, g, i, j, m, 1, 1]: the same for every offset
+    scores = (scores + content.expand_as(scores)) * scale  # [b, v, g, i, j, m, k, l]
     if patch_size is not None:
         p = patch_size
-        inside = F.unfold(torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device), p, padding=p // 2).view(p, p, h, w)
+        ones = torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device)
+        inside = F.unfold(ones, p, padding=p // 2).view(p, p, h, w)  # [k, l, i, j]: 1 where the neighbour exists
         outside = torch.zeros_like(inside).masked_fill_(inside == 0, float("inf"))
-        scores = scores - outside.permute(2, 3, 0, 1)[:, :, None]  # [H, W, 1, P, P]
+        scores = scores - outside.permute(2, 3, 0, 1)[:, :, None]  # [i, j, 1, k, l]
     return scores
 
 
-def _plain_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, *,
-                     scale: float, patch_size: int | None, dropout: float, training: bool) -> Tensor:
-    n, h, w, gq, _ = q.shape
-    gk, dv = k.shape[3], v.shape[4]
-    scores = _plain_scores(q, k, pos, grp, gidx, scale, patch_size)
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
+                        gidx: Tensor | None = None, *, scale: float, patch_size: int | None, dropout: float = 0.0,
+                        training: bool = False) -> Tensor:
+    """Lifting / group self-attention by the formula (the ``"plain"`` path): ``[b, i, j, v, c]``.
+
+    Arguments as in :func:`reference_logits`; v ``[b, i, j, m, c]``. Softmax over (m, k, l) jointly, attention
+    dropout on the probabilities when ``training``, then the sum over (g, m, k, l) of probability times value.
+    """
+    scores = reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch_size)  # [b, v, g, i, j, m, k, l]
     shape = scores.shape
-    probs = F.dropout(torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape), dropout, training)
-    vo = v.permute(0, 4, 3, 1, 2)  # [N, dv, Gk, H, W]
+    probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape)  # softmax over (m, k, l) together
+    probs = F.dropout(probs, dropout, training)
+    vo = rearrange(v, "b i j m c -> b c m i j")
     if patch_size is not None:
-        p = patch_size
-        v_local = F.unfold(vo.reshape(n, dv * gk, h, w), p, padding=p // 2).view(n, dv, gk, p, p, h, w)
-        out = torch.einsum("bvgijmkl,bcmklij->bcvij", probs, v_local)
+        out = torch.einsum("bvgijmkl,bcmklij->bcvij", probs, _neighbourhoods(vo, patch_size))
     else:
         out = torch.einsum("bvgijmkl,bcmkl->bcvij", probs, vo)
-    return out.permute(0, 3, 4, 2, 1)  # [N, H, W, Gv, dv]
+    return rearrange(out, "b c v i j -> b i j v c")
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
                     gidx: Tensor | None = None, *, scale: float, patch_size: int, dropout: float = 0.0,
                     training: bool = False, impl: str = "fast", chunk_elements: int | None = None) -> Tensor:
-    """Local lifting/group self-attention on projected heads.
+    """Local lifting/group self-attention on projected heads, by ``impl`` ("fast" or "plain").
 
     q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v ``[N, H, W, Gk, dv]`` (N = batch * heads), pos
     ``[Gv, P*P, dpos]`` (row/column embeddings of the transformed offsets, used with ``q[..., :dpos]``), grp
     ``[G, dg]`` and gidx ``[Gv, Gq, Gk]`` (group term, used with ``q[..., dpos:dpos+dg]``; None for lifting).
     Returns ``[N, H, W, Gv, dv]``.
     """
-    p_drop = dropout if training else 0.0
     if _check_impl(impl) == "plain":
-        return _plain_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
-                                training=training)
-    return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=p_drop,
-                                chunk_elements=chunk_elements)
+        return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
+                                   training=training)
+    return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
+                                dropout=dropout if training else 0.0, chunk_elements=chunk_elements)
 
 
 def global_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
@@ -145,8 +198,8 @@ def global_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor |
     """Global attention on an S x S image; ``pos`` holds the embeddings of all (2S-1)^2 relative offsets."""
     s = q.shape[1]
     if _check_impl(impl) == "plain":
-        return _plain_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=None, dropout=dropout,
-                                training=training)
+        return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=None, dropout=dropout,
+                                   training=training)
     return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=2 * s - 1,
                                 dropout=dropout if training else 0.0, chunk_elements=chunk_elements)
 
@@ -203,21 +256,20 @@ class _SelfAttention(nn.Module):
         """Regular action of the output's group axis: "right" (GE-ViT) or "left" (GSA-Nets)."""
         return feature_action_side(self.positional)
 
-    # x_cl: [B, H, W, Gin, Cin] -> q, k, v [B*heads, H, W, Gin, d]
     def _heads(self, x_cl: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values of ``x_cl [B, H, W, G, C_in]``, each ``[B*heads, H, W, G, d]``."""
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # type: ignore[list-item]
-        qkv = F.linear(x_cl, w, b)
-        bsz, h, wd, g = qkv.shape[:4]
-        d, nh = self.mid_channels, self.num_heads
-        qkv = qkv.view(bsz, h, wd, g, 3, d, nh).permute(4, 0, 6, 1, 2, 3, 5).reshape(3, bsz * nh, h, wd, g, d)
+        qkv = F.linear(x_cl, w, b)  # [B, H, W, G, 3 * d * heads]
+        # heads are channel-major (channel c * heads + h): the last axis is (qkv, c, head)
+        qkv = rearrange(qkv, "B i j g (t c n) -> t (B n) i j g c", t=3, n=self.num_heads)
         return qkv[0], qkv[1], qkv[2]
 
     def _merge(self, out: Tensor, bsz: int) -> Tensor:
-        n, h, w, g, d = out.shape
-        out = out.view(bsz, self.num_heads, h, w, g, d).permute(0, 2, 3, 4, 5, 1)
-        out = out.reshape(bsz, h, w, g, d * self.num_heads)
-        return F.linear(out, self.out.weight, self.out.bias).permute(0, 4, 3, 1, 2)  # [B, C, G, H, W]
+        """Heads ``[B*heads, H, W, G, d]`` back to channels (channel-major), then the output ``[B, C_out, G, H, W]``."""
+        out = rearrange(out, "(B n) i j g c -> B i j g (c n)", B=bsz)  # [B, H, W, G, d * heads]
+        out = F.linear(out, self.out.weight, self.out.bias)  # [B, H, W, G, C_out]
+        return rearrange(out, "B i j g c -> B c g i j")
 
     def _group_term(self) -> tuple[Tensor | None, Tensor | None]:
         if self.pos.group_embedding is None:
@@ -243,10 +295,11 @@ class _SelfAttention(nn.Module):
 
     def _probabilities(self, q: Tensor, k: Tensor, bsz: int) -> Tensor:
         grp, gidx = self._group_term()
-        scores = _plain_scores(q, k, self.pos.spatial(), grp, gidx, 1.0 / math.sqrt(self.in_channels), self.patch_size)
+        scores = reference_logits(q, k, self.pos.spatial(), grp, gidx, scale=1.0 / math.sqrt(self.in_channels),
+                                  patch_size=self.patch_size)  # [B*heads, v, g, i, j, m, k, l]
         shape = scores.shape
-        probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape)
-        return probs.view(bsz, self.num_heads, *shape[1:])
+        probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape)  # softmax over (m, k, l) together
+        return probs.view(bsz, self.num_heads, *shape[1:])  # [B, heads, v, g, i, j, m, k, l]
 
     def extra_repr(self) -> str:
         hood = f"patch_size={self.patch_size}" if self.patch_size else f"global, image_size={self.image_size}"
@@ -255,7 +308,8 @@ class _SelfAttention(nn.Module):
 
 
 class LiftingSelfAttention(_SelfAttention):
-    """Lifting self-attention: image ``[B, C_in, H, W]`` -> group signal ``[B, C_out, G, H, W]`` (SPEC 2.2, 2.4).
+    """Lifting self-attention: image ``[B, C_in, H, W]`` -> group signal ``[B, C_out, G, H, W]`` (see the module
+    docstring for the formula).
 
     Row/column embeddings use ``mid_channels // 2`` query channels each (mid_channels must be even).
     """
@@ -289,7 +343,7 @@ class LiftingSelfAttention(_SelfAttention):
 
 
 class GroupSelfAttention(_SelfAttention):
-    """Group self-attention: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H, W]`` (SPEC 2.3, 2.4).
+    """Group self-attention: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H, W]`` (see the module docstring).
 
     Query channels: ``mid // 3`` row, ``mid // 3`` column, the rest group embedding. ``group_index`` selects the
     group-axis table ("corrected": exactly equivariant; "reference": the original code's).

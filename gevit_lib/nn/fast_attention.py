@@ -1,6 +1,6 @@
 """Fast path of GE-ViT / GSA-Net local attention: a memory-light autograd Function (flash-attention style).
 
-The logits of a group self-attention layer (SPEC 2.3) are, per head and pixel x,
+The logits of a group self-attention layer (derived in :mod:`gevit_lib.nn.attention`) are, per head and pixel x,
 
     L[v, g, delta, m] = s * (q(g,x).k(m,x+delta) + q_pos(g,x).E_pos[v,delta] + q_grp(g,x).E_grp[gidx[v,g,m]])
 

@@ -2,8 +2,9 @@
 D2, D4 (``z2``, ``p4``, ``mz2``, ``p4m``, ...), built on :mod:`gevit_lib.groups`.
 
 Why hand-written: the usual libraries (e2cnn / escnn) are not dependencies here, and the post's G-CNN resampled its
-filters on rotated grids with an ad-hoc encoding of flips, which made its group convolutions non-equivariant
-(SPEC 9.3). Here every filter transform is an exact pixel permutation (``Group.act_on_image``) and every group-axis
+filters on rotated grids and encoded a flip as an extra angle on the rotation axis, interpolating across that
+encoding, which made its group convolutions beyond the lifting layer non-equivariant for D4 (its C4 version is
+fine). Here every filter transform is an exact pixel permutation (``Group.act_on_image``) and every group-axis
 transform a regular permutation read off the Cayley table (``Group.act_on_group_signal``).
 
 Signals: images ``[B, C, H, W]``; group signals ``[B, C, G, H, W]`` (group element order of the group). Feature maps
@@ -209,8 +210,9 @@ class GCNN(nn.Module):
     """A plain G-CNN stack: lifting conv, then ``num_layers - 1`` group convs, each followed by ``GroupSignalNorm`` (no
     affine unless ``norm_affine``) and ReLU. Output: a group signal ``[B, hidden, G, H', W']`` (left action).
 
-    The post's hybrid front end (SPEC 6.2) is ``GCNN("p4m", 3, 8, num_layers=8, kernel_size=5, padding=0,
-    bias=False)`` followed by max pooling over the group axis and an adaptive spatial max-pool to 6x6.
+    The front end of the post's hybrid (G-CNN -> GE-ViT, :mod:`gevit_lib.models.hybrid`) is ``GCNN("p4m", 3, 8,
+    num_layers=8, kernel_size=5, padding=0, bias=False)`` followed by max pooling over the group axis and an
+    adaptive spatial max-pool to 6x6.
     """
 
     def __init__(self, group: Group | str, in_channels: int, hidden_channels: int, num_layers: int = 2,

@@ -1,23 +1,43 @@
-"""Relative positional encodings of GE-ViT and GSA-Nets: coordinate grids, group-axis index tables, embedding MLPs.
+"""Relative positional encodings of GE-ViT and GSA-Nets: offset grids, their transforms, group-axis index tables.
 
-Two conventions (``positional=``):
+The encoding. A query at pixel x looks at neighbours x + delta, delta = (row offset, column offset) in a P x P
+window (global attention: every offset of an S x S image, a (2S-1) x (2S-1) window). The offsets are scaled to
+[-1, 1] (:func:`normalised_offsets`: P = 5 gives -1, -0.5, 0, 0.5, 1). For an output group element v the layer
+moves the whole grid by v and embeds each coordinate of each moved offset with a small MLP of one scalar
+(:class:`CoordinateMLP`: Linear(1, 16), LayerNorm, Swish, Linear(16, dim)):
 
-- ``"gevit"`` (GE-ViT, Xu et al. 2023): the offset of a neighbour is the vector (x = column offset, y = row offset),
-  element v acts on it by its matrix ``A_v = M^s R(theta)`` (rotate, then mirror x); the row embedding reads the
-  transformed y, the column embedding the transformed x. Features then transform by the *right* regular action
-  ``f'(h) = T_t f(h t)``.
-- ``"gsa"`` (GSA-Nets, Romero & Cordonnier 2021): the vector is (row, column), rotated by the same matrix, and a
-  mirror flips the coordinate *array*. In (x, y) terms that is ``A_v^-1`` (shown in ``tests/test_gevit_layers.py``),
-  so features transform by the *left* regular action ``f'(h) = T_t f(t^-1 h)``.
+    pos[v, delta] = ( e_row(row coordinate of A_v delta),  e_col(column coordinate of A_v delta) )
 
-Group-axis index tables ``gidx[v, g, m]`` (which group embedding the query at g uses for the key at m when
-producing output element v), ``group_index=``:
+:class:`RelativePositionalEncoding` returns these ``[G, P*P, 2 * dim]``; the attention layer takes the dot product of
+``pos[v, delta]`` with the first ``2 * dim`` query channels (formula in :mod:`gevit_lib.nn.attention`). Because the
+encoding depends on v only through ``A_v delta``, transforming the input image by t permutes the group axis of the
+output instead of changing it: that is where the equivariance comes from.
 
-- ``"corrected"``: exactly equivariant for every group. GE-ViT (right action): ``index(g v^-1 g m^-1)``, invariant
-  under ``(v, g, m) -> (v t, g t, m t)``; for cyclic groups it is the original ``(2g - m - v) mod n``, so the published
-  p4 checkpoint computes the same function. GSA (left action): ``index(g^-1 v g^-1 m)``.
-- ``"reference"``: the original code's table, rebuilt by re-implementing its construction (``left_action_on_H`` on
-  the index vector, SPEC 1.5); needed to reproduce the published p4m checkpoint. Not equivariant for D_n, n > 1.
+How a group element moves the grid (:func:`relative_coordinates`, ``positional=``):
+
+- ``"gevit"`` (GE-ViT, Xu et al. 2023): the offset is the plane vector (x = column offset, y = row offset) and
+  element v = (rotation by theta, mirror bit s) acts by the matrix ``A_v = M^s R(theta)``: rotate, then mirror x
+  (``M = diag(-1, 1)``). The row embedding reads the new y, the column embedding the new x. For p4, element 1
+  (90 degrees) turns the row grid (-1 at the top, +1 at the bottom) into one that runs -1 to +1 from left to right.
+  Features then transform by the *right* regular action ``f'(h) = T_t f(h t)``.
+- ``"gsa"`` (GSA-Nets, Romero & Cordonnier 2021): the vector is (row, column), rotated by the same R(theta), and a
+  mirror flips the coordinate *array*. In (x, y) terms that is ``A_v^-1`` (a test in ``tests/test_gevit_layers.py``
+  shows it), so features transform by the *left* regular action ``f'(h) = T_t f(t^-1 h)``. GE-ViT changed this
+  convention and the group-axis table of the GSA-Nets code (the post's "minor mathematical error"); with the
+  corrected tables below, both conventions are exactly equivariant, each with its own side of the action.
+
+For rotations that are not multiples of 90 degrees the moved offsets fall between grid points (e.g. 0.707); the MLP
+takes them as real numbers, but the pixel grid itself is not rotated, so such equivariance is only approximate.
+
+Group-axis index tables ``gidx[v, g, m]`` (which group embedding the query at g uses for the key at m when producing
+output element v), ``group_index=``; docs/group_table.md tells the whole story:
+
+- ``"corrected"``: exactly equivariant for every group. GE-ViT (right action): ``index(g v^-1 g m^-1)``, unchanged
+  under ``(v, g, m) -> (v t, g t, m t)``; for cyclic groups it is the original ``(2g - m - v) mod n``, so the
+  published p4 checkpoint computes the same function. GSA (left action): ``index(g^-1 v g^-1 m)``.
+- ``"reference"``: the original code's table, rebuilt by re-implementing its construction (its ``left_action_on_H``
+  applied to an index vector; :func:`reference_relative_positions`); needed to reproduce the published p4m
+  checkpoint. Not equivariant for D_n, n > 1.
 
 Coordinates are computed in float64 from the group's matrices; the original rounded them to float32 (differences
 ~1e-16 for 90-degree groups).
@@ -88,7 +108,7 @@ def relative_coordinates(group: Group | str, size: int, positional: str = "gevit
     return torch.stack(out)
 
 
-# ---- the original construction of the group-axis tables (re-implemented from SPEC 1.5) -------------------------
+# ---- the original code's construction of the group-axis tables, re-implemented --------------------------------
 def _roll_action(group: Group, k: int, s: int, table: Tensor, positional: str) -> Tensor:
     """The original ``left_action_on_H`` of the element with rotation step ``k`` (may be negative) and mirror bit s."""
     n = group.n_rotations
