@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+import gevit_lib
 from gevit_lib.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -188,7 +189,9 @@ def test_run_dir_files_are_complete_and_atomic(tmp_path: Path) -> None:
     result = fit(model, TRAIN, VAL, config, run_dir=run, test_data=TEST, progress=False)
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.csv", "metrics.json", "last.pt", "best.pt"}
     assert not list(tmp_path.rglob("*.tmp"))
-    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == config
+    recorded = json.loads((run / "config.json").read_text())
+    assert TrainConfig.from_dict(recorded["train"]) == config and recorded["model"] is None
+    assert recorded["gevit_lib_version"] == gevit_lib.__version__
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
