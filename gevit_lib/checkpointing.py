@@ -51,9 +51,8 @@ class CheckpointError(ValueError):
         super().__init__(
             f"cannot read the training checkpoint {path}: {reason}. The file is truncated, corrupt or was not "
             f"written by gevit_lib.train (format {CHECKPOINT_FORMAT!r}). The best weights so far are in "
-            f"{path.parent / 'best.pt'} (a plain state dict: model.load_state_dict(torch.load(path, "
-            f"weights_only=True))); to train again, use a new run folder (another run_dir / --run-dir) or delete "
-            f"this one.")
+            f"{path.parent / 'best.pt'} (a plain state dict for model.load_state_dict); to train again, use a new "
+            f"run folder (another run_dir / --run-dir) or delete this one.")
 
 
 @dataclass
