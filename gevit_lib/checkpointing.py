@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from gevit_lib import __version__
 from gevit_lib.files import atomic_torch_save, atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "RunState", "RunFolder", "read_checkpoint",
+__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "RunState", "RunFolder", "read_checkpoint",
            "check_resume", "save_checkpoint", "restore_checkpoint", "rng_state", "set_rng_state", "json_record"]
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class CheckpointError(ValueError):
             f"written by gevit_lib.train (format {CHECKPOINT_FORMAT!r}). The best weights so far are in "
             f"{path.parent / 'best.pt'} (a plain state dict for model.load_state_dict); to train again, use a new "
             f"run folder (another run_dir / --run-dir) or delete this one.")
+
+
+class ResumeError(ValueError):
+    """A run folder cannot be continued with the given model or settings (the message lists the differences)."""
 
 
 @dataclass
@@ -159,8 +163,9 @@ def _model_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> li
     if old == new:
         return []
     if old is None or new is None:
-        return [f"model: {'not recorded' if old is None else old} -> {'not recorded' if new is None else new}"]
-    a, b = dict(_flatten(old, "model")), dict(_flatten(new, "model"))
+        return [f"model_config: {'not recorded' if old is None else old} -> "
+                f"{'not recorded' if new is None else new}"]
+    a, b = dict(_flatten(old, "model_config")), dict(_flatten(new, "model_config"))
     absent = "(absent)"
     return [f"{k}: {a.get(k, absent)!r} -> {b.get(k, absent)!r}" for k in sorted(set(a) | set(b))
             if a.get(k, absent) != b.get(k, absent)]
@@ -168,19 +173,19 @@ def _model_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> li
 
 def check_resume(path: Path, ckpt: dict[str, Any], config: dict[str, Any],
                  model_config: dict[str, Any] | None) -> None:
-    """Refuse (ValueError, every difference listed) to continue ``ckpt`` with another model, training settings
+    """Refuse (ResumeError, every difference listed) to continue ``ckpt`` with another model, training settings
     outside ``RESUMABLE_CHANGES``, or fewer epochs than it has run."""
     old = ckpt["config"]
     changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
                if old.get(k) != config.get(k) and k not in RESUMABLE_CHANGES]
     changed += _model_changes(ckpt.get("model_config"), model_config)
     if changed:
-        raise ValueError(f"cannot resume {path}: the run was made with other settings ({'; '.join(changed)}). Only "
+        raise ResumeError(f"cannot resume {path}: the run was made with other settings ({'; '.join(changed)}). Only "
                          f"the training settings {sorted(RESUMABLE_CHANGES)} may change on resume; use a new run "
                          f"folder for a different run.")
     done = ckpt["state"]["epoch"]
     if config["epochs"] < done:
-        raise ValueError(f"cannot resume {path} with epochs={config['epochs']}: it has already run {done} epochs. "
+        raise ResumeError(f"cannot resume {path} with epochs={config['epochs']}: it has already run {done} epochs. "
                          f"A run is never shortened (its files stay as they are); pass epochs >= {done}, or use a "
                          f"new run folder.")
     if ckpt.get("gevit_lib_version") not in (None, __version__):

@@ -387,10 +387,10 @@ def test_resume_refuses_another_model_and_never_rewrites_a_finished_run(tmp_path
     # the same weight shapes, another function: refused, every difference named
     other = {"builder": "build_gevit", "kwargs": {"preset": "rotmnist", "patch_size": 3, "digits": (3, 8),
                                                   "positional": "gsa"}}
-    with pytest.raises(ValueError, match=r"model\.kwargs\.patch_size: 5 -> 3") as err:
+    with pytest.raises(ValueError, match=r"model_config\.kwargs\.patch_size: 5 -> 3") as err:
         fit(make_mlp(), TRAIN, VAL, config, run_dir=tmp_path, resume=True, progress=False, model_config=other)
-    assert "model.kwargs.positional: '(absent)' -> 'gsa'" in str(err.value)
-    with pytest.raises(ValueError, match="model: .* -> not recorded"):
+    assert "model_config.kwargs.positional: '(absent)' -> 'gsa'" in str(err.value)
+    with pytest.raises(ValueError, match="model_config: .* -> not recorded"):
         fit(make_mlp(), TRAIN, VAL, config, run_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="already run 2 epochs"):  # a finished run is never shortened
         fit(make_mlp(), TRAIN, VAL, TrainConfig(epochs=1, batch_size=64, lr=1e-2), run_dir=tmp_path, resume=True,
