@@ -147,7 +147,7 @@ def get_recipe(name: str, profile: str = "full", *, model_changes: Mapping[str, 
     recipe = RECIPES[name]
     scale = training_profile(recipe.family, profile)
     scaled = {k: v for k, v in scale.to_dict().items() if v is not None or k.startswith("n_")}
-    recipe = replace(recipe, **scaled, **{k: check_setting(k, v) for k, v in changes.items()})
+    recipe = replace(recipe, **{**scaled, **{k: check_setting(k, v) for k, v in changes.items()}})
     model_changes = dict(model_changes or {})
     unused = sorted(set(model_changes) - set(recipe.options))
     if unused:
