@@ -1,5 +1,6 @@
 """Multi-process (torchrun) helpers for ``gevit_lib.train``: process-group setup/teardown, rank and world queries,
-per-rank devices, reductions and "rank 0 does it, everyone gets the result".
+per-rank devices, reductions, "rank 0 does it, everyone gets the result", and the sharded batch sampler that gives
+each process its part of the single-process batches.
 
 The distributed environment is read from torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``). ``fit`` calls :func:`setup` itself, so a script launched with
@@ -13,13 +14,14 @@ import atexit
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
 __all__ = [
     "env_world_size",
@@ -34,6 +36,8 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "on_main_then_broadcast",
+    "shard_bounds",
+    "ShardedBatchSampler",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,3 +170,48 @@ def _picklable(exc: Exception) -> Exception:
         return exc
     except Exception:  # noqa: BLE001
         return RuntimeError(f"rank 0 failed with {type(exc).__name__}: {exc}")
+
+
+def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Start and end of rank ``rank``'s contiguous part of ``count`` items split as evenly as possible (the first
+    ``count % world_size`` ranks get one more)."""
+    base, extra = divmod(count, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """This process's part of every batch of the single-process training loader.
+
+    The global batches are those of ``DataLoader(shuffle=True, batch_size, generator)`` (the same ``RandomSampler``
+    and ``BatchSampler``, so the same draws from ``generator``); every rank holds an identically seeded generator,
+    so all ranks see the same permutation each epoch (the generator's state advances per epoch, which plays the
+    role of ``DistributedSampler.set_epoch`` and is checkpointed). Rank r takes ``shard_bounds(len(batch), r, N)``
+    of each batch; when that part is empty (a last batch smaller than N) it gets the batch's first sample, which
+    the training loop weights by 0 (``shares`` tells it the true counts).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator, rank: int,
+                 world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        if batch_size < world_size:
+            raise ValueError(f"batch_size={batch_size} is the global batch split over {world_size} processes; it "
+                             f"must be at least the number of processes")
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.batches = BatchSampler(RandomSampler(range(num_samples), generator=generator), batch_size,
+                                    drop_last=False)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            lo, hi = shard_bounds(len(batch), self.rank, self.world_size)
+            yield batch[lo:hi] if hi > lo else batch[:1]
+
+    def shares(self, step: int) -> tuple[int, int]:
+        """(samples of this rank that count, samples in the global batch) for the 0-based ``step`` of an epoch."""
+        total = min(self.batch_size, self.num_samples - step * self.batch_size)
+        lo, hi = shard_bounds(total, self.rank, self.world_size)
+        return hi - lo, total

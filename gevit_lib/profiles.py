@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 __all__ = ["PROFILES", "PostHocProfile", "check_profile", "posthoc_profile", "POSTHOC_EXPERIMENTS",
-           "GEViTTrainingProfile", "gevit_training_profile"]
+           "TrainingProfile", "training_profile", "TRAINING_FAMILIES"]
 
 PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
 POSTHOC_EXPERIMENTS: tuple[str, ...] = ("rotmnist", "mnist_to_rotmnist", "low_data", "pcam")
@@ -106,45 +106,47 @@ def posthoc_profile(experiment: str, profile: str) -> PostHocProfile:
     return _TABLE[experiment][profile]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training recipes (gevit_lib.recipes, run from the command line by gevit_lib.run)
+
+
 @dataclass(frozen=True)
-class GEViTTrainingProfile:
-    """Sizes of a GE-ViT training run (at ``full``: the commands in the original repository's README)."""
+class TrainingProfile:
+    """How a profile scales a training recipe of :mod:`gevit_lib.recipes`: subset sizes (None: the whole split)
+    and, when not None, the epochs / batch sizes / warm-up that replace the recipe's (the post's) values."""
 
     n_train: int | None
     n_val: int | None
-    epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    schedule: str
-    warmup_epochs: float
-    early_stopping_patience: int | None
+    n_test: int | None
+    epochs: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int | None = None
+    warmup_epochs: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_GEVIT_ROTMNIST_FULL = GEViTTrainingProfile(n_train=None, n_val=None, epochs=300, batch_size=8, optimizer="adam",
-                                            lr=1e-3, weight_decay=1e-4, momentum=0.0, schedule="constant",
-                                            warmup_epochs=0.0, early_stopping_patience=None)
-_GEVIT_PCAM_FULL = GEViTTrainingProfile(n_train=None, n_val=None, epochs=100, batch_size=16, optimizer="sgd",
-                                        lr=1e-2, weight_decay=1e-4, momentum=0.9, schedule="warmup_cosine",
-                                        warmup_epochs=10.0, early_stopping_patience=None)
-_GEVIT_TRAINING: dict[str, dict[str, GEViTTrainingProfile]] = {
-    "rotmnist": {"full": _GEVIT_ROTMNIST_FULL,
-                 "quick": replace(_GEVIT_ROTMNIST_FULL, n_train=256, n_val=200, epochs=1),
-                 "smoke": replace(_GEVIT_ROTMNIST_FULL, n_train=16, n_val=8, epochs=1)},
-    "pcam": {"full": _GEVIT_PCAM_FULL,
-             "quick": replace(_GEVIT_PCAM_FULL, n_train=64, n_val=32, epochs=1, warmup_epochs=0.0),
-             "smoke": replace(_GEVIT_PCAM_FULL, n_train=8, n_val=4, epochs=1, warmup_epochs=0.0)},
+_TRAINING_FULL = TrainingProfile(n_train=None, n_val=None, n_test=None)
+# Rows are recipe families: GE-ViT on rotated MNIST, GE-ViT on PCam, the post's ViT on (rotated) MNIST.
+_TRAINING: dict[str, dict[str, TrainingProfile]] = {
+    "gevit_rotmnist": {"full": _TRAINING_FULL,
+                       "quick": TrainingProfile(n_train=256, n_val=200, n_test=200, epochs=1),
+                       "smoke": TrainingProfile(n_train=16, n_val=8, n_test=8, epochs=1)},
+    "gevit_pcam": {"full": _TRAINING_FULL,
+                   "quick": TrainingProfile(n_train=64, n_val=32, n_test=32, epochs=1, warmup_epochs=0.0),
+                   "smoke": TrainingProfile(n_train=8, n_val=4, n_test=4, epochs=1, warmup_epochs=0.0)},
+    "vit_mnist": {"full": _TRAINING_FULL,
+                  "quick": TrainingProfile(n_train=10000, n_val=500, n_test=2000, epochs=3),
+                  "smoke": TrainingProfile(n_train=64, n_val=32, n_test=64, epochs=1, batch_size=32,
+                                           eval_batch_size=64)},
 }
+TRAINING_FAMILIES: tuple[str, ...] = tuple(_TRAINING)
 
 
-def gevit_training_profile(preset: str, profile: str) -> GEViTTrainingProfile:
-    """Sizes for training GE-ViT on ``preset``'s dataset ("rotmnist" or "pcam") at a profile."""
+def training_profile(family: str, profile: str) -> TrainingProfile:
+    """How ``profile`` scales the recipes of ``family`` ("gevit_rotmnist", "gevit_pcam" or "vit_mnist")."""
     check_profile(profile)
-    if preset not in _GEVIT_TRAINING:
-        raise ValueError(f"no GE-ViT training settings for preset {preset!r}; choose one of {', '.join(_GEVIT_TRAINING)}")
-    return _GEVIT_TRAINING[preset][profile]
+    if family not in _TRAINING:
+        raise ValueError(f"no training profile for {family!r}; choose one of {', '.join(_TRAINING)}")
+    return _TRAINING[family][profile]

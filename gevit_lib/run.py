@@ -1,8 +1,10 @@
-"""Batch entry point for the full-scale runs: ``python -m gevit_lib.run --experiment NAME --profile full``.
+"""Command line for the long training runs: ``python -m gevit_lib.run --experiment NAME --profile full``.
 
-Every training the notebooks need at full scale, resumable (``--resume``) and runnable under torchrun, e.g.
+Each experiment is a recipe of :mod:`gevit_lib.recipes` (the post's model, data and training settings) trained
+with ``fit``: resumable (``--resume``) and runnable under torchrun, e.g.
 ``torchrun --nproc-per-node 4 -m gevit_lib.run --experiment gevit_rotmnist --device cuda --resume``.
-``--list`` prints the experiments.
+``--list`` prints the experiments. The post-hoc evaluation of a trained ViT and the model zoo are notebooks 6-10,
+run with papermill, e.g. ``python -m gevit_lib.reproduce --only 06 --profile full``.
 """
 
 from __future__ import annotations
@@ -10,52 +12,64 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import distributed
+from .checkpointing import CheckpointError, ResumeError
 from .profiles import PROFILES
+from .recipes import RECIPES, SETTINGS, Recipe, augmentation, build_model, get_recipe, load_splits, model_config
+from .recipes import train_config as recipe_train_config
+from .train import FitResult, NonFiniteLossError, fit, seed_everything
+
+__all__ = ["main", "train", "REMOVED"]
+
+# Experiments of earlier versions that notebooks now own: name -> notebook.
+REMOVED = {
+    "posthoc_rotmnist": "06_posthoc_rotmnist", "posthoc_mnist_to_rotmnist": "07_posthoc_mnist_to_rotmnist",
+    "posthoc_low_data": "08_posthoc_low_data", "posthoc_pcam": "09_posthoc_pcam",
+    "model_zoo_rotmnist": "10_modern_equivariant_vit", "model_zoo_pcam": "10_modern_equivariant_vit",
+}
 
 
-def _gevit(preset: str, **fixed: Any) -> Callable[[argparse.Namespace], Any]:
-    def run(a: argparse.Namespace) -> Any:
-        from .experiments.gevit_training import train_gevit
-
-        return train_gevit(preset, fixed.get("group", a.group), a.patch_size, a.profile, device=a.device,
-                           data_dir=a.data_dir, run_dir=a.run_dir, resume=a.resume, seed=a.seed,
-                           fraction=fixed.get("fraction", 1.0), digits=fixed.get("digits"), compile=a.compile,
-                           num_workers=a.num_workers)
-    return run
+def _notebook_command(notebook: str) -> str:
+    return f"python -m gevit_lib.reproduce --only {notebook[:2]} --profile full"
 
 
-def _posthoc(name: str, checkpoint: str) -> Callable[[argparse.Namespace], Any]:
-    def run(a: argparse.Namespace) -> Any:
-        from .experiments import posthoc
-
-        kwargs: dict[str, Any] = dict(device=a.device, seed=a.seed, out_dir=a.run_dir, resume=a.resume)
-        if name == "pcam":
-            return posthoc.pcam(a.profile, root=a.data_dir, **kwargs)
-        return getattr(posthoc, name)(a.profile, checkpoint=checkpoint, root=a.data_dir, **kwargs)
-    return run
+def default_run_dir(recipe: Recipe, profile: str) -> Path:
+    """``runs/<experiment>[_<group>_p<patch size>]/<profile>``."""
+    args = recipe.model_args
+    suffix = f"_{args['group']}_p{args['patch_size']}" if "patch_size" in args else ""
+    return Path("runs") / f"{recipe.name}{suffix}" / profile
 
 
-def _zoo(dataset: str) -> Callable[[argparse.Namespace], Any]:
-    def run(a: argparse.Namespace) -> Any:
-        from .experiments.modern_vit import model_zoo
+def train(recipe: Recipe, *, profile: str = "full", run_dir: str | Path | None = None, resume: bool = False,
+          seed: int = 0, device: str = "auto", data_dir: str | None = None, num_workers: int = 0,
+          compile: bool = False, progress: bool = True) -> FitResult:
+    """Train ``recipe`` (from :func:`gevit_lib.recipes.get_recipe`) with ``fit``; the best validation weights end
+    in the run folder's ``best.pt``. ``compile`` wraps the model in ``torch.compile`` (pays off on GPUs)."""
+    seed_everything(seed)
+    train_data, val_data, test_data = load_splits(recipe, data_dir, seed)
+    model = build_model(recipe)
+    label = f"{recipe.name} ({profile})"
+    return fit(torch.compile(model) if compile else model, train_data, val_data,
+               recipe_train_config(recipe, seed=seed, device=device, num_workers=num_workers, label=label),
+               run_dir=run_dir or default_run_dir(recipe, profile), resume=resume, augment=augmentation(recipe),
+               test_data=test_data, progress=progress, model_config=model_config(recipe))
 
-        return model_zoo(a.profile, a.device, a.data_dir, a.run_dir, a.seed, dataset=dataset, models=a.models,
-                         overrides=_overrides(a.set))
-    return run
 
-
-def _overrides(items: list[str] | None) -> dict[str, Any] | None:
-    """``FIELD=VALUE`` pairs, VALUE as JSON (``epochs=12``, ``lr=3e-3``, ``n_test=5000``), else as a string."""
-    if not items:
-        return None
+def _settings(items: list[str] | None) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs, VALUE read as JSON (``epochs=12``, ``lr=3e-3``, ``n_train=null``), else as text
+    (then refused by the type check)."""
     out: dict[str, Any] = {}
-    for item in items:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        if key in out:
+            raise ValueError(f"--set gives {key} twice")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -63,59 +77,82 @@ def _overrides(items: list[str] | None) -> dict[str, Any] | None:
     return out
 
 
-EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
-    "gevit_rotmnist": ("GE-ViT on rotated MNIST (--group, --patch-size; post: p4, patch 9, 300 epochs)",
-                       _gevit("rotmnist")),
-    "gevit_rotmnist_10pct": ("GE-ViT on 10% of rotated MNIST", _gevit("rotmnist", fraction=0.1)),
-    "gevit_rotmnist_3v8": ("GE-ViT p4m on rotated MNIST 3 vs 8", _gevit("rotmnist", group="p4m", digits=(3, 8))),
-    "gevit_pcam": ("GE-ViT on PCam (post: p4, patch 5, 100 epochs)", _gevit("pcam")),
-    "vit_rotmnist": ("train the post's ViT on rotated MNIST, then every post-hoc method",
-                     _posthoc("rotmnist", "train")),
-    "vit_mnist": ("train the post's ViT on upright MNIST, then post-hoc on rotated MNIST",
-                  _posthoc("mnist_to_rotmnist", "train")),
-    "vit_rotmnist_10pct": ("train the post's ViT on 10% of rotated MNIST, then post-hoc",
-                           _posthoc("low_data", "train")),
-    "posthoc_rotmnist": ("post-hoc experiment 1 from the published checkpoint", _posthoc("rotmnist", "vit_rotmnist")),
-    "posthoc_mnist_to_rotmnist": ("post-hoc experiment 2 from the published checkpoint",
-                                  _posthoc("mnist_to_rotmnist", "vit_mnist")),
-    "posthoc_low_data": ("post-hoc experiment 3 from the published checkpoint",
-                         _posthoc("low_data", "vit_rotmnist_10pct")),
-    "posthoc_pcam": ("post-hoc experiment 4 (TIAToolbox CNN)", _posthoc("pcam", "")),
-    "model_zoo_rotmnist": ("speed / size / accuracy of every equivariant ViT on rotated MNIST (--models, --set)",
-                           _zoo("rotmnist")),
-    "model_zoo_pcam": ("the same on PCam, with the patch-size ablation (--models, --set)", _zoo("pcam")),
-}
+def _listing() -> str:
+    lines = ["Training experiments (each one run of fit; --group / --patch-size where marked):"]
+    for name, r in RECIPES.items():
+        opts = f" [{', '.join('--' + o.replace('_', '-') for o in r.options)}]" if r.options else ""
+        lines.append(f"  {name:22s} {r.description}{opts}")
+    lines.append("The post-hoc study of a trained ViT and the model zoo are notebooks, run with papermill:")
+    for name, notebook in REMOVED.items():
+        lines.append(f"  {name:26s} notebooks/{notebook}.ipynb: {_notebook_command(notebook)}")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=_listing(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", metavar="NAME", help="a training experiment (see --list)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--profile", default="full", choices=PROFILES)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--run-dir", default=None, help="run folder (checkpoints, metrics); reuse it with --resume")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--run-dir", default=None, help="run folder (checkpoints, metrics); reuse it with --resume "
+                        "(default: runs/<experiment>[_<group>_p<patch>]/<profile>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir (a finished run is "
+                        "reported, never retrained or rewritten)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--group", default="p4")
-    parser.add_argument("--patch-size", type=int, default=9)
+    parser.add_argument("--group", default=None, help="GE-ViT group (default: the recipe's, e.g. p4)")
+    parser.add_argument("--patch-size", type=int, default=None, help="GE-ViT attention neighbourhood (default: "
+                        "the recipe's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--models", nargs="+", default=None, help="model_zoo_*: only these rows (table keys)")
     parser.add_argument("--set", nargs="+", default=None, metavar="FIELD=VALUE",
-                        help="model_zoo_*: profile fields to change, e.g. --set epochs=12 n_test=5000")
+                        help=f"change recipe fields, e.g. --set epochs=12 n_train=5000; fields: {', '.join(SETTINGS)}")
+    return parser
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The experiment's recipe with the command line's changes; an option it does not use is an error."""
+    name = args.experiment
+    if name in REMOVED:
+        raise ValueError(f"{name} is no longer a command-line experiment: it is notebook "
+                         f"notebooks/{REMOVED[name]}.ipynb; run it with `{_notebook_command(REMOVED[name])}`")
+    if name not in RECIPES:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(RECIPES)} (--list)")
+    options = {"group": args.group, "patch_size": args.patch_size}
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    return get_recipe(name, args.profile, model_changes={k: v for k, v in options.items() if v is not None},
+                      **_settings(args.set))
+
+
+def _result_line(name: str, profile: str, result: FitResult) -> str:
+    val, test = result.best_val or {}, result.test or {}
+    return json.dumps({"experiment": name, "profile": profile, "run_dir": str(result.run_dir),
+                       "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
+                       "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"), "n_val": val.get("n"),
+                       "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"), "n_test": test.get("n")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.list or not args.experiment:
-        for name, (text, _) in sorted(EXPERIMENTS.items()):
-            print(f"{name:28s} {text}")
+        print(_listing())
         return 0
-    result = EXPERIMENTS[args.experiment][1](args)
-    if hasattr(result, "rows"):  # model zoo: one line per row
-        for row in result.rows:
-            print(json.dumps({k: row.get(k) for k in ("key", "params", "val_acc", "test_acc", "epoch_s", "note")}))
-        return 0
-    summary = getattr(result, "best_val", None), getattr(result, "test", None)
-    print(json.dumps({"experiment": args.experiment, "best_val": summary[0], "test": summary[1]}, default=str))
+    try:
+        recipe = _recipe(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        result = train(recipe, profile=args.profile, run_dir=args.run_dir, resume=args.resume, seed=args.seed,
+                       device=args.device, data_dir=args.data_dir, num_workers=args.num_workers,
+                       compile=args.compile)
+    except (CheckpointError, ResumeError, FileExistsError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if distributed.is_main_process():
+        print(_result_line(args.experiment, args.profile, result))
     return 0
 
 

@@ -8,10 +8,12 @@ One small loop (nanoGPT style) for GE-ViT, the post's ViT, post-hoc finetuning a
   cosine, multistep), all stepped per batch through one ``LambdaLR``;
 - optional mixed precision on CUDA (bf16 preferred, fp16 with a GradScaler as fallback; always fp32 on CPU);
 - best-on-validation selection (highest accuracy, ties broken by lower loss); the test set, if given, is evaluated
-  once at the end with the selected weights and never used for selection (unlike the upstream code, SPEC §3.5);
-- a run folder with ``config.json``, ``metrics.csv``, ``metrics.json``, ``best.pt`` and a resumable ``last.pt``,
-  all written atomically every epoch; ``resume=True`` continues an interrupted run bit-identically on CPU;
-- a non-finite training loss stops the run with ``NonFiniteLossError`` (the reference skipped such batches).
+  once at the end with the selected weights and never used for selection (the original code selected on it);
+- a run folder (:mod:`gevit_lib.checkpointing`) with ``config.json``, ``metrics.csv``, ``metrics.json``,
+  ``best.pt`` and a resumable ``last.pt``, all written atomically every epoch; ``resume=True`` continues an
+  interrupted run bit-identically on CPU and refuses a changed model or changed training settings;
+- a non-finite training or validation loss stops the run with ``NonFiniteLossError`` (the original code skipped
+  such batches).
 
 Multi-process training: the same ``fit`` runs unchanged under ``torchrun --nproc-per-node N`` (one process per
 GPU, NCCL; or CPU processes, gloo), using ``gevit_lib.distributed``. A run with N processes computes the same
@@ -41,29 +43,35 @@ optimizer steps as a single process, up to float rounding:
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from gevit_lib import __version__
 from gevit_lib import distributed as dist_utils
-from gevit_lib.files import atomic_torch_save, atomic_write
+from gevit_lib.checkpointing import (
+    RunFolder,
+    RunState,
+    check_resume,
+    json_record,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from gevit_lib.distributed import ShardedBatchSampler, shard_bounds
 
 __all__ = [
     "TrainConfig",
@@ -81,8 +89,6 @@ __all__ = [
     "autocast",
     "train_loader",
     "eval_loader",
-    "ShardedBatchSampler",
-    "shard_bounds",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,11 +96,6 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINT_FORMAT = "gevit-train/1"
-# Fields that may differ between an interrupted run and its resumption (they do not change the maths of the
-# epochs already run; changing ``epochs`` with a cosine schedule does change the remaining LR curve).
-RESUMABLE_CHANGES = frozenset({"epochs", "early_stopping_patience", "device", "num_workers", "eval_batch_size",
-                               "label"})
 
 # A dataset of (input, label) pairs, or a pair of tensors (inputs, labels).
 Data = Union[Dataset, tuple[Tensor, Tensor]]
@@ -103,17 +104,26 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stops instead of skipping the batch."""
+    """The training (or validation) loss became NaN or infinite; the run stops instead of skipping the batch.
 
-    def __init__(self, value: float, epoch: int, step: int, global_step: int, label: str = "") -> None:
-        self.value, self.epoch, self.step, self.global_step = value, epoch, step, global_step
+    ``step`` is None for a validation loss; ``epoch`` 0 is the initial model's validation (``select_initial``)."""
+
+    def __init__(self, value: float, epoch: int, step: int | None, global_step: int, label: str = "",
+                 split: str = "training") -> None:
+        self.value, self.epoch, self.step, self.global_step, self.split = value, epoch, step, global_step, split
         where = f" in run {label!r}" if label else ""
-        super().__init__(
-            f"training loss is {value} at epoch {epoch}, step {step} (global step {global_step}){where}. "
-            f"The run was stopped before this step changed the weights; the checkpoint of the previous epoch is "
-            f"intact. Lower the learning rate, set grad_clip, check the inputs for NaN/inf, or use "
-            f"precision='bf16'/'fp32' instead of 'fp16'."
-        )
+        if step is not None:
+            super().__init__(
+                f"{split} loss is {value} at epoch {epoch}, step {step} (global step {global_step}){where}. "
+                f"The run was stopped before this step changed the weights; the checkpoint of the previous epoch "
+                f"is intact. Lower the learning rate, set grad_clip, check the inputs for NaN/inf, or use "
+                f"precision='bf16'/'fp32' instead of 'fp16'.")
+        else:
+            when = f"after epoch {epoch}" if epoch else "of the initial model"
+            super().__init__(
+                f"{split} loss is {value} {when}{where}. The run was stopped before this epoch's files were "
+                f"written; the checkpoint of the previous epoch is intact. Check the {split} data for NaN/inf, "
+                f"lower the learning rate, set grad_clip, or use precision='bf16'/'fp32' instead of 'fp16'.")
 
 
 @dataclass(frozen=True)
@@ -285,49 +295,6 @@ def _seed_worker(worker_id: int, rank: int = 0) -> None:
     random.seed(seed % 2**32)
 
 
-def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Start and end of rank ``rank``'s contiguous part of ``count`` items split as evenly as possible (the first
-    ``count % world_size`` ranks get one more)."""
-    base, extra = divmod(count, world_size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (rank < extra)
-
-
-class ShardedBatchSampler(Sampler[list[int]]):
-    """This process's part of every batch of the single-process training loader.
-
-    The global batches are those of ``DataLoader(shuffle=True, batch_size, generator)`` (the same ``RandomSampler``
-    and ``BatchSampler``, so the same draws from ``generator``); every rank holds an identically seeded generator,
-    so all ranks see the same permutation each epoch (the generator's state advances per epoch, which plays the
-    role of ``DistributedSampler.set_epoch`` and is checkpointed). Rank r takes ``shard_bounds(len(batch), r, N)``
-    of each batch; when that part is empty (a last batch smaller than N) it gets the batch's first sample, which
-    the training loop weights by 0 (``shares`` tells it the true counts).
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator, rank: int,
-                 world_size: int) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-        if batch_size < world_size:
-            raise ValueError(f"batch_size={batch_size} is the global batch split over {world_size} processes; it "
-                             f"must be at least the number of processes")
-        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
-        self.batches = BatchSampler(RandomSampler(range(num_samples), generator=generator), batch_size,
-                                    drop_last=False)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches:
-            lo, hi = shard_bounds(len(batch), self.rank, self.world_size)
-            yield batch[lo:hi] if hi > lo else batch[:1]
-
-    def shares(self, step: int) -> tuple[int, int]:
-        """(samples of this rank that count, samples in the global batch) for the 0-based ``step`` of an epoch."""
-        total = min(self.batch_size, self.num_samples - step * self.batch_size)
-        lo, hi = shard_bounds(total, self.rank, self.world_size)
-        return hi - lo, total
 
 
 def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generator, device: torch.device, *,
@@ -492,23 +459,89 @@ def _sharded_eval(model: nn.Module, dataset: Dataset, batch_size: int, device: t
     return metrics
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
 
-@dataclass
-class _State:
-    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs."""
+class _Splits(NamedTuple):
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
 
-    epoch: int = 0  # completed epochs
-    global_step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val: dict[str, float] | None = None
-    best_weights: dict[str, Tensor] | None = None  # CPU copy
-    initial_val: dict[str, float] | None = None
-    since_best: int = 0
-    stopped_early: bool = False
+
+@dataclass
+class _Loop:
+    """What one call of ``fit`` trains with: built by :func:`_prepare`, used by the epoch and evaluation steps."""
+
+    model: nn.Module  # the caller's model: evaluated, saved, returned
+    train_model: nn.Module  # the same model, wrapped in DistributedDataParallel under torchrun
+    config: TrainConfig
+    device: torch.device
+    precision: str
+    loss_fn: LossFn
+    augment: Augment | None
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler | None
+    loader_generator: torch.Generator
+    augment_generator: torch.Generator
+    progress: bool
+    distributed: bool
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or self.config.batch_size
+
+
+def _splits(train_data: Data, val_data: Data | None, test_data: Data | None, config: TrainConfig) -> _Splits:
+    splits = _Splits(_as_dataset(train_data, "train_data"),
+                     _as_dataset(val_data, "val_data") if val_data is not None else None,
+                     _as_dataset(test_data, "test_data") if test_data is not None else None)
+    if splits.val is None and (config.early_stopping_patience is not None or config.select_initial):
+        raise ValueError("early_stopping_patience and select_initial need val_data")
+    return splits
+
+
+def _prepare(model: nn.Module, train_set: Dataset, config: TrainConfig, augment: Augment | None,
+             loss_fn: LossFn | None, progress: bool, distributed: bool) -> _Loop:
+    """Seed, move the model, build loader / optimizer / schedule / scaler (in this order: it fixes the RNG draws)."""
+    device = dist_utils.device_for_rank(resolve_device(config.device))
+    seed_everything(config.seed)
+    model.to(device)
+    loader_generator = torch.Generator().manual_seed(config.seed + 1)
+    augment_generator = torch.Generator(device=device).manual_seed(config.seed + 2)
+    loader = train_loader(train_set, config, loader_generator, device, rank=dist_utils.rank(),
+                          world_size=dist_utils.world_size())
+    optimizer = build_optimizer(model, config)
+    precision = resolve_precision(config.precision, device)
+    train_model = model
+    if distributed:  # DDP starts every rank from rank 0's weights and buffers
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Loop(model=model, train_model=train_model, config=config, device=device, precision=precision,
+                 loss_fn=loss_fn or nn.CrossEntropyLoss(), augment=augment, loader=loader, optimizer=optimizer,
+                 scheduler=build_scheduler(optimizer, config, len(loader)),
+                 scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+                 loader_generator=loader_generator, augment_generator=augment_generator,
+                 progress=progress and dist_utils.is_main_process(), distributed=distributed)
+
+
+def _validate(loop: _Loop, data: Dataset, desc: str, epoch: int | None = None, global_step: int = 0
+              ) -> dict[str, float]:
+    """Metrics on ``data`` (split over the processes under torchrun). With ``epoch`` (a selection pass) a
+    non-finite loss stops the run."""
+    if loop.distributed:
+        metrics = _sharded_eval(loop.model, data, loop.eval_batch_size, loop.device, loop.precision, loop.loss_fn,
+                                loop.config.num_workers, loop.progress, desc)
+    else:
+        loader = eval_loader(data, loop.eval_batch_size, loop.device, loop.config.num_workers)
+        metrics, _, _ = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, False,
+                                   loop.progress, desc)
+    if epoch is not None and not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, loop.config.label, split="validation")
+    return metrics
 
 
 def _cpu_copy(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -522,91 +555,20 @@ def _is_better(val: dict[str, float], best: dict[str, float] | None) -> bool:
     return val["accuracy"] > best["accuracy"] or (val["accuracy"] == best["accuracy"] and val["loss"] < best["loss"])
 
 
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-                 scaler: torch.amp.GradScaler | None, loss_fn: LossFn, augment: Augment | None,
-                 augment_generator: torch.Generator, device: torch.device, precision: str, config: TrainConfig,
-                 epoch: int, state: _State, progress: bool,
-                 shares: Callable[[int], tuple[int, int]] | None = None) -> dict[str, float]:
-    """One epoch. ``shares(step)`` (multi-process only): (this rank's samples, global batch size) of a step."""
-    world = dist_utils.world_size() if shares is not None else 1
-    model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_sum, n = 0.0, 0
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    bar = tqdm(loader, desc=f"{config.label + ' ' if config.label else ''}epoch {epoch}/{config.epochs}",
-               leave=False, disable=not progress, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if augment is not None:
-            x = augment(x, augment_generator)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        if shares is None:
-            count = len(y)
-            loss_value = loss.item()
-        else:
-            # DDP averages gradients over ranks: weighting each rank's mean loss by count * world / total makes
-            # that average the mean over the global batch (weight 1 for evenly split batches).
-            count, total = shares(step - 1)
-            step_sum = dist_utils.all_reduce_sum(loss.detach().double() * count).item()  # sum of loss * n
-            loss_value = step_sum / total
-            if count * world != total:
-                loss = loss * (count * world / total)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(loss_value, epoch, step, state.global_step + 1, config.label)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-        scheduler.step()
-        state.global_step += 1
-        if shares is None:
-            loss_sum += loss_value * len(y)
-        else:
-            loss_sum += step_sum
-        if count:  # a rank's stand-in sample (count 0) is not counted
-            correct += (logits.detach().argmax(dim=-1) == y).sum()
-        n += count
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-    if shares is not None:
-        counts = dist_utils.all_reduce_sum(torch.stack([correct, torch.tensor(n, device=device)]))
-        correct, n = counts[0], int(counts[1].item())
-    return {"train_loss": loss_sum / n, "train_acc": correct.item() / n}
-
-
-def _rng_state(loader_generator: torch.Generator, augment_generator: torch.Generator) -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "loader": loader_generator.get_state(),
-        "augment": augment_generator.get_state(),
-    }
-
-
-def _set_rng_state(rng: dict[str, Any], loader_generator: torch.Generator,
-                   augment_generator: torch.Generator) -> None:
-    random.setstate(rng["python"])
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    loader_generator.set_state(rng["loader"])
-    if augment_generator.device.type == "cpu" or len(rng["augment"]) == len(augment_generator.get_state()):
-        augment_generator.set_state(rng["augment"])
+def _select(state: RunState, record: dict[str, Any], val: dict[str, float] | None, model: nn.Module,
+            patience: int | None) -> bool:
+    """Add the epoch's record; keep the weights if they are the best so far; decide early stopping."""
+    state.history.append(record)
+    state.epoch = record["epoch"]
+    if val is None:
+        return False
+    if _is_better(val, state.best_val):
+        state.best_epoch, state.best_val, state.since_best = state.epoch, val, 0
+        state.best_weights = _cpu_copy(model.state_dict())
+        return True
+    state.since_best += 1
+    state.stopped_early = patience is not None and state.since_best >= patience
+    return False
 
 
 def _seed_rank_streams(seed: int, rank: int, epoch: int, augment_generator: torch.Generator) -> None:
@@ -617,72 +579,102 @@ def _seed_rank_streams(seed: int, rank: int, epoch: int, augment_generator: torc
     augment_generator.manual_seed(rank_seed + 2)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a resumable training checkpoint of format {CHECKPOINT_FORMAT!r}")
-    return ckpt
+def _train_epoch(loop: _Loop, epoch: int, state: RunState) -> dict[str, float]:
+    """One epoch of optimizer steps; returns the training loss and accuracy (reduced over the processes)."""
+    config, device = loop.config, loop.device
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    if rank > 0:
+        _seed_rank_streams(config.seed, rank, epoch, loop.augment_generator)
+    # (this rank's samples, global batch size) of a step; None in a single process
+    shares = loop.loader.batch_sampler.shares if loop.distributed else None  # type: ignore[union-attr]
+    loop.train_model.train()
+    params = [p for group in loop.optimizer.param_groups for p in group["params"]]
+    loss_sum, n = 0.0, 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    bar = tqdm(loop.loader, desc=f"{config.label + ' ' if config.label else ''}epoch {epoch}/{config.epochs}",
+               leave=False, disable=not loop.progress, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if loop.augment is not None:
+            x = loop.augment(x, loop.augment_generator)
+        with autocast(device, loop.precision):
+            logits = loop.train_model(x)
+        loss = loop.loss_fn(logits.float(), y)
+        if shares is None:
+            loss_value = loss.item()
+            count, step_sum = len(y), loss_value * len(y)
+        else:
+            # DDP averages gradients over ranks: weighting each rank's mean loss by count * world / total makes
+            # that average the mean over the global batch (weight 1 for evenly split batches).
+            count, total = shares(step - 1)
+            step_sum = dist_utils.all_reduce_sum(loss.detach().double() * count).item()  # sum of loss * n
+            loss_value = step_sum / total
+            if count * world != total:
+                loss = loss * (count * world / total)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(loss_value, epoch, step, state.global_step + 1, config.label)
+        _step(loop, loss, params)
+        state.global_step += 1
+        loss_sum += step_sum
+        if count:  # a rank's stand-in sample (count 0) is not counted
+            correct += (logits.detach().argmax(dim=-1) == y).sum()
+        n += count
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    if shares is not None:
+        counts = dist_utils.all_reduce_sum(torch.stack([correct, torch.tensor(n, device=device)]))
+        correct, n = counts[0], int(counts[1].item())
+        for buffer in loop.model.buffers():  # BatchNorm-style buffers: every rank keeps what rank 0 saves
+            torch.distributed.broadcast(buffer, src=0)
+    return {"train_loss": loss_sum / n, "train_acc": correct.item() / n}
 
 
-def _load_checkpoint(path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: LambdaLR, scaler: torch.amp.GradScaler | None, loader_generator: torch.Generator,
-                     augment_generator: torch.Generator, ckpt: dict[str, Any] | None = None) -> _State:
-    """Restore a run from ``path`` (or from ``ckpt``, that file's already-read content)."""
-    if ckpt is None:
-        ckpt = _read_checkpoint(path)
-    old, new = ckpt["config"], config.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume {path}: the config changed ({diffs}). Only {sorted(RESUMABLE_CHANGES)} "
-                         f"may change on resume; use a new run_dir for a different run.")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"cannot resume {path}: the checkpoint does not fit this model ({exc})") from exc
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    _set_rng_state(ckpt["rng"], loader_generator, augment_generator)
-    s = ckpt["state"]
-    return _State(epoch=s["epoch"], global_step=s["global_step"], history=s["history"], best_epoch=s["best_epoch"],
-                  best_val=s["best_val"], best_weights=ckpt["best_weights"], initial_val=s["initial_val"],
-                  since_best=s["since_best"], stopped_early=s["stopped_early"])
+def _step(loop: _Loop, loss: Tensor, params: list[nn.Parameter]) -> None:
+    """Backward, optional gradient clipping (after unscaling fp16 gradients), optimizer and schedule step."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    clip = loop.config.grad_clip
+    if loop.scaler is not None:
+        loop.scaler.scale(loss).backward()
+        if clip is not None:
+            loop.scaler.unscale_(loop.optimizer)
+            nn.utils.clip_grad_norm_(params, clip)
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(params, clip)
+        loop.optimizer.step()
+    loop.scheduler.step()
 
 
-def _save_checkpoint(path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: LambdaLR, scaler: torch.amp.GradScaler | None, loader_generator: torch.Generator,
-                     augment_generator: torch.Generator, state: _State) -> None:
-    s = {k: getattr(state, k) for k in ("epoch", "global_step", "history", "best_epoch", "best_val",
-                                         "initial_val", "since_best", "stopped_early")}
-    atomic_torch_save({
-        "format": CHECKPOINT_FORMAT,
-        "config": config.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(loader_generator, augment_generator),
-        "state": s,
-        "best_weights": state.best_weights,
-    }, path)
+def _save_epoch(run: RunFolder, loop: _Loop, state: RunState, save_best: bool, summary: dict[str, Any],
+                model_config: dict[str, Any] | None) -> None:
+    if save_best:
+        run.save_best(loop.model)
+    save_checkpoint(run.last, config=loop.config.to_dict(), model_config=model_config, model=loop.model,
+                    optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
+                    loader_generator=loop.loader_generator, augment_generator=loop.augment_generator, state=state)
+    run.write_history(state.history)
+    run.write_summary(summary)
 
 
-CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+def _count(model: nn.Module, trainable: bool) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+def _summary(loop: _Loop, state: RunState, splits: _Splits, test: dict[str, float] | None) -> dict[str, Any]:
+    """What ``metrics.json`` holds."""
+    n = [len(s) if s is not None else None for s in splits]  # type: ignore[arg-type]
+    return {
+        "label": loop.config.label, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
+        "best_epoch": state.best_epoch if splits.val is not None else state.epoch, "best_val": state.best_val,
+        "initial_val": state.initial_val, "test": test, "device": str(loop.device), "precision": loop.precision,
+        "world_size": dist_utils.world_size(), "global_steps": state.global_step,
+        "steps_per_epoch": len(loop.loader), "seconds_total": sum(r["seconds"] for r in state.history),
+        "n_train": n[0], "n_val": n[1], "n_test": n[2],
+        "trainable_parameters": _count(loop.model, True), "total_parameters": _count(loop.model, False),
+        "torch_version": torch.__version__, "gevit_lib_version": __version__,
+    }
 
 
 def _format_seconds(seconds: float) -> str:
@@ -692,24 +684,50 @@ def _format_seconds(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def _log_line(config: TrainConfig, record: dict[str, float], improved: bool, eta: float) -> str:
+def _report_epoch(loop: _Loop, state: RunState, record: dict[str, Any], improved: bool,
+                  epoch_seconds: list[float]) -> None:
+    """The epoch's line in the log and (rank 0, ``progress``) on screen, with an ETA from this call's epochs."""
+    config = loop.config
+    epoch_seconds.append(record["seconds"])
+    remaining = 0 if state.stopped_early else config.epochs - record["epoch"]
     parts = [f"{config.label + ' ' if config.label else ''}epoch {record['epoch']}/{config.epochs}",
              f"lr {record['lr']:.2e}",
              f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
     if record["val_loss"] is not None:
         parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" + (" *" if improved else ""))
-    parts += [f"{record['seconds']:.1f} s/epoch", f"ETA {_format_seconds(eta)}"]
-    return " | ".join(parts)
+    parts += [f"{record['seconds']:.1f} s/epoch",
+              f"ETA {_format_seconds(remaining * sum(epoch_seconds) / len(epoch_seconds))}"]
+    line = " | ".join(parts)
+    if dist_utils.is_main_process():
+        log.info(line)
+    if loop.progress:
+        tqdm.write(line)
+        if state.stopped_early:
+            tqdm.write(f"early stopping: no validation improvement for {state.since_best} epochs")
 
 
-def _count(model: nn.Module, trainable: bool) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+def _report_resume(loop: _Loop, run: RunFolder, state: RunState, finished: bool) -> None:
+    note = "already finished: nothing to train, its files stay as they are" if finished else "resuming"
+    if dist_utils.is_main_process():
+        log.info("%s: %s after epoch %d", run.last, note, state.epoch)
+    if loop.progress:
+        tqdm.write(f"{run.last}: {note} (epoch {state.epoch}/{loop.config.epochs})")
+
+
+def _report_result(loop: _Loop, state: RunState, test: dict[str, float] | None) -> None:
+    if loop.progress and state.best_val is not None:
+        msg = (f"best epoch {state.best_epoch}: val acc {100 * state.best_val['accuracy']:.2f}% "
+               f"loss {state.best_val['loss']:.4f}")
+        if test is not None:
+            msg += f" | test acc {100 * test['accuracy']:.2f}% loss {test['loss']:.4f} (n={test['n']})"
+        tqdm.write(msg)
 
 
 def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: TrainConfig, *,
         run_dir: str | Path | None = None, resume: bool = False, augment: Augment | None = None,
         loss_fn: LossFn | None = None, progress: bool = True, test_data: Data | None = None,
-        on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
+        model_config: Mapping[str, Any] | None = None) -> FitResult:
     """Train ``model`` (only parameters with ``requires_grad``) and load the best validation weights into it.
 
     ``train_data``/``val_data``/``test_data``: Datasets of (input, label) or tuples (inputs, labels); ``model``
@@ -718,10 +736,13 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
     ``generator`` (seeded, checkpointed). ``loss_fn(logits, labels)`` -> mean loss (default cross-entropy; also
     used for the validation/test loss). ``test_data`` is evaluated once at the end, never for selection.
     ``run_dir``: folder for config.json, metrics.csv, metrics.json, best.pt (model state_dict) and last.pt (full
-    state), written atomically after every epoch. ``resume=True`` continues from ``run_dir/last.pt`` when it exists
-    (a finished run is not retrained: the best weights are loaded and the test set evaluated); without
+    state), written atomically after every epoch. ``model_config``: a JSON-serialisable description of the model
+    (e.g. its builder and arguments), recorded in config.json and last.pt. ``resume=True`` continues from
+    ``run_dir/last.pt`` when it exists; another ``model_config``, training settings outside
+    ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs than already run are refused. A finished run is not
+    retrained and its files are left as they are: the best weights are loaded and the test set evaluated. Without
     ``resume`` an existing checkpoint is an error. ``on_epoch_end(record, model)`` is called after each epoch's
-    files are written. Raises ``NonFiniteLossError`` if the training loss becomes NaN/inf.
+    files are written. A NaN/inf training or validation loss raises ``NonFiniteLossError``.
 
     Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself (gloo on CPU, NCCL on
     ``cuda:LOCAL_RANK``) and trains with DistributedDataParallel; ``config.batch_size`` stays the global batch, so
@@ -730,150 +751,61 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
     ``model``; ``on_epoch_end`` runs on every rank once rank 0 has written the epoch's files.
     """
     distributed = dist_utils.setup(resolve_device(config.device).type)
-    device = dist_utils.device_for_rank(resolve_device(config.device))
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    main = rank == 0
-    progress = progress and main
-    precision = resolve_precision(config.precision, device)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    train_set = _as_dataset(train_data, "train_data")
-    val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
-    test_set = _as_dataset(test_data, "test_data") if test_data is not None else None
-    if val_set is None and (config.early_stopping_patience is not None or config.select_initial):
-        raise ValueError("early_stopping_patience and select_initial need val_data")
-    run_path = Path(run_dir) if run_dir is not None else None
-    last_path = run_path / "last.pt" if run_path is not None else None
-    if resume and run_path is None:
+    main = dist_utils.is_main_process()
+    splits = _splits(train_data, val_data, test_data, config)
+    model_record = json_record(model_config)
+    if resume and run_dir is None:
         raise ValueError("resume=True needs a run_dir holding last.pt")
+    run = RunFolder(run_dir, resume) if run_dir is not None else None
+    checkpoint = dist_utils.on_main_then_broadcast(run.read_last) if run is not None else None
+    loop = _prepare(model, splits.train, config, augment, loss_fn, progress, distributed)
 
-    def read_last() -> dict[str, Any] | None:  # rank 0 reads run_dir; the others receive its content
-        if last_path is None or not last_path.exists():
-            return None
-        if not resume:
-            raise FileExistsError(f"{last_path} exists: pass resume=True to continue (or reuse) that run, or "
-                                  f"choose another run_dir")
-        return _read_checkpoint(last_path)
-
-    checkpoint = dist_utils.on_main_then_broadcast(read_last)
-
-    seed_everything(config.seed)
-    model.to(device)
-    loader_generator = torch.Generator().manual_seed(config.seed + 1)
-    augment_generator = torch.Generator(device=device).manual_seed(config.seed + 2)
-    loader = train_loader(train_set, config, loader_generator, device, rank=rank, world_size=world)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, len(loader))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    eval_bs = config.eval_batch_size or config.batch_size
-    train_model: nn.Module = model
-    shares: Callable[[int], tuple[int, int]] | None = None
-    if distributed:  # DDP starts every rank from rank 0's weights and buffers
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        shares = loader.batch_sampler.shares  # type: ignore[union-attr]
-
-    def validate(data: Dataset, desc: str) -> dict[str, float]:
-        if distributed:
-            return _sharded_eval(model, data, eval_bs, device, precision, loss_fn, config.num_workers, progress,
-                                 desc)
-        metrics, _, _ = _eval_pass(model, eval_loader(data, eval_bs, device, config.num_workers), device,
-                                   precision, loss_fn, False, progress, desc)
-        return metrics
-
+    state, finished = RunState(), False
     if checkpoint is not None:
-        assert last_path is not None
-        state = _load_checkpoint(last_path, config, model, optimizer, scheduler, scaler, loader_generator,
-                                 augment_generator, checkpoint)
+        assert run is not None
+        check_resume(run.last, checkpoint, config.to_dict(), model_record)
+        state = restore_checkpoint(run.last, checkpoint, model=model, optimizer=loop.optimizer,
+                                   scheduler=loop.scheduler, scaler=loop.scaler,
+                                   loader_generator=loop.loader_generator, augment_generator=loop.augment_generator)
         del checkpoint
-        if main:
-            log.info("resuming %s after epoch %d", last_path, state.epoch)
-        if progress:
-            tqdm.write(f"resuming {last_path} after epoch {state.epoch}/{config.epochs}")
-    else:
-        state = _State()
-        if config.select_initial:
-            assert val_set is not None
-            state.initial_val = state.best_val = validate(val_set, "initial val")
-            state.best_weights = _cpu_copy(model.state_dict())
-            if run_path is not None and main:
-                atomic_torch_save(model.state_dict(), run_path / "best.pt")
-    if run_path is not None and main:  # after a resume's config check: a refused resume leaves the folder untouched
-        _write_json(run_path / "config.json", config.to_dict())
+        finished = state.finished(config.epochs)
+        _report_resume(loop, run, state, finished)
+    elif config.select_initial:
+        assert splits.val is not None
+        state.initial_val = state.best_val = _validate(loop, splits.val, "initial val", epoch=0)
+        state.best_weights = _cpu_copy(model.state_dict())
+        if run is not None and main:
+            run.save_best(model)
+    if run is not None and main and not finished:  # after the resume checks: a refused resume changes nothing
+        run.write_config(config.to_dict(), model_record)
 
-    def summary(test: dict[str, float] | None) -> dict[str, Any]:
-        return {
-            "label": config.label, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
-            "best_epoch": state.best_epoch if val_set is not None else state.epoch, "best_val": state.best_val,
-            "initial_val": state.initial_val, "test": test, "device": str(device), "precision": precision,
-            "world_size": world, "global_steps": state.global_step, "steps_per_epoch": len(loader),
-            "seconds_total": sum(r["seconds"] for r in state.history),
-            "n_train": len(train_set),  # type: ignore[arg-type]
-            "n_val": len(val_set) if val_set is not None else None,  # type: ignore[arg-type]
-            "n_test": len(test_set) if test_set is not None else None,  # type: ignore[arg-type]
-            "trainable_parameters": _count(model, True), "total_parameters": _count(model, False),
-            "torch_version": torch.__version__, "gevit_lib_version": __version__,
-        }
-
-    started = time.perf_counter()
-    epoch_seconds: list[float] = []
-    while state.epoch < config.epochs and not state.stopped_early:
-        epoch = state.epoch + 1
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        if rank > 0:
-            _seed_rank_streams(config.seed, rank, epoch, augment_generator)
-        train = _train_epoch(train_model, loader, optimizer, scheduler, scaler, loss_fn, augment,
-                             augment_generator, device, precision, config, epoch, state, progress, shares)
-        if distributed:  # BatchNorm-style buffers: every rank evaluates and keeps what rank 0 saves
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-        val = validate(val_set, "val") if val_set is not None else None
+    started, epoch_seconds = time.perf_counter(), []
+    while not state.finished(config.epochs):
+        epoch, t0, lr = state.epoch + 1, time.perf_counter(), loop.optimizer.param_groups[0]["lr"]
+        train = _train_epoch(loop, epoch, state)
+        val = _validate(loop, splits.val, "val", epoch, state.global_step) if splits.val is not None else None
         record = {"epoch": epoch, "lr": lr, **train, "val_loss": val["loss"] if val else None,
                   "val_acc": val["accuracy"] if val else None, "seconds": time.perf_counter() - t0}
-        state.history.append(record)
-        state.epoch = epoch
-        improved = val is not None and _is_better(val, state.best_val)
-        if improved:
-            state.best_epoch, state.best_val, state.since_best = epoch, val, 0
-            state.best_weights = _cpu_copy(model.state_dict())
-        elif val is not None:
-            state.since_best += 1
-            if config.early_stopping_patience is not None and state.since_best >= config.early_stopping_patience:
-                state.stopped_early = True
-        if run_path is not None:
+        improved = _select(state, record, val, model, config.early_stopping_patience)
+        if run is not None:
             if main:
-                if improved or val_set is None:
-                    atomic_torch_save(model.state_dict(), run_path / "best.pt")
-                _save_checkpoint(run_path / "last.pt", config, model, optimizer, scheduler, scaler,
-                                 loader_generator, augment_generator, state)
-                _write_metrics_csv(run_path / "metrics.csv", state.history)
-                _write_json(run_path / "metrics.json", summary(None))
+                _save_epoch(run, loop, state, improved or val is None, _summary(loop, state, splits, None),
+                            model_record)
             dist_utils.barrier()  # the epoch's files are complete before any rank goes on (or is stopped)
-        epoch_seconds.append(record["seconds"])
-        remaining = 0 if state.stopped_early else config.epochs - epoch
-        line = _log_line(config, record, improved, remaining * sum(epoch_seconds) / len(epoch_seconds))
-        if main:
-            log.info(line)
-        if progress:
-            tqdm.write(line)
-            if state.stopped_early:
-                tqdm.write(f"early stopping: no validation improvement for {state.since_best} epochs")
+        _report_epoch(loop, state, record, improved, epoch_seconds)
         if on_epoch_end is not None:
             on_epoch_end(record, model)
 
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
-    test = validate(test_set, "test") if test_set is not None else None
-    if run_path is not None:
+    test = _validate(loop, splits.test, "test") if splits.test is not None else None
+    if run is not None and not finished:
         if main:
-            _write_json(run_path / "metrics.json", summary(test))
+            run.write_summary(_summary(loop, state, splits, test))
         dist_utils.barrier()
-    if progress and state.best_val is not None:
-        msg = (f"best epoch {state.best_epoch}: val acc {100 * state.best_val['accuracy']:.2f}% "
-               f"loss {state.best_val['loss']:.4f}")
-        if test is not None:
-            msg += f" | test acc {100 * test['accuracy']:.2f}% loss {test['loss']:.4f} (n={test['n']})"
-        tqdm.write(msg)
-    return FitResult(history=state.history, best_epoch=state.best_epoch if val_set is not None else state.epoch,
+    _report_result(loop, state, test)
+    return FitResult(history=state.history, best_epoch=state.best_epoch if splits.val is not None else state.epoch,
                      best_val=state.best_val, initial_val=state.initial_val, test=test,
-                     epochs_completed=state.epoch, stopped_early=state.stopped_early, device=str(device),
-                     precision=precision, run_dir=run_path, seconds=time.perf_counter() - started)
+                     epochs_completed=state.epoch, stopped_early=state.stopped_early, device=str(loop.device),
+                     precision=loop.precision, run_dir=run.path if run is not None else None,
+                     seconds=time.perf_counter() - started)

@@ -18,7 +18,8 @@ export GEVIT_DATA_DIR="${GEVIT_DATA_DIR:-$PWD/data}"
 RUN_DIR="runs/gevit_rotmnist_p4_p9/full"
 
 # The run checkpoints every epoch (atomically) and --resume continues it, so resubmitting this script after a
-# time-out or pre-emption picks up where it stopped, with any number of GPUs.
+# time-out or pre-emption picks up where it stopped, with any number of GPUs. --resume refuses a run folder made
+# with another model (group, patch size, ...) or other training settings, and leaves a finished run untouched.
 srun .venv/bin/torchrun --nproc-per-node "${SLURM_GPUS_PER_NODE}" -m gevit_lib.run \
     --experiment gevit_rotmnist --group p4 --patch-size 9 --profile full --device cuda \
     --run-dir "${RUN_DIR}" --resume --num-workers 4

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from gevit_lib import distributed
-from gevit_lib.train import ShardedBatchSampler, TrainConfig, evaluate, fit, shard_bounds, train_loader
+from gevit_lib.distributed import ShardedBatchSampler, shard_bounds
+from gevit_lib.train import TrainConfig, evaluate, fit, train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, CLASSES = 8, 3

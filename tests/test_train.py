@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+import gevit_lib
 from gevit_lib.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -188,7 +190,9 @@ def test_run_dir_files_are_complete_and_atomic(tmp_path: Path) -> None:
     result = fit(model, TRAIN, VAL, config, run_dir=run, test_data=TEST, progress=False)
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.csv", "metrics.json", "last.pt", "best.pt"}
     assert not list(tmp_path.rglob("*.tmp"))
-    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == config
+    recorded = json.loads((run / "config.json").read_text())
+    assert TrainConfig.from_dict(recorded["train"]) == config and recorded["model"] is None
+    assert recorded["gevit_lib_version"] == gevit_lib.__version__
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
@@ -367,3 +371,79 @@ def test_early_stopping_and_config_errors() -> None:
     with pytest.raises(ValueError, match="2 inputs but 3 labels"):
         fit(make_mlp(), (torch.zeros(2, DIM), torch.zeros(3, dtype=torch.long)), None, TrainConfig(epochs=1),
             progress=False)
+
+
+def test_resume_refuses_another_model_and_never_rewrites_a_finished_run(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=2, batch_size=64, lr=1e-2)
+    model_config = {"builder": "build_gevit", "kwargs": {"preset": "rotmnist", "patch_size": 5, "digits": (3, 8)}}
+    fit(make_mlp(), TRAIN, VAL, config, run_dir=tmp_path, progress=False, model_config=model_config)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["model"] == {"builder": "build_gevit", "kwargs": {"preset": "rotmnist", "patch_size": 5,
+                                                                       "digits": [3, 8]}}
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["model_config"] == recorded["model"]
+    files = {name: (tmp_path / name).read_bytes() for name in ("config.json", "metrics.json", "metrics.csv",
+                                                                "last.pt", "best.pt")}
+
+    # the same weight shapes, another function: refused, every difference named
+    other = {"builder": "build_gevit", "kwargs": {"preset": "rotmnist", "patch_size": 3, "digits": (3, 8),
+                                                  "positional": "gsa"}}
+    with pytest.raises(ValueError, match=r"model_config\.kwargs\.patch_size: 5 -> 3") as err:
+        fit(make_mlp(), TRAIN, VAL, config, run_dir=tmp_path, resume=True, progress=False, model_config=other)
+    assert "model_config.kwargs.positional: '(absent)' -> 'gsa'" in str(err.value)
+    with pytest.raises(ValueError, match="model_config: .* -> not recorded"):
+        fit(make_mlp(), TRAIN, VAL, config, run_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="already run 2 epochs"):  # a finished run is never shortened
+        fit(make_mlp(), TRAIN, VAL, TrainConfig(epochs=1, batch_size=64, lr=1e-2), run_dir=tmp_path, resume=True,
+            progress=False, model_config=model_config)
+    # resuming the finished run with a new label (a resumable field) reuses it and writes nothing
+    again = fit(make_mlp(seed=3), TRAIN, VAL, TrainConfig(epochs=2, batch_size=64, lr=1e-2, label="renamed"),
+                run_dir=tmp_path, resume=True, test_data=TEST, progress=False, model_config=model_config)
+    assert again.epochs_completed == 2 and again.test is not None
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        fit(make_mlp(), TRAIN, VAL, config, progress=False, model_config={"group": object()})
+
+
+def _write_unloadable(path: Path, kind: str) -> None:
+    good = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 10)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "state_dict":  # a loadable file of another kind
+        torch.save(make_mlp().state_dict(), path)
+    else:  # arbitrary pickled objects: refused by the safe loader
+        torch.save({"format": "gevit-train/1", "payload": Interrupt()}, path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "state_dict", "unsafe_object"])
+def test_an_unreadable_checkpoint_gives_one_clear_error(tmp_path: Path, kind: str) -> None:
+    from gevit_lib.checkpointing import CheckpointError
+
+    config = TrainConfig(epochs=2, batch_size=64, lr=1e-2)
+    fit(make_mlp(), TRAIN, VAL, config, run_dir=tmp_path, progress=False)
+    _write_unloadable(tmp_path / "last.pt", kind)
+    with pytest.raises(CheckpointError) as err:
+        fit(make_mlp(), TRAIN, VAL, TrainConfig(epochs=3, batch_size=64, lr=1e-2), run_dir=tmp_path, resume=True,
+            progress=False)
+    message = str(err.value)
+    assert str(tmp_path / "last.pt") in message and "best.pt" in message and "new run folder" in message
+    shown = "".join(traceback.format_exception(err.value))  # what the user sees, chained exceptions included
+    assert "weights_only" not in shown and "Traceback" not in shown.split("CheckpointError")[0].replace(
+        "Traceback (most recent call last):", "", 1)
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("select_initial", [False, True])
+def test_nonfinite_validation_loss_stops_the_run(tmp_path: Path, select_initial: bool) -> None:
+    model = make_mlp()
+    x = VAL[0].clone()
+    x[5, 2] = float("nan")  # one corrupt validation value
+    config = TrainConfig(epochs=3, batch_size=64, lr=1e-2, select_initial=select_initial)
+    with pytest.raises(NonFiniteLossError, match="validation loss is nan") as err:
+        fit(model, TRAIN, (x, VAL[1]), config, run_dir=tmp_path, progress=False)
+    assert err.value.split == "validation" and err.value.step is None
+    assert err.value.epoch == (0 if select_initial else 1)
+    assert not (tmp_path / "last.pt").exists()  # the epoch with the bad validation was not recorded
