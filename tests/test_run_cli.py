@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gevit_lib import run
-from gevit_lib.data import make_synthetic_mnist
+from gevit_lib.testing import make_synthetic_mnist
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
