@@ -114,12 +114,12 @@ def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list
     target = directory / remote.filename
     reason = " (download disabled)"
     if download:
-        attempts = tries or TRIES
+        attempts, wait = tries or TRIES, timeout or TIMEOUT_S
         try:
-            retry(lambda: _download(remote, target, timeout or TIMEOUT_S), tries=attempts)
+            retry(lambda: _download(remote, target, wait), tries=attempts)
             return target
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = f" (download failed after {attempts} tries, {timeout or TIMEOUT_S:g} s timeout each: {exc})"
+        except (OSError, http.client.HTTPException) as exc:  # URLError and socket timeouts are OSErrors
+            reason = f" (download failed: {exc}; tried up to {attempts} times, {wait:g} s timeout each)"
     looked = ", ".join(str(p) for p in candidates)
     raise MissingFileError(
         f"Missing file {remote.filename} ({remote.algo} {remote.checksum}){reason}.\n"

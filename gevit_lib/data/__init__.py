@@ -10,6 +10,7 @@ separate, writable cache folder (``resolve_cache_dir``). Each dataset records wh
 - ``mnist``: upright MNIST (``mnist.py``);
 - ``rotated_mnist``: the MNIST-rot archive, or its deterministic re-creation from MNIST (``rotated_mnist.py``);
 - ``pcam``: PatchCamelyon from torchvision's h5 files (``pcam.py``).
+The loader functions shadow their modules' names on the package (``gevit_lib.data.mnist`` is the function).
 Synthetic stand-ins for tests and the smoke profile live in ``gevit_lib.testing``.
 """
 
