@@ -2,21 +2,27 @@
 
 Every file the library reads from outside the repository goes through here: a data directory resolved from the
 argument, then ``GEVIT_DATA_DIR``, then ``./data``; checksums verified before use; offline failures raise one
-clear error naming the files, their checksums and where to put them.
+clear error naming the files, their checksums and where to put them. Downloads never hang: every connect and
+read has a timeout (``TIMEOUT_S``) and a failed download is retried a bounded number of times (``TRIES``, with
+exponential backoff from ``BACKOFF_S``), so a server that accepts and never answers fails within about
+``TRIES * TIMEOUT_S`` plus the backoff.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import socket
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,9 +34,18 @@ __all__ = [
     "file_digest",
     "verify",
     "fetch",
+    "retry",
+    "socket_timeout",
     "atomic_write",
     "atomic_torch_save",
 ]
+
+
+TIMEOUT_S = 30.0  # seconds per connect / read: a server that stops answering fails within this
+TRIES = 3  # attempts per download
+BACKOFF_S = 1.0  # wait 1 s, then 2 s, ... between attempts
+
+T = TypeVar("T")
 
 
 class MissingFileError(FileNotFoundError):
@@ -81,12 +96,14 @@ def verify(path: str | os.PathLike[str], checksum: str, algo: str = "sha256") ->
 
 
 def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list[Path] | None = None,
-          download: bool = True) -> Path:
+          download: bool = True, timeout: float | None = None, tries: int | None = None) -> Path:
     """Return a verified local copy of ``remote``.
 
     Looks in ``directory`` and then in every folder of ``search``; downloads into ``directory`` when absent
-    (and ``download``); always verifies the checksum. Raises MissingFileError when absent and offline,
-    ChecksumError when a found or downloaded copy is corrupt.
+    (and ``download``), with a ``timeout`` per connect / read (default ``TIMEOUT_S``) and up to ``tries``
+    attempts (default ``TRIES``); always verifies the checksum. Raises MissingFileError when absent and the
+    download is disabled or fails, ChecksumError when a found copy is corrupt or every downloaded copy is (a
+    corrupt download is never left in ``directory``).
     """
     directory = Path(directory)
     candidates = [directory / remote.filename] + [Path(s) / remote.filename for s in (search or [])]
@@ -95,17 +112,15 @@ def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list
             verify(path, remote.checksum, remote.algo)
             return path
     target = directory / remote.filename
-    error: Exception | None = None
+    reason = " (download disabled)"
     if download:
+        attempts, wait = tries or TRIES, timeout or TIMEOUT_S
         try:
-            _download(remote.url, target)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            error = exc
-        else:
-            verify(target, remote.checksum, remote.algo)
+            retry(lambda: _download(remote, target, wait), tries=attempts)
             return target
+        except (OSError, http.client.HTTPException) as exc:  # URLError and socket timeouts are OSErrors
+            reason = f" (download failed: {exc}; tried up to {attempts} times, {wait:g} s timeout each)"
     looked = ", ".join(str(p) for p in candidates)
-    reason = f" (download failed: {error})" if error else " (download disabled)"
     raise MissingFileError(
         f"Missing file {remote.filename} ({remote.algo} {remote.checksum}){reason}.\n"
         f"Looked in: {looked}.\nDownload it from {remote.url} and put it in {directory} "
@@ -113,12 +128,49 @@ def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list
     )
 
 
-def _download(url: str, target: Path, timeout: float = 60.0) -> None:
+def _permanent(exc: BaseException) -> bool:
+    """An HTTP 4xx answer (missing file, forbidden): trying again will not help."""
+    return isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500
+
+
+def retry(action: Callable[[], T], *, tries: int | None = None) -> T:
+    """``action()``, tried again on network errors (OSError, HTTP errors other than 4xx, ChecksumError of a
+    download) up to ``tries`` times in all (default ``TRIES``), waiting ``BACKOFF_S * 2**k`` s in between."""
+    attempts = tries or TRIES
+    for k in range(attempts):
+        try:
+            return action()
+        except (OSError, http.client.HTTPException, ChecksumError) as exc:
+            if k == attempts - 1 or _permanent(exc):
+                raise
+            time.sleep(BACKOFF_S * 2**k)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def socket_timeout(seconds: float | None = None) -> Iterator[None]:
+    """Give sockets opened inside (by third-party downloaders that take no timeout) a default ``seconds`` timeout
+    (``TIMEOUT_S`` by default). Process-wide while it lasts: use it around a blocking download only."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds or TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _download(remote: RemoteFile, target: Path, timeout: float) -> None:
+    """One attempt: stream ``remote.url`` into ``target``, checking the checksum before the file appears."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(target) as tmp:
+    digest = hashlib.new(remote.algo)
+    with urllib.request.urlopen(remote.url, timeout=timeout) as response, atomic_write(target) as tmp:
         with open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
+                digest.update(chunk)
                 f.write(chunk)
+        if digest.hexdigest() != remote.checksum.lower():
+            raise ChecksumError(f"{remote.url}: the downloaded file's {remote.algo} is {digest.hexdigest()}, "
+                                f"expected {remote.checksum} (transfer corrupted, or the server's file changed)")
 
 
 @contextmanager

@@ -53,7 +53,7 @@ def published_model(name: str, profile: str, **options: Any) -> tuple[nn.Module,
 
 def smoke_mnist_root() -> Path:
     """A folder with a small synthetic MNIST (written once per cache dir), for smoke runs without real data."""
-    from .data import make_synthetic_mnist
+    from .testing import make_synthetic_mnist
 
     base = Path(os.environ.get("GEVIT_CACHE_DIR") or tempfile.gettempdir()) / "gevit_smoke_mnist"
     if not (base / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
@@ -69,7 +69,11 @@ def _with_fallback(loader: Any, split: str, profile: str, data_dir: str | os.Pat
     except MissingFileError:
         if profile != "smoke":
             raise
-        ds = loader(split, root=smoke_mnist_root(), download=False, **kwargs)
+        from .data import UnverifiedDataWarning
+
+        with warnings.catch_warnings():  # the stand-in is small by design and labelled as synthetic below
+            warnings.simplefilter("ignore", UnverifiedDataWarning)
+            ds = loader(split, root=smoke_mnist_root(), download=False, **kwargs)
         return ds, f"synthetic MNIST stand-in ({getattr(ds, 'source', '?')}; real MNIST unavailable)"
     return ds, str(getattr(ds, "source", "unknown"))
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from gevit_lib.data import write_fake_pcam
+from gevit_lib.testing import write_fake_pcam
 from gevit_lib.experiments import posthoc, posthoc_figures
 from gevit_lib.files import MissingFileError
 

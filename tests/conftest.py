@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,13 @@ def float64():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def stalled_server() -> Iterator[str]:
+    """``http://127.0.0.1:<port>`` of a socket that accepts connections (the kernel's backlog) and never answers,
+    like a server behind a firewall that drops replies. Local only; closed after the test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"

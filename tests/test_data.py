@@ -1,6 +1,6 @@
 """Tests for gevit_lib.data: splits, sources, checksums, the regenerated rotated-MNIST recipe, PCam h5 reading.
 
-Everything runs on generated files (synthetic MNIST idx, a fake MNIST-rot zip, fake PCam h5); the tests marked by
+Everything runs on generated files (synthetic MNIST idx, a fake MNIST-rot zip, fake PCam h5); the tests that use
 the ``shared_mnist_dir`` fixture also check the genuine MNIST in ../shared/data and skip without it.
 """
 
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import math
 import os
 import pickle
 import shutil
 import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -21,7 +23,16 @@ import pytest
 import torch
 
 from gevit_lib import data as D
+from gevit_lib import files
 from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile
+from gevit_lib.testing import make_synthetic_mnist, write_fake_pcam, write_idx
+
+# synthetic MNIST is smaller than the official files by design; the warning itself is tested below
+pytestmark = pytest.mark.filterwarnings("ignore::gevit_lib.data.UnverifiedDataWarning")
+
+# the modules behind the package (importlib: the attributes gevit_lib.data.mnist etc. are the loader functions)
+M = importlib.import_module("gevit_lib.data.mnist")
+R = importlib.import_module("gevit_lib.data.rotated_mnist")
 
 # sha256 (gevit_lib.data.array_checksum) of the regenerated rotated MNIST, recipe v1, seed 0, built from the
 # genuine MNIST; "sources" hashes (labels, source_index, source_split).
@@ -51,7 +62,7 @@ def _fresh_caches(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    D.make_synthetic_mnist(root, n_train=600, n_test=100, seed=0)
+    make_synthetic_mnist(root, n_train=600, n_test=100, seed=0)
     return root
 
 
@@ -62,13 +73,6 @@ def regen_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
-
-
-def write_idx_gz(path: Path, arr: np.ndarray, header_dims: tuple[int, ...] | None = None) -> None:
-    dims = header_dims or arr.shape
-    header = bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes(), mtime=0))
 
 
 def rotate_reference(img: np.ndarray, angle: float) -> np.ndarray:
@@ -144,20 +148,18 @@ def test_mnist_missing_files_message(tmp_path: Path) -> None:
 
 
 def test_mnist_download_path(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(root: Path) -> None:
+    def offline(root: Path, names: list[str]) -> None:
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(D, "_download_mnist", offline)
+    monkeypatch.setattr(M, "_download_mnist", offline)
     with pytest.raises(MissingFileError, match="download failed: network unreachable"):
         D.mnist("test", root=tmp_path / "a")
 
-    def fake_torchvision(root: Path) -> None:  # what torchvision leaves behind: decompressed files in MNIST/raw
-        raw = root / "MNIST" / "raw"
-        raw.mkdir(parents=True)
-        for gz in (synth_root / "mnist").glob("*.gz"):
-            (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    def fake_download(root: Path, names: list[str]) -> None:  # the four .gz files into <root>/mnist
+        assert sorted(names) == sorted(D.MNIST_FILES)
+        shutil.copytree(synth_root / "mnist", root / "mnist")
 
-    monkeypatch.setattr(D, "_download_mnist", fake_torchvision)
+    monkeypatch.setattr(M, "_download_mnist", fake_download)
     got = D.mnist("test", root=tmp_path / "b")
     np.testing.assert_array_equal(got.images, D.mnist("test", root=synth_root, download=False).images)
 
@@ -167,7 +169,7 @@ def test_mnist_truncated_and_corrupt_files(synth_root: Path, tmp_path: Path) -> 
     shutil.copytree(synth_root / "mnist", root / "mnist")
     images = D.read_idx(root / "mnist" / "train-images-idx3-ubyte.gz")
     # header says 600 images, content holds 599
-    write_idx_gz(root / "mnist" / "train-images-idx3-ubyte.gz", images[:-1], header_dims=images.shape)
+    write_idx(root / "mnist" / "train-images-idx3-ubyte.gz", images[:-1], header_dims=images.shape)
     with pytest.raises(ChecksumError, match="truncated"):
         D.mnist("train", root=root, download=False)
     # a gzip stream cut short
@@ -191,10 +193,49 @@ def test_mnist_full_size_file_must_have_official_md5(synth_root: Path, tmp_path:
 def test_mnist_files_are_parsed_once_per_process(synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     D.load_mnist_arrays(synth_root, download=False)
     calls = []
-    original = D._read_idx_raw
-    monkeypatch.setattr(D, "_read_idx_raw", lambda *a: calls.append(a) or original(*a))
+    original = M._read_idx_raw
+    monkeypatch.setattr(M, "_read_idx_raw", lambda *a: calls.append(a) or original(*a))
     D.mnist("validation", root=synth_root, download=False)
     assert calls == []
+
+
+def test_mnist_smaller_than_official_warns(synth_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "subset"
+    shutil.copytree(synth_root / "mnist", root / "mnist")
+    labels = D.read_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    write_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz", labels[:-1])  # a consistent file, one label short
+    with pytest.warns(D.UnverifiedDataWarning) as record:
+        with pytest.raises(ChecksumError, match="99 labels"):  # and the images no longer match
+            D.mnist("test", root=root, download=False)
+    (message,) = [str(w.message) for w in record if w.category is D.UnverifiedDataWarning]
+    assert "t10k-labels-idx1-ubyte.gz holds 99 entries, the official t10k-labels-idx1-ubyte 10,000" in message
+    assert D.MNIST_FILES["t10k-labels-idx1-ubyte"].md5 in message and "unverified" in message
+    D.clear_caches()
+    with pytest.warns(D.UnverifiedDataWarning, match="train-images-idx3-ubyte.gz holds 600 entries.*60,000"):
+        assert D.mnist("test", root=synth_root, download=False).source == "unverified"
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "TIMEOUT_S", 0.5)
+    monkeypatch.setattr(files, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(files, "TRIES", 2)
+
+
+def test_mnist_download_from_a_stalled_server_fails_in_bounded_time(
+        stalled_server: str, fast_retries: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror that accepts the connection and never answers (a dropping firewall) must not hang the loader."""
+    monkeypatch.setattr(M, "MNIST_MIRRORS", (f"{stalled_server}/a/", f"{stalled_server}/b/"))
+    start = time.monotonic()
+    with pytest.raises(MissingFileError) as err:
+        D.mnist("test", root=tmp_path)
+    assert time.monotonic() - start < 2 * 2 * 0.5 + 5  # 2 mirrors x 2 tries x 0.5 s, plus slack
+    msg = str(err.value)
+    assert "download failed" in msg and "timed out" in msg
+    for name, spec in D.MNIST_FILES.items():
+        assert name in msg and spec.md5 in msg and f"{stalled_server}/a/{name}.gz" in msg
+    assert str(tmp_path / "mnist") in msg
+    assert not list(tmp_path.rglob("*.gz")) and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_genuine_mnist_is_verified(shared_mnist_dir: Path) -> None:
@@ -388,10 +429,10 @@ def test_rotated_mnist_offline_from_shared_data_dir(shared_mnist_dir: Path, rege
     monkeypatch.setenv("GEVIT_DATA_DIR", str(shared_mnist_dir.parent))
     monkeypatch.setenv("GEVIT_CACHE_DIR", str(regen_cache))
 
-    def no_network(root: Path) -> None:
+    def no_network(root: Path, names: list[str]) -> None:
         raise AssertionError("tried to download MNIST")
 
-    monkeypatch.setattr(D, "_download_mnist", no_network)
+    monkeypatch.setattr(M, "_download_mnist", no_network)
     before = listing(shared_mnist_dir.parent)
     test = D.rotated_mnist("test")
     assert len(test) == 50000 and test.source == "regenerated"
@@ -424,7 +465,7 @@ def make_fake_rot_archive(folder: Path, n_train_valid: int = 12, n_test: int = 8
 def test_official_loader_parses_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "data"
     path, md5, pixels, labels = make_fake_rot_archive(root / "rotated_mnist")
-    monkeypatch.setattr(D, "MNIST_ROT_ARCHIVE", RemoteFile(path.name, "file://fake", md5, "md5"))
+    monkeypatch.setattr(R, "MNIST_ROT_ARCHIVE", RemoteFile(path.name, "file://fake", md5, "md5"))
     before = listing(root)
     kw = dict(root=root, cache_dir=tmp_path / "cache")
     train, val, test = (D.rotated_mnist(s, **kw) for s in D.SPLITS)  # "auto" finds the archive
@@ -439,13 +480,13 @@ def test_official_loader_parses_archive(tmp_path: Path, monkeypatch: pytest.Monk
     assert listing(root) == before
     assert list((tmp_path / "cache").glob(f"rotated_mnist_official_{md5[:16]}.npz"))
     D.clear_caches()  # the second load comes from the npz cache, not the archive
-    monkeypatch.setattr(D, "_parse_rot_archive", lambda p: pytest.fail("re-parsed the archive"))
+    monkeypatch.setattr(R, "_parse_rot_archive", lambda p: pytest.fail("re-parsed the archive"))
     np.testing.assert_array_equal(D.rotated_mnist("test", source="official", **kw).images, pixels["test"])
 
 
 def test_official_archive_bad_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path, md5, _, _ = make_fake_rot_archive(tmp_path)
-    monkeypatch.setattr(D, "MNIST_ROT_ARCHIVE", RemoteFile(path.name, "file://fake", "0" * 32, "md5"))
+    monkeypatch.setattr(R, "MNIST_ROT_ARCHIVE", RemoteFile(path.name, "file://fake", "0" * 32, "md5"))
     with pytest.raises(ChecksumError, match=f"md5 is {md5}, expected {'0' * 32}"):
         D.rotated_mnist("train", source="official", root=tmp_path, cache_dir=tmp_path / "cache")
 
@@ -458,13 +499,24 @@ def test_official_archive_missing(tmp_path: Path) -> None:
     assert D.MNIST_ROT_ARCHIVE.url in msg and "regenerated" in msg
 
 
+def test_rotated_mnist_missing_names_the_archive_and_mnist(tmp_path: Path) -> None:
+    """Neither the archive nor MNIST: the error says how to get either (official archive first-class)."""
+    with pytest.raises(MissingFileError) as err:
+        D.rotated_mnist("train", root=tmp_path, download=False)
+    msg = str(err.value)
+    archive = D.MNIST_ROT_ARCHIVE
+    assert archive.filename in msg and archive.checksum in msg and archive.url in msg
+    assert str(tmp_path / "rotated_mnist") in msg and "regenerated" in msg
+    assert all(name in msg and spec.md5 in msg for name, spec in D.MNIST_FILES.items())
+
+
 # ------------------------------------------------------------------------------------------------ pcam
 
 
 def test_pcam_fake_files(tmp_path: Path) -> None:
     import h5py
 
-    folder = D.write_fake_pcam(tmp_path, n_per_split=10)
+    folder = write_fake_pcam(tmp_path, n_per_split=10)
     x_name, y_name = D.PCAM_FILES["validation"]
     with h5py.File(folder / x_name) as fx, h5py.File(folder / y_name) as fy:
         assert fx["x"].shape == (10, 96, 96, 3) and fx["x"].dtype == np.uint8 and fy["y"].shape == (10, 1, 1, 1)
@@ -494,7 +546,7 @@ def test_pcam_missing_and_malformed(tmp_path: Path) -> None:
     msg = str(err.value)
     assert all(name in msg for pair in D.PCAM_FILES.values() for name in pair)
     assert "zenodo" in msg and "torchvision" in msg
-    folder = D.write_fake_pcam(tmp_path, n_per_split=4)
+    folder = write_fake_pcam(tmp_path, n_per_split=4)
     with h5py.File(folder / D.PCAM_FILES["test"][0], "w") as f:
         f.create_dataset("x", data=np.zeros((4, 32, 32, 3), np.uint8))
     with pytest.raises(ChecksumError, match="96, 96, 3"):

@@ -174,7 +174,7 @@ def test_measure_speed_budget_and_copy() -> None:
 
 
 def test_model_zoo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gevit_lib.data import make_synthetic_mnist
+    from gevit_lib.testing import make_synthetic_mnist
     from gevit_lib.experiments.modern_vit import model_zoo
 
     monkeypatch.setenv("GEVIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -290,7 +290,7 @@ def test_posthoc_copies_shared_between_cyclic_groups() -> None:
 
 def test_patch_size_ablation_pcam_smoke(tmp_path: Path) -> None:
     """PCam path (lazy h5 data, random D4 augmentation): the ablation writes its table and plot."""
-    from gevit_lib.data import write_fake_pcam
+    from gevit_lib.testing import write_fake_pcam
     from gevit_lib.experiments.modern_vit import patch_size_ablation
 
     write_fake_pcam(tmp_path / "data", n_per_split=8)

@@ -25,7 +25,7 @@ def tiny_vit(seed: int = 0) -> VisionTransformer:
 
 @pytest.fixture
 def synthetic_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from gevit_lib.data import make_synthetic_mnist
+    from gevit_lib.testing import make_synthetic_mnist
 
     monkeypatch.setenv("GEVIT_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "data"
@@ -131,7 +131,7 @@ def test_train_backbone_path(synthetic_root: Path, tmp_path: Path) -> None:
 def test_pcam_with_tiny_cnn(tmp_path: Path) -> None:
     import timm
 
-    from gevit_lib.data import write_fake_pcam
+    from gevit_lib.testing import write_fake_pcam
 
     write_fake_pcam(tmp_path / "data", n_per_split=16)
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_pcam_with_tiny_cnn(tmp_path: Path) -> None:
 
 
 def test_pcam_offline_messages(tmp_path: Path) -> None:
-    from gevit_lib.data import write_fake_pcam
+    from gevit_lib.testing import write_fake_pcam
 
     with pytest.raises(MissingFileError, match="camelyonpatch"):
         exp.pcam("smoke", root=tmp_path / "empty", progress=False)

@@ -15,11 +15,7 @@ from pathlib import Path
 import pytest
 
 from gevit_lib import run
-
-try:
-    from gevit_lib.testing import make_synthetic_mnist
-except ImportError:  # before the synthetic fixtures moved out of gevit_lib.data
-    from gevit_lib.data import make_synthetic_mnist
+from gevit_lib.testing import make_synthetic_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
