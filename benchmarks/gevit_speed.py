@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,16 +45,13 @@ CONFIGS = [  # (group, patch size, batch)
 
 
 # ---- the measurement, in a fresh process --------------------------------------------------------------------
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of the fused CPU kernel
         os.environ["GEVIT_CPU_KERNEL"] = "0"
     import torch
 
     sys.path.insert(0, str(REPO))
+    from gevit_lib.benchmark import peak_rss_bytes, time_calls
     from gevit_lib.models.gevit import build_gevit
     from gevit_lib.nn import cpu_kernel
 
@@ -70,20 +66,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     amp = spec.get("autocast")
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else None
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def timed(fn) -> list[float]:
-        times = []
-        for i in range(spec["repeats"] + 1):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i:  # the first run is the warm-up
-                times.append(time.perf_counter() - t0)
-        return times
+        fn()  # warm-up
+        return time_calls(fn, spec["repeats"], device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -103,7 +88,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    baseline = _peak_rss_gib()
+    baseline = peak_rss_bytes() / 2**30
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.eval()
@@ -119,7 +104,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["device_name"] = torch.cuda.get_device_name()
     else:
-        out["peak_rss_gib"] = _peak_rss_gib()
+        out["peak_rss_gib"] = peak_rss_bytes() / 2**30
         out["baseline_rss_gib"] = baseline
         out["peak_gib"] = out["peak_rss_gib"] - baseline
     return out

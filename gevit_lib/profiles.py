@@ -150,3 +150,154 @@ def training_profile(family: str, profile: str) -> TrainingProfile:
     if family not in _TRAINING:
         raise ValueError(f"no training profile for {family!r}; choose one of {', '.join(_TRAINING)}")
     return _TRAINING[family][profile]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model zoo (notebook 10): the speed / size / accuracy table of the faster equivariant ViTs
+
+__all__ += ["ModelZooProfile", "MODEL_ZOO_DATASETS", "model_zoo_profile"]
+
+MODEL_ZOO_DATASETS: tuple[str, ...] = ("rotmnist", "pcam")
+
+
+@dataclass(frozen=True)
+class ModelZooProfile:
+    """Sizes of one model-zoo run (notebook 10). ``None`` sizes mean the whole split.
+
+    Training (every trained model, one ``TrainConfig``): ``epochs`` (``hybrid_epochs`` for the hybrid,
+    ``gevit_epochs`` for the full-image GE-ViT baselines), ``batch_size``, AdamW with ``lr`` / ``weight_decay``,
+    linear warm-up for ``warmup_fraction`` of the epochs then cosine (the post: 10 of 50 epochs), random 90-degree
+    rotations and flips when ``augment`` (the post's PCam training). ``patch_sizes``: the ablation
+    (``PatchGEViT`` with ``patch_group`` and the mean embedding); ``extra_patch_models``: more (group, patch
+    size, embed method) rows for the table; ``hybrid_groups``: one hybrid per group. ``grid_gevit``: GE-ViT options
+    of the patch / hybrid back ends; ``embed_dim``: patch embedding width (None: preset); ``embed_hidden``: hidden
+    width of the shared patch MLP of the mean embedding (None: one Linear layer, the post's design, which only sees
+    the group-invariant linear projections of a patch -- for 2x2 patches under C4 just their mean).
+    ``posthoc_groups``: the post-hoc ViT rows (mean pooling, no finetuning). ``gevit_models``: the full-image
+    GE-ViT rows (group, local neighbourhood); those in ``gevit_trained`` are trained on ``gevit_n_train`` images
+    (None: ``n_train``) and evaluated on ``gevit_n_eval`` validation and test images (None: ``n_val`` /
+    ``n_test``); ``gevit_overrides`` change their architecture (smoke: narrow). Speed: ``speed_batch`` images per
+    batch (``gevit_speed_batch`` for the full-image GE-ViTs), ``speed_steps`` timed batches, ``speed_budget_s``
+    seconds per model and mode (None: no limit). ``num_workers``: data-loader processes (PCam is read lazily).
+    ``gevit_published``: (group, neighbourhood, checkpoint) of full-image GE-ViT rows whose accuracy comes from the
+    authors' published checkpoint (evaluated on ``gevit_n_eval`` images) instead of a training run here; when the
+    checkpoint cannot be found or downloaded the row is trained as in ``gevit_trained`` (and says so).
+    GE-ViT-based models use attention dropout 0 in ``smoke`` / ``quick``, the post's 0.1 in ``full``.
+    """
+
+    n_train: int | None
+    n_val: int | None
+    n_test: int | None
+    epochs: int
+    hybrid_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    augment: bool
+    patch_sizes: tuple[int, ...]
+    patch_group: str
+    extra_patch_models: tuple[tuple[str, int, str], ...]
+    hybrid_groups: tuple[str, ...]
+    grid_gevit: dict[str, Any]
+    embed_dim: int | None
+    embed_hidden: int | None
+    hybrid_overrides: dict[str, Any]
+    vit_overrides: dict[str, Any]
+    posthoc_groups: tuple[str, ...]
+    gevit_models: tuple[tuple[str, int], ...]
+    gevit_trained: tuple[tuple[str, int], ...]
+    gevit_overrides: dict[str, Any]
+    gevit_n_train: int | None
+    gevit_n_eval: int | None
+    gevit_epochs: int
+    gevit_speed_batch: int
+    speed_batch: int
+    speed_steps: int
+    speed_budget_s: float | None
+    num_workers: int = 0
+    gevit_published: tuple[tuple[str, int, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_NO_DROPOUT = {"attention_dropout": 0.0, "value_dropout": 0.0}
+_ZOO_GEVIT_4 = (("p4", 5), ("p4", 9), ("p4m", 5), ("p4m", 9))
+
+# quick: 8,000 training samples per model (2,000 images x 4 epochs), ~9 min on 2 idle cores; the full-image GE-ViT
+# p4, P=5 row takes its accuracy from the authors' published checkpoint (a ~83% model; 200 validation / test images)
+_ZOO_MNIST_QUICK = ModelZooProfile(
+    n_train=2000, n_val=400, n_test=1000, epochs=4, hybrid_epochs=4, batch_size=32, eval_batch_size=100,
+    lr=3e-3, weight_decay=0.01, warmup_fraction=0.2, augment=False,
+    patch_sizes=(2, 4, 7, 14), patch_group="p4", extra_patch_models=(("p4m", 14, "mean"), ("p4", 7, "gcnn")),
+    hybrid_groups=("p4",), grid_gevit={"num_channels": 12, "num_heads": 4, **_NO_DROPOUT}, embed_dim=32,
+    embed_hidden=64, hybrid_overrides={}, vit_overrides={}, posthoc_groups=("C4", "C8", "C16"),
+    gevit_models=_ZOO_GEVIT_4, gevit_trained=(("p4", 5),), gevit_overrides=dict(_NO_DROPOUT), gevit_n_train=16,
+    gevit_n_eval=200, gevit_epochs=1, gevit_speed_batch=1, speed_batch=16, speed_steps=3, speed_budget_s=8.0,
+    gevit_published=(("p4", 5, "gevit_p4sa_patch5_rotmnist"),))
+_ZOO_MNIST_SMOKE = replace(
+    _ZOO_MNIST_QUICK, n_train=160, n_val=40, n_test=40, epochs=1, hybrid_epochs=1, batch_size=16, eval_batch_size=40,
+    patch_sizes=(7, 14), extra_patch_models=(("p4", 14, "gcnn"),),
+    grid_gevit={"num_channels": 8, "num_heads": 1, **_NO_DROPOUT}, embed_dim=8, embed_hidden=8,
+    hybrid_overrides={"gcnn_channels": 4, "gcnn_layers": 2, "gcnn_kernel": 3, "pooled_size": 4},
+    vit_overrides={"embed_dim": 16, "hidden_dim": 32, "num_heads": 2, "num_layers": 1},
+    posthoc_groups=("C4",), gevit_models=(("p4", 5),), gevit_trained=(("p4", 5),),
+    gevit_overrides={"num_channels": 8, "num_heads": 1, "block_sizes": (1,), "crop_per_layer": (0,), **_NO_DROPOUT},
+    gevit_n_train=4, gevit_n_eval=4, gevit_speed_batch=2, speed_batch=4, speed_steps=1, speed_budget_s=5.0,
+    gevit_published=())
+# full trains GE-ViT p4 and p4m (neighbourhood 5) itself, like every other model
+_ZOO_MNIST_FULL = ModelZooProfile(
+    n_train=None, n_val=None, n_test=None, epochs=50, hybrid_epochs=50, batch_size=64, eval_batch_size=256,
+    lr=1e-3, weight_decay=0.01, warmup_fraction=0.2, augment=False,
+    patch_sizes=(2, 4, 7, 14), patch_group="p4", extra_patch_models=(("p4m", 4, "mean"), ("p4", 4, "gcnn")),
+    hybrid_groups=("p4", "p4m"), grid_gevit={}, embed_dim=None, embed_hidden=64, hybrid_overrides={},
+    vit_overrides={}, posthoc_groups=("C4", "C8", "C16"), gevit_models=_ZOO_GEVIT_4,
+    gevit_trained=(("p4", 5), ("p4m", 5)), gevit_overrides={}, gevit_n_train=None, gevit_n_eval=None,
+    gevit_epochs=50, gevit_speed_batch=16, speed_batch=64, speed_steps=10, speed_budget_s=120.0)
+
+_ZOO_PCAM_FULL = ModelZooProfile(
+    # the post's PCam training: batch 256, AdamW 1e-3 (wd 0.01), warm-up 10 of 50 epochs then cosine, random D4;
+    # the hybrid 15 epochs
+    n_train=None, n_val=None, n_test=None, epochs=50, hybrid_epochs=15, batch_size=256, eval_batch_size=512,
+    lr=1e-3, weight_decay=0.01, warmup_fraction=0.2, augment=True,
+    patch_sizes=(2, 3, 6, 12, 16), patch_group="p4", extra_patch_models=(("p4m", 6, "mean"), ("p4", 6, "gcnn")),
+    # the p4 hybrid with a D4 G-CNN is the post's architecture (136,558 parameters) with exact group convolutions
+    hybrid_groups=("p4", "p4m"), grid_gevit={}, embed_dim=None, embed_hidden=None,
+    hybrid_overrides={"gcnn_group": "p4m"}, vit_overrides={}, posthoc_groups=("C4", "D4", "C16"),
+    gevit_models=_ZOO_GEVIT_4, gevit_trained=(("p4", 5),),
+    gevit_overrides={}, gevit_n_train=26214, gevit_n_eval=None, gevit_epochs=5, gevit_speed_batch=8,
+    speed_batch=32, speed_steps=10, speed_budget_s=120.0, num_workers=8)
+_ZOO_PCAM_QUICK = replace(
+    _ZOO_PCAM_FULL, n_train=512, n_val=128, n_test=256, epochs=2, hybrid_epochs=2, batch_size=32, eval_batch_size=64,
+    lr=2e-3, patch_sizes=(6, 12, 16), extra_patch_models=(), hybrid_groups=("p4",),
+    grid_gevit={"num_channels": 12, "num_heads": 4, **_NO_DROPOUT}, embed_dim=32, embed_hidden=64,
+    hybrid_overrides={"gcnn_layers": 4, "pooled_size": 6}, gevit_models=(("p4", 5),), gevit_trained=(),
+    gevit_overrides=dict(_NO_DROPOUT), gevit_speed_batch=1, speed_batch=4, speed_steps=2, speed_budget_s=15.0,
+    num_workers=0)
+_ZOO_PCAM_SMOKE = replace(
+    _ZOO_PCAM_QUICK, n_train=64, n_val=16, n_test=16, epochs=1, hybrid_epochs=1, batch_size=8, eval_batch_size=16,
+    patch_sizes=(16,), grid_gevit=_ZOO_MNIST_SMOKE.grid_gevit, embed_dim=8, embed_hidden=8,
+    hybrid_overrides={"gcnn_channels": 4, "gcnn_layers": 2, "gcnn_kernel": 3, "pooled_size": 4},
+    vit_overrides={"embed_dim": 16, "hidden_dim": 32, "num_heads": 2, "num_layers": 1, "patch_size": 16,
+                   "num_patches": 36}, posthoc_groups=("C4",), gevit_models=(), gevit_trained=(),
+    speed_batch=2, speed_steps=1, speed_budget_s=5.0)
+
+_MODEL_ZOO: dict[str, dict[str, ModelZooProfile]] = {
+    "rotmnist": {"smoke": _ZOO_MNIST_SMOKE, "quick": _ZOO_MNIST_QUICK, "full": _ZOO_MNIST_FULL},
+    "pcam": {"smoke": _ZOO_PCAM_SMOKE, "quick": _ZOO_PCAM_QUICK, "full": _ZOO_PCAM_FULL},
+}
+
+
+def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | None = None) -> ModelZooProfile:
+    """The model-zoo sizes for ``dataset`` ("rotmnist", "pcam") at ``profile``, with ``overrides`` of any field."""
+    check_profile(profile)
+    if dataset not in _MODEL_ZOO:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(MODEL_ZOO_DATASETS)}")
+    sizes = _MODEL_ZOO[dataset][profile]
+    known = set(ModelZooProfile.__dataclass_fields__)
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown model-zoo profile field(s) {unknown}; known: {sorted(known)}")
+    return replace(sizes, **(overrides or {}))

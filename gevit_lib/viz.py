@@ -125,3 +125,34 @@ def save_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
         tmp.write_text(text)
     write_sidecar(path.with_suffix(".json"), [csv_path, md_path], rows=len(rows), **meta)
     return csv_path, md_path
+
+
+def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str, label: str = "patch_size",
+                          reference: tuple[str, float] | None = None, ax: Any = None) -> Any:
+    """Scatter of test accuracy against epoch time, one labelled point per row (notebook 10's patch-size ablation).
+
+    ``points``: rows with ``epoch_s``, ``test_acc``, ``n_train`` and the ``label`` column; ``reference``: (name,
+    epoch seconds) of a model drawn as a dashed vertical line (then the time axis is logarithmic). Returns the
+    figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 6))
+    for i, r in enumerate(points):
+        ax.scatter(r["epoch_s"], r["test_acc"], s=100, alpha=0.7, edgecolors="white",
+                   color=plt.get_cmap("tab10")(i % 10), label=f"patch {r[label]}")
+        ax.annotate(str(r[label]), (r["epoch_s"], r["test_acc"]), textcoords="offset points", xytext=(10, 8))
+    if reference is not None:
+        ax.axvline(reference[1], ls="--", color="grey", label=f"{reference[0]} (epoch time from its measured "
+                                                              "throughput)")
+        ax.set_xscale("log")
+    ax.set_title(title, fontweight="bold", fontsize=14)
+    n_train = sorted({r["n_train"] for r in points})
+    on = f" on {n_train[0]:,} training images" if len(n_train) == 1 else ""
+    ax.set_xlabel(f"Epoch time{on} (s, training + validation pass)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.legend(title="Patch size", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+    ax.grid(True, ls="--", alpha=0.5)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.figure.tight_layout()
+    return ax.figure

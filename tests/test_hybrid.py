@@ -1,4 +1,4 @@
-"""Patch-embedding and hybrid G-CNN -> GE-ViT models (gevit_lib.models.hybrid) and the modern-ViT experiment.
+"""Patch-embedding and hybrid G-CNN -> GE-ViT models (gevit_lib.models.hybrid) and their table (notebook 10).
 
 Invariance is asserted exactly (float64, eval mode, random weights) for rot90 k = 1..3 and, for p4m, flips.
 """
@@ -159,146 +159,109 @@ def test_bad_configurations_are_refused() -> None:
         model(torch.randn(1, 1, 21, 21))
 
 
-# ---- the experiment (smoke profile, generated data) -------------------------------------------------------------
-def test_measure_speed_budget_and_copy() -> None:
-    from gevit_lib.experiments.modern_vit import measure_speed
+# ---- the model zoo (notebook 10): profile, accuracy, the notebook's table ------------------------------------------
+def test_model_zoo_profiles() -> None:
+    from gevit_lib.profiles import model_zoo_profile
 
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
-    before = [p.clone() for p in model.parameters()]
-    speed = measure_speed(model, (1, 4, 4), 3, "cpu", batch_size=4, steps=2)
-    assert speed["infer_img_s"] > 0 and speed["train_img_s"] > 0 and speed["peak_mem_mib"] >= 0
-    assert speed["timed_batches"] == [2, 2]
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # measured on a copy
-    slow = measure_speed(model, (1, 4, 4), 3, "cpu", batch_size=4, steps=2, budget_s=1e-9)
-    assert slow["train_img_s"] is None and "training not timed" in slow["note"]
-
-
-def test_model_zoo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gevit_lib.testing import make_synthetic_mnist
-    from gevit_lib.experiments.modern_vit import model_zoo
-
-    monkeypatch.setenv("GEVIT_CACHE_DIR", str(tmp_path / "cache"))
-    make_synthetic_mnist(tmp_path / "data", n_train=300, n_test=50)
-    out = tmp_path / "out"
-    result = model_zoo("smoke", "cpu", tmp_path / "data", out, 0, dataset="rotmnist", progress=False)
-    for name in ("model_zoo.csv", "model_zoo.md", "model_zoo.json", "ablation.png", "ablation.json", "meta.json"):
-        assert (out / name).is_file(), name
-    families = {r["family"] for r in result.rows}
-    assert families == {"vit", "posthoc", "gevit", "patch", "hybrid"}
-    for row in result.rows:
-        assert row["params"] > 0 and row["infer_img_s_cpu"] > 0, row
-        if row["family"] != "gevit":
-            assert 0 <= row["test_acc"] <= 100 and 0 <= row["val_acc"] <= 100, row
-    gevit = result.row("gevit_p4_P5")
-    assert gevit["n_train"] == 4 and "trained on 4 images only" in gevit["note"]
-    sidecar = json.loads((out / "ablation.json").read_text())
-    assert sidecar["profile"] == "smoke" and sidecar["seed"] == 0 and "data_source" in sidecar
-    assert len(sidecar["data_points"]) == 2  # patch sizes 7 and 14
-    assert "Patch GE-ViT p4, patch 7" in result.markdown() == (out / "model_zoo.md").read_text()
+    quick = model_zoo_profile("rotmnist", "quick")
+    assert ("p4", 5, "gevit_p4sa_patch5_rotmnist") in quick.gevit_published  # the published stand-in at quick
+    for dataset in ("rotmnist", "pcam"):
+        full = model_zoo_profile(dataset, "full")
+        assert full.gevit_published == () and ("p4", 5) in full.gevit_trained  # full trains GE-ViT itself
+    assert model_zoo_profile("rotmnist", "quick", {"epochs": 9}).epochs == 9
+    with pytest.raises(ValueError, match="unknown model-zoo profile field"):
+        model_zoo_profile("rotmnist", "quick", {"epoch": 9})
+    with pytest.raises(ValueError, match="unknown dataset"):
+        model_zoo_profile("cifar", "quick")
+    with pytest.raises(ValueError, match="unknown profile"):
+        model_zoo_profile("rotmnist", "fast")
 
 
-def test_published_gevit_row_accuracy(shared_dir: Path) -> None:
-    """The GE-ViT p4, P=5 row reports the published checkpoint's accuracy, computed here on the run's images."""
+def test_published_gevit_row_is_the_timed_architecture(shared_dir: Path) -> None:
+    """The quick table's GE-ViT p4, P=5 row reports the published checkpoint's accuracy next to the speed and size
+    of the model the notebook builds: both must be the same architecture (same parameters, same shapes)."""
     from gevit_lib.checkpoints import load_published
-    from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
+    from gevit_lib.models.gevit import build_gevit
+    from gevit_lib.profiles import model_zoo_profile
 
-    prof = modern_vit_profile("rotmnist", "quick", {"gevit_n_eval": 6, "eval_batch_size": 3})
-    assert ("p4", 5, "gevit_p4sa_patch5_rotmnist") in prof.gevit_published
-    torch.manual_seed(0)
-    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
-    model = load_published("gevit_p4sa_patch5_rotmnist")
-    with torch.no_grad():
-        expected = 100.0 * (model(x[:6]).argmax(-1) == y[:6]).double().mean().item()
-    out = _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)}, prof, "cpu")
-    assert out is not None
-    assert out["row"]["val_acc"] == pytest.approx(expected) and out["row"]["test_acc"] == pytest.approx(expected)
-    assert out["row"]["checkpoint"] == "gevit_p4sa_patch5_rotmnist" and "6 / 6" in out["note"]
+    sizes = model_zoo_profile("rotmnist", "quick")
+    for group, hood, name in sizes.gevit_published:
+        published = load_published(name).state_dict()
+        timed = build_gevit("rotmnist", group, patch_size=hood, group_index="corrected",
+                            **sizes.gevit_overrides).state_dict()
+        assert {k: v.shape for k, v in timed.items()} == {k: v.shape for k, v in published.items()}
 
 
-def test_published_gevit_row_falls_back_when_missing(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from gevit_lib import checkpoints
-    from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
-    from gevit_lib.files import MissingFileError
-
-    def missing(name: str, download: bool = True, **options):
-        raise MissingFileError(f"{name}.pt not found")
-
-    monkeypatch.setattr(checkpoints, "load_published", missing)
-    prof = modern_vit_profile("rotmnist", "quick")
-    x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
-    assert _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)}, prof,
-                               "cpu") is None
-    assert "not available" in capsys.readouterr().out
-
-
-def test_published_gevit_row_refuses_a_corrupt_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gevit_lib import checkpoints
-    from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
-    from gevit_lib.files import ChecksumError
-
-    def corrupt(name: str, download: bool = True, **options):
-        raise ChecksumError(f"{name}.pt: sha256 mismatch")
-
-    monkeypatch.setattr(checkpoints, "load_published", corrupt)
-    x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
-    with pytest.raises(ChecksumError, match="sha256"):
-        _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)},
-                            modern_vit_profile("rotmnist", "quick"), "cpu")
-
-
-def test_select_models_and_comparison() -> None:
-    from gevit_lib.experiments.modern_vit import ZooResult, model_specs, modern_vit_profile, select_models
-
-    specs = model_specs("rotmnist", modern_vit_profile("rotmnist", "quick"))
-    assert [s.key for s in select_models(specs, ["posthoc_mean_C4", "hybrid_p4"])] == [
-        "vit", "posthoc_mean_C4", "hybrid_p4"]  # table order; the post-hoc row brings its ViT
-    with pytest.raises(ValueError, match="unknown model key"):
-        select_models(specs, ["patch_p4_p5_mean"])
-    rows = [
-        {"key": "gevit_p4_P5", "name": "GE-ViT p4, P=5", "family": "gevit", "val_acc": 80.0, "test_acc": 81.0,
-         "train_img_s_cpu": 2.0, "infer_img_s_cpu": 10.0, "note": "published"},
-        {"key": "a", "name": "A", "family": "patch", "val_acc": 70.0, "test_acc": 90.0, "train_img_s_cpu": 100.0,
-         "infer_img_s_cpu": 300.0},
-        {"key": "b", "name": "B", "family": "patch", "val_acc": 75.0, "test_acc": 60.0, "train_img_s_cpu": 50.0,
-         "infer_img_s_cpu": 100.0},
-    ]
-    result = ZooResult("rotmnist", "quick", rows, {})
-    cmp = result.comparison()
-    assert cmp is not None
-    assert cmp["model"] == "b"  # selected on validation, not test
-    assert cmp["train_speedup"] == pytest.approx(25.0) and cmp["infer_speedup"] == pytest.approx(10.0)
-    assert cmp["reference_test_acc"] == 81.0 and result.comparison("missing") is None
-
-
-def test_posthoc_copies_shared_between_cyclic_groups() -> None:
-    """C4 / C8 copies are every 4th / 2nd C16 copy (same images), so the experiment computes C16 embeddings once."""
-    from gevit_lib.experiments.modern_vit import _posthoc_accuracy, posthoc_mean
+def test_posthoc_subgroup_copies_are_c16_copies() -> None:
+    """With ``subgroup_exact`` the C4 / C8 copies are every 4th / 2nd C16 copy (same images), so the post-hoc rows
+    of the table differ only in the group they pool over."""
     from gevit_lib.models.vit import build_vit
+    from gevit_lib.posthoc import PostHoc
 
     torch.manual_seed(0)
     vit = build_vit("mnist", embed_dim=16, hidden_dim=16, num_heads=2, num_layers=1).eval()
-    x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 3
-    big = posthoc_mean(vit, "C16").transformed_embeddings(x)
+    x = torch.randn(6, 1, 28, 28)
+    big = PostHoc(vit, "mean", "C16", subgroup_exact=True).transformed_embeddings(x)
     for group, step in (("C4", 4), ("C8", 2)):
-        assert torch.equal(posthoc_mean(vit, group).transformed_embeddings(x), big[:, ::step])
-        cache: dict = {}
-        shared = _posthoc_accuracy(vit, group, ("C4", "C8", "C16"), (x, y), 4, "cpu", cache, "test")
-        assert list(cache) == [("C16", "test")]
-        direct = posthoc_mean(vit, group).eval()(x).argmax(-1)
-        assert shared == pytest.approx(100.0 * (direct == y).double().mean().item())
+        assert torch.equal(PostHoc(vit, "mean", group, subgroup_exact=True).transformed_embeddings(x), big[:, ::step])
 
 
-def test_patch_size_ablation_pcam_smoke(tmp_path: Path) -> None:
-    """PCam path (lazy h5 data, random D4 augmentation): the ablation writes its table and plot."""
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 noise; label 1 adds a bright 3x3 blob at a random place (a rotation-invariant two-class task)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = 0.5 * torch.randn(n, 1, 8, 8, generator=gen), torch.arange(n) % 2
+    for i in range(n):
+        r, c = torch.randint(0, 6, (2,), generator=gen).tolist()
+        x[i, :, r:r + 3, c:c + 3] += 2.0 * y[i]
+    return x, y
+
+
+def test_patch_model_learns(tmp_path: Path) -> None:
+    """The table's accuracy columns come from `fit` on these models: trained the same way (AdamW, warm-up then
+    cosine), a tiny patch-embedding model must learn an easy invariant task (chance is 50%)."""
+    from gevit_lib.train import TrainConfig, evaluate, fit
+
+    torch.manual_seed(0)
+    model = build_patch_gevit("rotmnist", "p4", patch_size=2, image_size=8, embed_dim=8, embed_hidden=16,
+                              gevit=TWO_LAYERS)
+    config = TrainConfig(epochs=6, batch_size=32, optimizer="adamw", lr=3e-3, weight_decay=0.01,
+                         schedule="warmup_cosine", warmup_epochs=1.2)
+    result = fit(model, _blobs(256, 0), _blobs(128, 1), config, progress=False)
+    accuracy = evaluate(model, _blobs(128, 2))["accuracy"]
+    assert result.best_val["accuracy"] >= 0.9 and accuracy >= 0.9, (result.best_val, accuracy)
+
+
+def test_notebook_10_pcam_row(tmp_path: Path) -> None:
+    """Notebook 10 on PCam (lazily read h5 files, random D4 augmentation) with one chosen row: the table holds
+    that row, and its test accuracy is the accuracy of the best checkpoint `fit` saved, on the same test images."""
+    import csv
+
+    papermill = pytest.importorskip("papermill")
     from gevit_lib.testing import write_fake_pcam
-    from gevit_lib.experiments.modern_vit import patch_size_ablation
+    from gevit_lib.data import pcam, random_subset, take_subset
+    from gevit_lib.profiles import model_zoo_profile
+    from gevit_lib.reproduce import batch_parameters
+    from gevit_lib.train import evaluate
 
     write_fake_pcam(tmp_path / "data", n_per_split=8)
-    result = patch_size_ablation("smoke", "cpu", tmp_path / "data", tmp_path / "out", dataset="pcam", progress=False)
-    assert [r["key"] for r in result.rows] == ["patch_p4_p16_mean"]
-    assert result.rows[0]["n_train"] == 8 and result.rows[0]["epoch_s"] > 0
-    for name in ("ablation.csv", "ablation.md", "ablation.png", "meta.json"):
-        assert (tmp_path / "out" / name).is_file(), name
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    book = notebooks / "10_modern_equivariant_vit.ipynb"
+    params = {"profile": "smoke", "device": "cpu", "data_dir": str(tmp_path / "data"), "dataset": "pcam",
+              "out_dir": str(tmp_path / "out"), "run_dir": str(tmp_path / "run"), "models": ["patch_p4_p16_mean"]}
+    papermill.execute_notebook(str(book), str(tmp_path / "executed.ipynb"), cwd=str(notebooks), progress_bar=False,
+                               parameters=batch_parameters(book, params), execution_timeout=900)
+    rows = list(csv.DictReader((tmp_path / "out" / "model_zoo.csv").open()))
+    assert [r["name"] for r in rows] == ["Patch GE-ViT p4, patch 16 (mean embedding)"]
+    assert rows[0]["n_train"] == "8" and rows[0]["epochs"] == "1" and float(rows[0]["epoch_s"]) > 0
+    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["data_points"][0]["patch_size"] == 16
+    sizes = model_zoo_profile("pcam", "smoke")
+    model = build_patch_gevit("pcam", "p4", patch_size=16, embed_method="mean", gevit=sizes.grid_gevit,
+                              embed_hidden=sizes.embed_hidden, embed_dim=sizes.embed_dim)
+    model.load_state_dict(torch.load(tmp_path / "run" / "smoke" / "runs" / "patch_p4_p16_mean" / "best.pt",
+                                     weights_only=True))
+    split = pcam("test", root=tmp_path / "data")
+    test = take_subset(split, random_subset(len(split), sizes.n_test, 0 + 2))  # the notebook's seed 0, third split
+    assert float(rows[0]["test_acc"]) == pytest.approx(100 * evaluate(model, test)["accuracy"], abs=0.005)
 
 
 @pytest.mark.parametrize("method", ("mean", "gcnn"))

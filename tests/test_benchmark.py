@@ -1,0 +1,74 @@
+"""Speed and memory measurement (gevit_lib.benchmark): budgets, measuring on a copy, the peak-memory probe."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from gevit_lib.benchmark import PeakMemory, measure_speed, speed_columns, speed_row, time_calls
+
+
+def _tiny() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+
+def test_measure_speed_budget_and_copy() -> None:
+    model = _tiny()
+    before = [p.clone() for p in model.parameters()]
+    speed = measure_speed(model, (1, 4, 4), 3, "cpu", batch_size=4, steps=2)
+    assert speed["infer_img_s"] > 0 and speed["train_img_s"] > 0 and speed["peak_mem_mib"] >= 0
+    assert speed["timed_batches"] == [2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # measured on a copy
+    slow = measure_speed(model, (1, 4, 4), 3, "cpu", batch_size=4, steps=2, budget_s=1e-9)
+    assert slow["train_img_s"] is None and "training not timed" in slow["note"]
+    assert slow["timed_batches"] == [1, 0]  # at least one inference batch, even over budget
+
+
+def test_measure_speed_without_trainable_parameters() -> None:
+    model = _tiny().requires_grad_(False)
+    speed = measure_speed(model, (1, 4, 4), 3, "cpu", batch_size=2, steps=1)
+    assert speed["train_img_s"] is None and speed["note"] == "no trainable parameters"
+
+
+def test_time_calls_stops_at_the_budget() -> None:
+    calls = []
+
+    def sleep() -> None:
+        calls.append(1)
+        time.sleep(0.01)
+
+    times = time_calls(sleep, repeats=50, budget_s=0.1)
+    n = len(times)
+    assert n == len(calls) and 1 <= n < 50 and all(t >= 0.01 for t in times)
+    assert sum(times) * (n + 1) / n > 0.1  # one more call at the mean time would pass the budget
+    assert n == 1 or sum(times[:-1]) * n / (n - 1) <= 0.1  # ... and the last one did not
+    assert len(time_calls(sleep, repeats=3)) == 3  # no budget: every repeat
+    assert len(time_calls(sleep, repeats=3, budget_s=1e-9)) == 1  # always at least one call
+
+
+def test_peak_memory_sees_a_freed_allocation() -> None:
+    """A 64 MiB tensor allocated and freed inside the block shows in the peak, not in the memory at its end."""
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(16 * 2**20)  # 64 MiB of float32, written so the pages are touched
+        time.sleep(0.02)  # the sampler runs every millisecond
+        del x
+    assert mem.peak_bytes is not None and 60 <= mem.peak_bytes / 2**20 < 200
+    with PeakMemory("cpu") as idle:
+        time.sleep(0.01)
+    assert idle.peak_bytes is not None and idle.peak_bytes / 2**20 < 16
+
+
+def test_speed_row_columns() -> None:
+    row = speed_row(_tiny(), (1, 4, 4), 3, ["cpu"], batch_size=2, steps=1, budget_s=1e-9)
+    assert row["params"] == 16 * 3 + 3
+    assert [c for c in row if c not in ("params", "note")] == speed_columns(["cpu"])
+    assert row["train_img_s_cpu"] is None and row["note"].startswith("cpu: training not timed")
+    assert speed_columns(["cpu", "cuda"])[3:] == ["train_img_s_cuda", "infer_img_s_cuda", "peak_mem_mib_cuda"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_measure_speed_on_cuda() -> None:
+    speed = measure_speed(_tiny(), (1, 4, 4), 3, "cuda", batch_size=8, steps=2)
+    assert speed["infer_img_s"] > 0 and speed["train_img_s"] > 0 and speed["peak_mem_mib"] >= 0
