@@ -24,6 +24,7 @@ import os
 import threading
 import warnings
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,10 +35,14 @@ __all__ = ["ENV_SWITCH", "triton_local_attention", "dropout_keep_mask", "keep_sc
 ENV_SWITCH = "GEVIT_CUDA_KERNEL"
 _CHOICES = ("auto", "triton", "chunked")
 
-# Tile sizes: BLOCK_PIXELS query (or key) pixels per program, BLOCK_OFFSETS neighbourhood offsets per step.
-BLOCK_PIXELS = 16
-BLOCK_OFFSETS = 32
+# Tile sizes on GPUs: ROWS softmax rows (pixels x query elements) by COLUMNS (key element, offset) pairs per step in
+# the forward / query pass; KEY_PIXELS by COLUMNS in the key pass. The interpreter takes everything in one tile
+# (its cost is per operation, not per element). TILES overrides any of them (tests use it to exercise the loops).
+ROWS = 16
+COLUMNS = 32
+KEY_PIXELS = 16
 NUM_WARPS = 4
+TILES: dict[str, int] = {}
 
 _LOCK = threading.Lock()
 _KERNELS: ModuleType | None = None
@@ -135,12 +140,20 @@ def _pow2(n: int) -> int:
 
 
 def _meta(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, patch: int,
-          dropout: float) -> dict[str, int | bool]:
-    d = q.shape[4]
-    return dict(GQ=q.shape[3], GK=k.shape[3], GV=pos.shape[0], D=d, DV=v.shape[4], DPOS=pos.shape[2],
-                DG=grp.shape[1] if grp is not None else 1, P=patch, BX=BLOCK_PIXELS,
-                BP=min(BLOCK_OFFSETS, _pow2(patch * patch)), BD=_pow2(d), BDV=_pow2(v.shape[4]),
-                HAS_GROUP=grp is not None, DROPOUT=dropout > 0)
+          dropout: float) -> dict[str, Any]:
+    """Shapes and tile sizes (constexpr arguments of the kernels); BX pixels x BG query elements = rows of a tile."""
+    n_pix, gq, d = q.shape[0] * q.shape[1] * q.shape[2], q.shape[3], q.shape[4]
+    gk, gv, p2 = k.shape[3], pos.shape[0], patch * patch
+    bg = _pow2(gq)
+    if interpreted() and not q.is_cuda:
+        tiles = dict(BX=min(_pow2(n_pix), max(1, 512 // bg)), BR=min(_pow2(gk * p2), 256), KX=min(_pow2(n_pix), 64),
+                     BS=min(_pow2(gv * gq * p2), 1024))
+    else:
+        tiles = dict(BX=max(1, ROWS // bg), BR=COLUMNS, KX=KEY_PIXELS, BS=COLUMNS)
+    tiles.update(TILES)
+    return dict(GQ=gq, GK=gk, GV=gv, D=d, DV=v.shape[4], DPOS=pos.shape[2], DG=grp.shape[1] if grp is not None else 1,
+                P=patch, BG=bg, BD=_pow2(d), BDV=_pow2(v.shape[4]), HAS_GROUP=grp is not None, DROPOUT=dropout > 0,
+                **tiles)
 
 
 def _device_guard(t: Tensor):
@@ -174,10 +187,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, g
         return out, lse
     g_arg, i_arg = _group_args(q, grp, gidx)
     meta = _meta(q, k, v, pos, grp, patch, dropout)
-    grid = (triton_cdiv(n_pix, BLOCK_PIXELS), gv)
+    grid = (_cdiv(n_pix, meta["BX"]), gv)
     with _device_guard(q):
         kern._fwd[grid](q, k, v, pos, g_arg, i_arg, out, lse, n_pix, h, w, float(scale), float(dropout),
-                        keep_scale(dropout), int(seed), num_warps=NUM_WARPS, **meta)
+                        keep_scale(dropout), int(seed), num_warps=NUM_WARPS, **_pick(meta, _QUERY_TILES))
     return out, lse
 
 
@@ -194,7 +207,7 @@ def _backward(go: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Ten
         return dq, dk, dv, torch.zeros_like(pos), (torch.zeros_like(grp) if grp is not None else None)
     g_arg, i_arg = _group_args(q, grp, gidx)
     meta = _meta(q, k, v, pos, grp, patch, dropout)
-    n_blocks = triton_cdiv(n_pix, BLOCK_PIXELS)
+    n_blocks = _cdiv(n_pix, meta["BX"])
     # the query pass loops over pixel blocks: a bounded number of programs, each with its own partial table sums
     programs = min(n_blocks, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2)
     delta = torch.empty_like(lse)
@@ -204,14 +217,23 @@ def _backward(go: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Ten
     common = (float(scale), float(dropout), keep_scale(dropout), int(seed))
     with _device_guard(q):
         kern._bwd_query[(programs,)](q, k, v, pos, g_arg, i_arg, lse, go, dq, delta, dpos_part, dgrp_part, n_pix,
-                                     n_blocks, h, w, *common, J=j, num_warps=NUM_WARPS, **meta)
-        kern._bwd_key[(n_blocks, gk)](q, k, v, pos, g_arg, i_arg, lse, go, delta, dk, dv, n_pix, h, w, *common,
-                                      num_warps=NUM_WARPS, **meta)
+                                     n_blocks, h, w, *common, J=j, num_warps=NUM_WARPS, **_pick(meta, _QUERY_TILES))
+        kern._bwd_key[(_cdiv(n_pix, meta["KX"]), gk)](q, k, v, pos, g_arg, i_arg, lse, go, delta, dk, dv, n_pix, h,
+                                                      w, *common, num_warps=NUM_WARPS, BX=meta["KX"],
+                                                      **_pick(meta, ("BS",)))
     return dq, dk, dv, dpos_part.sum(0), (dgrp_part.sum(0) if grp is not None else None)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_SHAPES = ("GQ", "GK", "GV", "D", "DV", "DPOS", "DG", "P", "BD", "BDV", "HAS_GROUP", "DROPOUT")
+_QUERY_TILES = ("BX", "BG", "BR")
+
+
+def _pick(meta: dict[str, Any], tiles: tuple[str, ...]) -> dict[str, Any]:
+    return {key: meta[key] for key in _SHAPES + tiles}
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -284,7 +306,7 @@ def dropout_keep_mask(q: Tensor, k: Tensor, pos: Tensor, *, patch_size: int, dro
     total, block = mask.numel(), 1024
     if total:
         with _device_guard(q):
-            kern.keep_mask_kernel[(triton_cdiv(total, block),)](mask, total, int(seed), float(dropout), GV=gv, GQ=gq,
+            kern.keep_mask_kernel[(_cdiv(total, block),)](mask, total, int(seed), float(dropout), GV=gv, GQ=gq,
                                                                 GK=gk, P2=p2, BLOCK=block)
     mask = mask.view(n, h, w, gv, gq, gk, patch_size, patch_size).permute(0, 3, 4, 1, 2, 5, 6, 7)
     return mask.bool()
