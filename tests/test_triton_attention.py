@@ -205,3 +205,40 @@ def test_gevit_layers_on_cuda_use_the_kernels():
         fast = layer(x)
         layer.impl = "plain"
         assert rel_err(fast, layer(x)) <= 1e-5
+
+
+def test_dropout_backward_is_the_gradient_of_its_forward(device):
+    """Finite differences (float64, fixed seed): the backward pass redraws exactly the forward's dropout mask."""
+    inputs = make_inputs((2, 2, 2, True), device, torch.float64, h=3, w=3, d=5, dv=2)
+    names = ["q", "k", "v", "pos", "grp"]
+    args = tuple(inputs[key].requires_grad_() for key in names)
+
+    def f(*tensors):
+        return triton_attention.triton_local_attention(*tensors, inputs["gidx"], scale=0.7, patch_size=3,
+                                                       dropout=0.3, seed=99)
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+def test_huge_logits_and_a_large_neighbourhood(device):
+    """Logits of a few thousand (a saturated softmax, where only the exact row maximum keeps exp finite) and a 9x9
+    neighbourhood on a 7x6 image (most offsets outside; two column blocks, so the running maximum is rescaled)."""
+    gen = torch.Generator().manual_seed(2)
+    n, h, w, g, d, p = 1, 7, 6, 4, 5, 9
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
+    q = rand(n, h, w, g, d) * 40
+    q[..., 2:4] = q[..., :2].abs() * 40
+    inputs = dict(q=q, k=rand(n, h, w, g, d) * 40, v=rand(n, h, w, g, d), pos=rand(g, p * p, 2) * 40,
+                  grp=rand(g, 1) * 40, gidx=torch.randint(0, g, (g, g, g), generator=gen).to(device))
+    args = {k: (t.clone().requires_grad_() if t.is_floating_point() else t) for k, t in inputs.items()}
+    ref_args = {k: (t.clone().requires_grad_() if t.is_floating_point() else t) for k, t in inputs.items()}
+    out = triton_attention.triton_local_attention(*args.values(), scale=1.0, patch_size=p)
+    ref = plain(ref_args, 1.0, p)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-10
+    weight = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(device)
+    names = ["q", "k", "v", "pos", "grp"]
+    grads = torch.autograd.grad((out * weight).sum(), [args[k] for k in names])
+    ref_grads = torch.autograd.grad((ref * weight).sum(), [ref_args[k] for k in names])
+    scale = max(float(b.abs().max()) for b in ref_grads)  # saturated softmax: some gradients are ~1e-17
+    for a, b in zip(grads, ref_grads):
+        assert float((a - b).abs().max()) < 1e-12 * scale
