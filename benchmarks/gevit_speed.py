@@ -18,8 +18,9 @@ measured at batch 2 and the row says so.
     python benchmarks/gevit_speed.py --out runs/bench/gevit_speed.json
     python benchmarks/gevit_speed.py --device cpu --chunked   # also the chunked torch backend of the fast path
 
-On CPU "fast" is the fused C++ kernel (gevit_lib.nn.cpu_kernel, built on first use) when it builds, otherwise the
-chunked torch path; the row says which.
+On CPU "fast" is the fused C++ kernel (gevit_lib.nn.cpu_kernel, built on first use) when it builds, on CUDA the
+Triton kernels (gevit_lib.nn.triton_attention) when triton runs, otherwise the chunked torch path; the row says
+which.
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ CONFIGS = [  # (group, patch size, batch)
 
 # ---- the measurement, in a fresh process --------------------------------------------------------------------
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of the fused CPU kernel
+    if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of a fused kernel
         os.environ["GEVIT_CPU_KERNEL"] = "0"
+        os.environ["GEVIT_CUDA_KERNEL"] = "chunked"
+    elif spec.get("backend") == "triton":  # CUDA: insist on the Triton kernels (an error if they cannot run)
+        os.environ["GEVIT_CUDA_KERNEL"] = "triton"
     import torch
 
     sys.path.insert(0, str(REPO))
     from gevit_lib.benchmark import peak_rss_bytes, time_calls
     from gevit_lib.models.gevit import build_gevit
-    from gevit_lib.nn import cpu_kernel
+    from gevit_lib.nn import cpu_kernel, triton_attention
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -99,7 +103,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
            "train_step_s": statistics.median(step), "eval_forward_all_s": fwd, "train_step_all_s": step,
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "backend": ("plain" if spec["impl"] == "plain" else
-                       "kernel" if device.type == "cpu" and cpu_kernel.available() else "chunked")}
+                       "kernel" if device.type == "cpu" and cpu_kernel.available() else
+                       "triton" if triton_attention.selected("auto", device) else "chunked")}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["device_name"] = torch.cuda.get_device_name()
@@ -165,7 +170,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         name = f"rotmnist {r['group']} P={r['patch']}" + (f" {r['autocast']}" if r.get("autocast") else "")
-        impl = {"kernel": "fast (fused CPU kernel)", "chunked": "fast (chunked torch)"}.get(
+        impl = {"kernel": "fast (fused CPU kernel)", "chunked": "fast (chunked torch)",
+                "triton": "fast (Triton kernel)"}.get(
             r.get("backend", ""), "fast") if r["impl"] == "fast" else "reference (original algorithm)"
         if "error" in r:
             body.append([r["device"], name, str(r["batch"]), "", impl, "error", " ".join(r["error"]), "", "", ""])
@@ -197,7 +203,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--skip-plain", action="store_true", help="only the fast path")
     ap.add_argument("--chunked", action="store_true",
-                    help="CPU: also time the fast path's chunked torch backend (the fused kernel is the default)")
+                    help="also time the fast path's chunked torch backend (the default is the fused kernel on CPU, "
+                         "the Triton kernels on CUDA)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,7 +227,7 @@ def main() -> None:
             for amp, big_batch in variants:
                 b = big_batch or batch
                 impls = ["fast"] if args.skip_plain or (device == "cuda" and big_batch) else ["fast", "plain"]
-                if device == "cpu" and args.chunked:
+                if args.chunked:
                     impls.insert(1, "fast-chunked")
                 for impl in impls:
                     spec = dict(group=group, patch=patch, batch=b, impl=impl, device=device, repeats=repeats,

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_kernel
+from . import cpu_kernel, triton_attention
 
 __all__ = ["fast_local_attention", "default_chunk_elements", "BACKENDS"]
 
@@ -433,13 +433,13 @@ class _KernelAttention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-BACKENDS: tuple[str, ...] = ("auto", "kernel", "chunked")
+BACKENDS: tuple[str, ...] = ("auto", "kernel", "chunked", "triton")
 
 
 def _use_kernel(backend: str, device: torch.device) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "chunked" or (backend == "auto" and device.type != "cpu"):
+    if backend in ("chunked", "triton") or (backend == "auto" and device.type != "cpu"):
         return False
     if device.type != "cpu":
         raise ValueError(f"backend 'kernel' is the fused CPU kernel; tensors are on {device}")
@@ -467,6 +467,13 @@ def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tens
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+    # ---- CUDA: the Triton kernels (gevit_lib.nn.triton_attention; GEVIT_CUDA_KERNEL=triton|chunked chooses) ----
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if triton_attention.selected(backend, q.device):
+        return triton_attention.triton_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
+                                                       dropout=dropout, seed=seed)
+    # ---- end of the Triton hunk ----
     args = [t.to(work).contiguous() if t is not None else None for t in (q, k, v, pos, grp)]
     with torch.autocast(q.device.type, enabled=False):
         if _use_kernel(backend, q.device):
