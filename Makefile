@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?= quick
 DEVICE ?= cpu
 
-.PHONY: reproduce test install clean-runs notebooks
+.PHONY: reproduce test install clean-runs notebooks lab
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 reproduce: install
 	GEVIT_DATA_DIR="$${GEVIT_DATA_DIR:-$$(cd ../shared/data 2>/dev/null && pwd)}" \
 	$(PY) -m gevit_lib.reproduce --profile $(PROFILE) --device $(DEVICE)
+
+# JupyterLab on notebooks/ with this environment's Python as the kernel (installed on first use).
+lab: install
+	GEVIT_DATA_DIR="$${GEVIT_DATA_DIR:-$$(cd ../shared/data 2>/dev/null && pwd)}" \
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

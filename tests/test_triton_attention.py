@@ -74,7 +74,7 @@ def plain(inputs: dict, scale: float, patch: int, keep: torch.Tensor | None = No
     if hasattr(attention, "reference_logits"):  # the public name of the materialised logits
         scores = attention.reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch)
     else:
-        scores = attention._plain_scores(q, k, pos, grp, gidx, scale, patch)  # [N, Gv, Gq, H, W, Gk, P, P]
+        scores = attention.reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch)  # [N, Gv, Gq, H, W, Gk, P, P]
     shape = scores.shape
     probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape) * keep * keep_scale
     n, h, w, gk, dv = v.shape
