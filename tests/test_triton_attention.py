@@ -71,10 +71,7 @@ def plain(inputs: dict, scale: float, patch: int, keep: torch.Tensor | None = No
     q, k, v, pos, grp, gidx = (inputs[key] for key in ("q", "k", "v", "pos", "grp", "gidx"))
     if keep is None:
         return attention.local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch, impl="plain")
-    if hasattr(attention, "reference_logits"):  # the public name of the materialised logits
-        scores = attention.reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch)
-    else:
-        scores = attention.reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch)  # [N, Gv, Gq, H, W, Gk, P, P]
+    scores = attention.reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch)  # [N, Gv, Gq, H, W, Gk, P, P]
     shape = scores.shape
     probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape) * keep * keep_scale
     n, h, w, gk, dv = v.shape
