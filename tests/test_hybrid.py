@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gevit_lib.checkpoints import IncompatibleCheckpointError
 from gevit_lib.equivariance import invariance_errors, relative_error
 from gevit_lib.groups import get_group
+from gevit_lib.hub import IncompatibleCheckpointError
 from gevit_lib.models.gevit import convert_original_state_dict
 from gevit_lib.models.hybrid import (
     InvariantPatchEmbedding,
@@ -107,7 +107,7 @@ def test_hybrid_invariant(float64, group: str) -> None:
 
 
 def test_post_hybrid_architecture() -> None:
-    """The post's hybrid (D4 G-CNN, p4 GE-ViT, SPEC 6.2) has the published checkpoint's 136,558 parameters."""
+    """The post's hybrid (D4 G-CNN, p4 GE-ViT) has the published checkpoint's 136,558 parameters."""
     model = build_hybrid("pcam", "p4", gcnn_group="p4m")
     assert sum(p.numel() for p in model.gcnn.parameters()) == 90_200
     assert sum(p.numel() for p in model.parameters()) == 136_558
@@ -199,7 +199,7 @@ def test_model_zoo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_published_gevit_row_accuracy(shared_dir: Path) -> None:
     """The GE-ViT p4, P=5 row reports the published checkpoint's accuracy, computed here on the run's images."""
-    from gevit_lib.checkpoints import load_published
+    from gevit_lib.models import load_published
     from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
 
     prof = modern_vit_profile("rotmnist", "quick", {"gevit_n_eval": 6, "eval_batch_size": 3})
@@ -216,14 +216,14 @@ def test_published_gevit_row_accuracy(shared_dir: Path) -> None:
 
 
 def test_published_gevit_row_falls_back_when_missing(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from gevit_lib import checkpoints
+    from gevit_lib import models
     from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
     from gevit_lib.files import MissingFileError
 
     def missing(name: str, download: bool = True, **options):
         raise MissingFileError(f"{name}.pt not found")
 
-    monkeypatch.setattr(checkpoints, "load_published", missing)
+    monkeypatch.setattr(models, "load_published", missing)
     prof = modern_vit_profile("rotmnist", "quick")
     x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
     assert _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)}, prof,
@@ -232,14 +232,14 @@ def test_published_gevit_row_falls_back_when_missing(monkeypatch: pytest.MonkeyP
 
 
 def test_published_gevit_row_refuses_a_corrupt_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gevit_lib import checkpoints
+    from gevit_lib import models
     from gevit_lib.experiments.modern_vit import _published_accuracy, modern_vit_profile
     from gevit_lib.files import ChecksumError
 
     def corrupt(name: str, download: bool = True, **options):
         raise ChecksumError(f"{name}.pt: sha256 mismatch")
 
-    monkeypatch.setattr(checkpoints, "load_published", corrupt)
+    monkeypatch.setattr(models, "load_published", corrupt)
     x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ChecksumError, match="sha256"):
         _published_accuracy("gevit_p4sa_patch5_rotmnist", {"validation": (x, y), "test": (x, y)},

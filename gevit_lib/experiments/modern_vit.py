@@ -646,7 +646,7 @@ def _published_accuracy(name: str, data: dict[str, Any], prof: ModernViTProfile,
                         device: str) -> dict[str, Any] | None:
     """Validation / test accuracy (%) of a published checkpoint on the first ``gevit_n_eval`` images of the
     profile's splits, or None (with a printed reason) when the checkpoint cannot be found or downloaded."""
-    from gevit_lib.checkpoints import load_published
+    from gevit_lib.models import load_published
     from gevit_lib.files import MissingFileError
     from gevit_lib.train import evaluate
 
