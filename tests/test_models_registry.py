@@ -94,14 +94,28 @@ def test_one_interface_for_every_family(family: str) -> None:
         features = model.forward_features(x)
         assert isinstance(features, torch.Tensor)
         assert torch.equal(model.forward_head(features), logits)
-        assert logits.shape == (shape[0], model.num_classes if family == "vit" else 3)
+        assert logits.shape == (shape[0], model.num_classes)
         intermediates = model.forward_intermediates(x)
         assert isinstance(intermediates, list) and all(isinstance(t, torch.Tensor) for t in intermediates)
         last = intermediates[-1] if family == "vit" else intermediates[-2]  # GE-ViT's last is the classifier's
         assert torch.equal(last, features)
         embedding = model.forward_head(features, pre_logits=True)
-        assert embedding.dim() == 2 and embedding.shape[0] == shape[0]
+        assert embedding.shape == (shape[0], model.num_features)
         torch.testing.assert_close(model.get_classifier()(embedding), logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_posthoc_wraps_every_family(family: str) -> None:
+    from gevit_lib.posthoc import PostHoc
+
+    options, shape = SMALL[family]
+    torch.manual_seed(0)
+    model = create_model(family, **options).double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    wrapped = PostHoc(model, "mean", "C4")
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.base_logits(x), model(x), rtol=1e-10, atol=1e-10)
+        assert wrapped(x).shape == (shape[0], model.num_classes)
 
 
 def test_gevit_classifier_head_adds_no_state() -> None:

@@ -266,6 +266,15 @@ class GEViT(nn.Module):
         """The final 1x1 classifier (last module of ``blocks``, no bias)."""
         return self.blocks[-1]
 
+    @property
+    def num_features(self) -> int:
+        """Size of the ``pre_logits`` embedding: channels before the classifier times the group size."""
+        return self.classifier.in_channels * len(self.group)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         """Output of every module of ``blocks`` (the original's ``show_features``), each ``[B, C, G, H, W]``;
         the last one is the classifier's output."""

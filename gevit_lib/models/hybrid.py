@@ -273,6 +273,14 @@ class PatchGEViT(nn.Module):
     def get_classifier(self) -> GroupMaxHead:
         return self.gevit.get_classifier()
 
+    @property
+    def num_features(self) -> int:
+        return self.gevit.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.gevit.num_classes
+
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         """GE-ViT's intermediate features on the artificial image."""
         return self.gevit.forward_intermediates(self.artificial_image(x))
@@ -361,6 +369,14 @@ class HybridGEViT(nn.Module):
 
     def get_classifier(self) -> GroupMaxHead:
         return self.gevit.get_classifier()
+
+    @property
+    def num_features(self) -> int:
+        return self.gevit.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.gevit.num_classes
 
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         """GE-ViT's intermediate features on the artificial image."""
