@@ -17,25 +17,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from .checkpoints import PUBLISHED, load_published
 from .files import ChecksumError, MissingFileError
+from .models import create_model, load_published
 from .profiles import check_profile
 
 __all__ = ["published_model", "rotated_digits", "upright_digits", "smoke_mnist_root", "digits_root"]
-
-
-def _build_untrained(name: str, **options: Any) -> nn.Module:
-    entry = PUBLISHED[name]
-    config = {**entry.config, **options}
-    if entry.kind == "gevit":
-        from .models.gevit import build_gevit
-
-        return build_gevit(**config)
-    if entry.kind == "vit":
-        from .models.vit import build_vit
-
-        return build_vit(config.pop("preset", "mnist"), **config)
-    raise ValueError(f"no untrained fallback for {name} ({entry.kind})")
 
 
 def published_model(name: str, profile: str, **options: Any) -> tuple[nn.Module, str]:
@@ -48,7 +34,7 @@ def published_model(name: str, profile: str, **options: Any) -> tuple[nn.Module,
             raise
         warnings.warn(f"smoke profile: {name} unavailable ({type(exc).__name__}); using an untrained stand-in",
                       stacklevel=2)
-        return _build_untrained(name, **options).eval(), f"untrained {name} architecture (checkpoint unavailable)"
+        return create_model(name, **options).eval(), f"untrained {name} architecture (checkpoint unavailable)"
 
 
 def smoke_mnist_root() -> Path:

@@ -57,7 +57,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from gevit_lib.augment import random_d4
 from gevit_lib.benchmark import default_devices, speed_columns, speed_row
-from gevit_lib.checkpoints import load_published
+from gevit_lib.models import load_published
 from gevit_lib.data import pcam, random_subset, rotated_mnist, take_subset
 from gevit_lib.files import MissingFileError
 from gevit_lib.groups import get_group

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from gevit_lib.checkpoints import IncompatibleCheckpointError
 from gevit_lib.groups import GROUP_NAMES, get_group
+from gevit_lib.hub import IncompatibleCheckpointError
 from gevit_lib.models.gevit import GEViT, build_gevit, from_original_state_dict
 
-# SPEC 2.7 (instantiating the original code)
+# parameter counts of the original code's models (instantiated there)
 PARAMS = {
     ("rotmnist", "z2", 10): 44_368, ("rotmnist", "p4", 10): 44_428, ("rotmnist", "p4m", 10): 44_508,
     ("rotmnist", "p8", 10): 44_508, ("rotmnist", "p12", 10): 44_588, ("rotmnist", "p4", 2): 44_268,
@@ -60,10 +60,10 @@ def test_corrected_models_are_exactly_invariant_and_equivariant(group_name: str,
     group = model.group
     x = torch.randn(2, 1, model.config.image_size, model.config.image_size, dtype=torch.float64)
     with torch.no_grad():
-        feats = model.forward_features(x)
+        feats = model.forward_intermediates(x)
         logits = model.pool(feats[-1])
         for _, t in symmetries(group_name):
-            feats_t = model.forward_features(group.act_on_image(x, t))
+            feats_t = model.forward_intermediates(group.act_on_image(x, t))
             assert rel_err(model.pool(feats_t[-1]), logits) < 1e-9
             for f, f_t in zip(feats, feats_t):
                 assert rel_err(f_t, group.act_on_group_signal(f, t, side="right")) < 1e-9
@@ -104,7 +104,7 @@ def test_gsa_nets_is_not_rot90_invariant_but_its_spatial_encoding_is_consistent(
     g = fixed.group
     with torch.no_grad():
         for _, t in symmetries("p4"):
-            for f, f_t in zip(fixed.forward_features(xs), fixed.forward_features(g.act_on_image(xs, t))):
+            for f, f_t in zip(fixed.forward_intermediates(xs), fixed.forward_intermediates(g.act_on_image(xs, t))):
                 assert rel_err(f_t, g.act_on_group_signal(f, t, side="left")) < 1e-9
 
 
@@ -154,7 +154,7 @@ def test_features_and_attention_maps_of_the_rotmnist_model() -> None:
     model = build_gevit("rotmnist", "p4", num_classes=2).eval()
     x = torch.randn(1, 1, 28, 28)
     with torch.no_grad():
-        feats = model(x, return_features=True)
+        feats = model.forward_intermediates(x)
         assert [tuple(f.shape) for f in feats] == [(1, 20, 4, 24, 24), (1, 20, 4, 24, 24), (1, 20, 4, 12, 12),
                                                   (1, 20, 4, 8, 8), (1, 20, 4, 6, 6), (1, 20, 4, 4, 4), (1, 2, 4, 4, 4)]
         torch.testing.assert_close(model.pool(feats[-1]), model(x))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gevit_lib.checkpoints import IncompatibleCheckpointError, load_original_state_dict, load_published
+from gevit_lib.hub import IncompatibleCheckpointError, load_original_state_dict
+from gevit_lib.models import load_published, published_weights
 from gevit_lib.models.gevit import GEViT, from_original_state_dict
 
 P4, P4M = "gevit_p4sa_patch5_rotmnist", "gevit_p4msa_patch5_rotmnist"
@@ -41,7 +42,7 @@ def check_features(model: GEViT, ref: dict, rows: list[int]) -> None:
     assert rows[:2] == [0, 1]
     x = ref["inputs"][rows].double()
     with torch.no_grad():
-        feats = model.forward_features(x)
+        feats = model.forward_intermediates(x)
         assert len(feats) == len(ref["features_f64"]) == 7
         for ours, theirs in zip(feats, ref["features_f64"]):
             assert ours[:2].shape == theirs.shape and rel_err(ours[:2], theirs) < 1e-6
@@ -114,7 +115,7 @@ def test_p4m_checkpoint_with_the_corrected_table_warns_and_is_exactly_invariant(
 
 
 def test_converter_rejects_wrong_buffers_and_keys(shared_dir: Path) -> None:
-    state = load_original_state_dict(P4, download=False)
+    state = load_original_state_dict(published_weights(P4), download=False)
     tampered = dict(state)
     key = "transformer.0.attention.2.g_indices"
     tampered[key] = torch.roll(state[key], 1, dims=0)

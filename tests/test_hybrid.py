@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gevit_lib.checkpoints import IncompatibleCheckpointError
 from gevit_lib.equivariance import invariance_errors, relative_error
 from gevit_lib.groups import get_group
+from gevit_lib.hub import IncompatibleCheckpointError
 from gevit_lib.models.gevit import convert_original_state_dict
 from gevit_lib.models.hybrid import (
     InvariantPatchEmbedding,
@@ -107,7 +107,7 @@ def test_hybrid_invariant(float64, group: str) -> None:
 
 
 def test_post_hybrid_architecture() -> None:
-    """The post's hybrid (D4 G-CNN, p4 GE-ViT, SPEC 6.2) has the published checkpoint's 136,558 parameters."""
+    """The post's hybrid (D4 G-CNN, p4 GE-ViT) has the published checkpoint's 136,558 parameters."""
     model = build_hybrid("pcam", "p4", gcnn_group="p4m")
     assert sum(p.numel() for p in model.gcnn.parameters()) == 90_200
     assert sum(p.numel() for p in model.parameters()) == 136_558
@@ -180,7 +180,7 @@ def test_model_zoo_profiles() -> None:
 def test_published_gevit_row_is_the_timed_architecture(shared_dir: Path) -> None:
     """The quick table's GE-ViT p4, P=5 row reports the published checkpoint's accuracy next to the speed and size
     of the model the notebook builds: both must be the same architecture (same parameters, same shapes)."""
-    from gevit_lib.checkpoints import load_published
+    from gevit_lib.models import load_published
     from gevit_lib.models.gevit import build_gevit
     from gevit_lib.profiles import model_zoo_profile
 

@@ -362,7 +362,7 @@ def parity(shared_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def published_vit64(shared_dir: Path) -> VisionTransformer:
-    from gevit_lib.checkpoints import load_published
+    from gevit_lib.models import load_published
 
     return load_published("vit_rotmnist").double().eval()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from gevit_lib.checkpoints import IncompatibleCheckpointError
+from gevit_lib.hub import IncompatibleCheckpointError
 from gevit_lib.models.vit import VisionTransformer, build_vit, from_original_state_dict, img_to_patch
 
 VIT_CHECKPOINTS = ("vit_rotmnist", "vit_mnist", "vit_rotmnist_10pct")
@@ -142,7 +142,7 @@ def test_layout_matches_original(shared_dir: Path) -> None:
 
 @pytest.mark.parametrize("name", VIT_CHECKPOINTS)
 def test_parity_with_original(shared_dir: Path, name: str) -> None:
-    from gevit_lib.checkpoints import load_published
+    from gevit_lib.models import load_published
 
     ref = torch.load(shared_dir / f"reference/parity/{name}.pt", weights_only=True)
     model = load_published(name)

@@ -710,7 +710,7 @@ def latent_animation(model: GEViT, image: Tensor, path: str | os.PathLike[str], 
     inputs = torch.stack([transform_digit(image, n) for n in names])  # [F, 1, H, W]
     dev, dt = _device(model), _dtype(model)
     with torch.no_grad():
-        feats = [f.cpu() for f in model(normalize(inputs).to(dev, dt), return_features=True)]
+        feats = [f.cpu() for f in model.forward_intermediates(normalize(inputs).to(dev, dt))]
     logits = GEViT.pool(feats[-1]).double()
     ref = logits[names.index("original")]
     invariance = {e: relative_error(logits[names.index(e if e in names else same[e])], ref) for e in exact}

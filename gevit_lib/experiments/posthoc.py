@@ -181,7 +181,7 @@ def load_backbone(checkpoint: str | os.PathLike[str] | nn.Module, preset: str = 
     ``checkpoint``: a published name (``vit_rotmnist``, ``vit_mnist``, ``vit_rotmnist_10pct``), a ``.pt`` state
     dict of the post's ViT (original key names, or a ``best.pt`` written by ``fit``), or an ``nn.Module``.
     """
-    from gevit_lib.checkpoints import PUBLISHED, load_published
+    from gevit_lib.models import PUBLISHED, load_published
     from gevit_lib.models.vit import from_original_state_dict
 
     if isinstance(checkpoint, nn.Module):
@@ -211,7 +211,7 @@ def load_pcam_cnn(name: str = "densenet161.tiatoolbox-pcam", weights: str | os.P
     how_to = (f"Download the weights of https://huggingface.co/{repo} (e.g. `huggingface-cli download {repo}`, "
               f"which fills the Hugging Face cache), or pass weights=<path to its model.safetensors>.")
     if weights is not None:
-        from gevit_lib.checkpoints import load_into
+        from gevit_lib.hub import load_into
 
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -1,15 +1,22 @@
 """GE-ViT / GSA-Net models (the original ``GroupTransformer``), presets, and the converter for published checkpoints.
 
-Network (SPEC 2.5): input dropout -> lifting self-attention -> norm -> activation -> ``blocks`` (transformer blocks,
-optional norm + activation after every layer, max-pool (1, 2, 2) between blocks, optional dropout after pooling,
-1x1 classifier without bias) -> sum over (H, W) -> max over the group axis. ``blocks`` has the same modules in the
-same order as the original's ``transformer`` Sequential, so ``forward_features`` returns what the original's
+Network: input dropout -> lifting self-attention -> norm -> activation -> ``blocks`` (transformer blocks, optional
+norm + activation after every layer, max-pool (1, 2, 2) between blocks, optional dropout after pooling, 1x1
+classifier without bias) -> sum over (H, W) -> max over the group axis. ``blocks`` has the same modules in the
+same order as the original's ``transformer`` Sequential, so ``forward_intermediates`` returns what the original's
 ``forward(x, show_features=True)`` returned (7 tensors for rotMNIST).
 
-``build_gevit(preset, group, ...)`` builds the rotMNIST, PCam and CIFAR-10 architectures (SPEC 2.7) for any group
-(z2, p4, p8, p12, p16, mz2, p4m, p8m); ``from_original_state_dict`` loads the authors' state dicts
-(``gevit_lib.checkpoints.load_published``). Deviations from the original, on purpose: the border mask is computed
-for every input size (the original cached the first one), and there is no built-in fp16 autocast.
+The interface shared by every model of :mod:`gevit_lib.models`: ``forward_features(x)`` is the last feature map
+before the classifier ``[B, C, G, H, W]``; ``forward_head(features)`` applies the 1x1 classifier, sums over (H, W)
+and takes the max over G; ``forward_head(features, pre_logits=True)`` is the embedding ``[B, C * G]`` (features
+summed over (H, W)) that ``get_classifier()`` maps to the same logits (the classifier has no bias, so it commutes
+with the sum).
+
+``build_gevit(preset, group, ...)`` builds the rotMNIST, PCam and CIFAR-10 architectures of the GE-ViT paper for
+any group (z2, p4, p8, p12, p16, mz2, p4m, p8m); ``from_original_state_dict`` loads the authors' state dicts, and
+the published GE-ViT checkpoints are registered here (``create_model("gevit_p4sa_patch5_rotmnist",
+pretrained=True)``). Deviations from the original, on purpose: the border mask is computed for every input size
+(the original cached the first one), and there is no built-in fp16 autocast.
 """
 
 from __future__ import annotations
@@ -21,21 +28,25 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import IncompatibleCheckpointError, load_into
 from ..groups import GROUP_NAMES, Group, get_group
 from ..nn.attention import IMPLS, GroupSelfAttention, LiftingSelfAttention, Pointwise
+from ..hub import IncompatibleCheckpointError, PublishedWeights, load_into
 from ..nn.positional import GROUP_INDEX, POSITIONAL, group_index_table, relative_coordinates
+from ._registry import register_model
 
 __all__ = [
     "GEViTConfig",
     "PRESETS",
     "GEViT",
+    "GroupMaxHead",
     "TransformerBlock",
     "build_gevit",
     "from_original_state_dict",
     "convert_original_state_dict",
+    "PUBLISHED_WEIGHTS",
 ]
 
 
@@ -103,7 +114,7 @@ class GEViTConfig:
 
 
 PRESETS: dict[str, GEViTConfig] = {
-    # SPEC 2.7; heads 9 everywhere; patch size from the build call
+    # the GE-ViT paper's architectures; heads 9 everywhere; patch size from the build call
     "rotmnist": GEViTConfig(),
     "pcam": GEViTConfig(in_channels=3, num_channels=12, block_sizes=(0, 1, 2, 1), expansion_per_block=(1, 2, 2, 2),
                         crop_per_layer=(0, 2, 1, 1), image_size=96, num_classes=2, normalize_between_layers=True,
@@ -132,7 +143,7 @@ def _activation(kind: str) -> nn.Module:
 
 class TransformerBlock(nn.Module):
     """``out = crop(A(x)) + crop(shortcut(x)); out = MLP(out) + out`` with A = norm, act, attention, norm, act,
-    dropout and MLP = 1x1 (C -> C/2), norm, act, 1x1 (C/2 -> C), norm (SPEC 2.5)."""
+    dropout and MLP = 1x1 (C -> C/2), norm, act, 1x1 (C/2 -> C), norm (the original's block)."""
 
     def __init__(self, attention: GroupSelfAttention, in_channels: int, out_channels: int, crop: int, norm: str,
                  activation: str, value_dropout: float) -> None:
@@ -250,23 +261,54 @@ class GEViT(nn.Module):
         self.check_input(x)
         return self.lift_act(self.lift_norm(self.lift(self.input_dropout(x))))
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Output of every module of ``blocks`` (the original's ``show_features``), each ``[B, C, G, H, W]``."""
+    @property
+    def classifier(self) -> Pointwise:
+        """The final 1x1 classifier (last module of ``blocks``, no bias)."""
+        return self.blocks[-1]
+
+    @property
+    def num_features(self) -> int:
+        """Size of the ``pre_logits`` embedding: channels before the classifier times the group size."""
+        return self.classifier.in_channels * len(self.group)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """Output of every module of ``blocks`` (the original's ``show_features``), each ``[B, C, G, H, W]``;
+        the last one is the classifier's output."""
         out, features = self.lifted(x), []
         for layer in self.blocks:
             out = layer(out)
             features.append(out)
         return features
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map before the classifier, ``[B, C, G, H', W']``."""
+        out = self.lifted(x)
+        for layer in list(self.blocks)[:-1]:
+            out = layer(out)
+        return out
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits ``[B, classes]`` from :meth:`forward_features`; ``pre_logits=True``: the embedding ``[B, C * G]``
+        (sum over (H, W)) that :meth:`get_classifier` maps to logits."""
+        if pre_logits:
+            return features.sum(dim=(-2, -1)).flatten(1)
+        return self.pool(self.classifier(features))
+
+    def get_classifier(self) -> GroupMaxHead:
+        """The head on the ``pre_logits`` embedding: the 1x1 classifier for every group element, max over G."""
+        return GroupMaxHead(self.classifier, len(self.group))
+
     @staticmethod
     def pool(last: Tensor) -> Tensor:
         """Logits from the classifier output ``[B, classes, G, H, W]``: sum over (H, W), then max over G."""
         return last.sum(dim=(-2, -1)).amax(-1)
 
-    def forward(self, x: Tensor, return_features: bool = False) -> Tensor | list[Tensor]:
-        if return_features:
-            return self.forward_features(x)
-        return self.pool(self.blocks(self.lifted(x)))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
     def attention_maps(self, x: Tensor, layer: int = 0) -> Tensor:
@@ -295,6 +337,21 @@ class GEViT(nn.Module):
         return target.attention_probabilities(captured[0])
 
 
+class GroupMaxHead(nn.Module):
+    """Logits from GE-ViT embeddings ``[..., C * G]`` (channel-major): the classifier ``[classes, C]`` applied to
+    every group element, then the max over G. Shares the classifier's weight (built on demand, not a submodule of
+    the model, so state dicts are unchanged)."""
+
+    def __init__(self, classifier: Pointwise, group_size: int) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.group_size = group_size
+
+    def forward(self, e: Tensor) -> Tensor:
+        e = e.unflatten(-1, (-1, self.group_size)).transpose(-1, -2)  # [..., C * G] -> [..., G, C]
+        return F.linear(e, self.classifier.weight, self.classifier.bias).amax(-2)  # [..., G, classes] -> max over G
+
+
 # ---- builders --------------------------------------------------------------------------------------------------
 def _tuple(value: int | Sequence[int]) -> tuple[int, ...]:
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
@@ -303,7 +360,7 @@ def _tuple(value: int | Sequence[int]) -> tuple[int, ...]:
 def build_gevit(preset: str, group: str | Group, patch_size: int | None = 5, num_classes: int | None = None,
                 attention: str = "local", group_index: str = "corrected", positional: str = "gevit",
                 **overrides: Any) -> GEViT:
-    """A GE-ViT (or GSA-Net, ``positional="gsa"``) with a preset architecture (SPEC 2.7).
+    """A GE-ViT (or GSA-Net, ``positional="gsa"``) with a preset architecture of the GE-ViT paper.
 
     preset: "rotmnist", "pcam", "cifar10"; group: z2, p4, p8, p12, p16, mz2, p4m, p8m; attention: "local" (P x P
     neighbourhoods, ``patch_size``) or "global" (whole image; ``image_size`` from the preset or overrides).
@@ -381,7 +438,7 @@ def _rename(key: str) -> str | None:
 def convert_original_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split an original GroupTransformer state dict (``module.`` prefix removed) into (weights renamed to this
     library's modules, derived buffers under their original names). Unknown keys are kept under their original
-    names so that :func:`gevit_lib.checkpoints.load_into` reports them as unexpected."""
+    names so that :func:`gevit_lib.hub.load_into` reports them as unexpected."""
     weights: dict[str, Tensor] = {}
     derived: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -450,3 +507,40 @@ def from_original_state_dict(state: Mapping[str, Tensor], preset: str, group: st
     _check_derived(model, derived)
     return model
 
+
+
+# ---- registry: families and the published checkpoints ------------------------------------------------------------
+@register_model
+def gevit(preset: str = "rotmnist", group: str = "p4", **overrides: Any) -> GEViT:
+    """GE-ViT: :func:`build_gevit` (preset, group, patch_size, num_classes, attention, any config field)."""
+    return build_gevit(preset, group, **overrides)
+
+
+@register_model
+def gsa_net(preset: str = "rotmnist", group: str = "p4", **overrides: Any) -> GEViT:
+    """GSA-Net: GE-ViT's network with the GSA-Nets positional encoding (``positional="gsa"``)."""
+    return build_gevit(preset, group, **{"positional": "gsa", **overrides})
+
+
+_GEVIT_DIR = "demos/checkpoints/"
+PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
+    PublishedWeights(
+        "gevit_p4sa_patch5_rotmnist",
+        _GEVIT_DIR + "rotMNIST_model_p4sa_type_Local_patch_5_dpatt_0.1_dpval_0.1_activ_Swish_norm_LayerNorm_white_"
+        "1.41421356_optim_Adam_lr_0.0005_bs_64_ep_500_wd_0.0001_seed_0_sched_constants_schdec_1.0.pt",
+        "cc83edcf57c152ac87c1353cf748593bc1c999aedea99b05e3618c6d326df15b",
+        "GE-ViT p4 (C4), local patch 5, 10 classes, trained on rotated MNIST (used for Rotation.gif)",
+        {"preset": "rotmnist", "group": "p4", "patch_size": 5, "num_classes": 10},
+    ),
+    PublishedWeights(
+        "gevit_p4msa_patch5_rotmnist",
+        _GEVIT_DIR + "rotMNIST_model_p4msa_type_Local_patch_5_dpatt_0.1_dpval_0.1_activ_Swish_norm_LayerNorm_white_"
+        "1.41421356_optim_Adam_lr_0.001_bs_16_ep_50_wd_0.0001_seed_0_sched_constants_schdec_1.0.pt",
+        "e6e77e753f89df83dcfc676015600aa49ebdb8c21808723feaa7ee177280adb5",
+        "GE-ViT p4m (D4), local patch 5, 2 classes (digit 3 -> 0, 8 -> 1), rotated MNIST; trained with the "
+        "original (non-equivariant) group-embedding table, so it needs group_index='reference'",
+        {"preset": "rotmnist", "group": "p4m", "patch_size": 5, "num_classes": 2, "group_index": "reference"},
+    ),
+)
+for _weights in PUBLISHED_WEIGHTS:
+    register_model(build_gevit, weights=_weights, convert=from_original_state_dict)

@@ -1,4 +1,4 @@
-"""Faster equivariant ViTs (the post's "modern equivariant ViT", SPEC 6): GE-ViT on a small artificial image.
+"""Faster equivariant ViTs (the post's "modern equivariant ViT"): GE-ViT on a small artificial image.
 
 Two ways to make that image, both exactly invariant to the group's 90-degree rotations (and, with p4m, flips):
 
@@ -19,7 +19,11 @@ Deviations from the post, on purpose: the post's G-CNN (flip encoded as an angle
 exact group convolutions; the post used the D4 patch transforms / D4 G-CNN with a p4 GE-ViT, which is only
 rot90-invariant: here the patch group and G-CNN group default to the GE-ViT group (``patch_group`` /
 ``gcnn_group`` reproduce the post's choice). The published hybrid weights cannot be loaded (see
-:func:`from_original_state_dict`).
+:func:`from_original_state_dict`); their names are registered with the post's architecture, so
+``create_model("modern_eq_vit")`` builds it untrained and ``pretrained=True`` explains why it cannot load.
+
+Both models have the interface of every model of :mod:`gevit_lib.models`: ``forward_features`` /
+``forward_head`` / ``get_classifier`` / ``forward_intermediates`` are the GE-ViT's, applied to the artificial image.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import IncompatibleCheckpointError
 from ..groups import Group, get_group
+from ..hub import IncompatibleCheckpointError, PublishedWeights
 from ..nn.gconv import GCNN, GroupPool, check_exact_group
-from .gevit import GEViT, GEViTConfig, build_gevit
+from ._registry import register_model
+from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
 
 __all__ = [
     "EMBED_METHODS",
@@ -51,11 +56,12 @@ __all__ = [
     "grid_layout",
     "check_exact_pooling",
     "from_original_state_dict",
+    "PUBLISHED_WEIGHTS",
 ]
 
 EMBED_METHODS: tuple[str, ...] = ("mean", "gcnn")
 
-# GE-ViT on the artificial image (SPEC 6.1: p4, 20 channels, blocks [2, 3], crop [1, 0, 0, 0, 0], neighbourhood 3,
+# GE-ViT on the artificial image (the post's: p4, 20 channels, blocks [2, 3], crop [1, 0, 0, 0, 0], neighbourhood 3,
 # 9 heads, LayerNorm, Swish, dropouts 0.1 / 0.1, normalisation between layers, max-pool after block 0 only)
 _POST_GEVIT: dict[str, Any] = dict(num_channels=20, num_heads=9, block_sizes=(2, 3), expansion_per_block=(1,),
                                    crop_per_layer=(1, 0, 0, 0, 0), norm="LayerNorm", activation="Swish",
@@ -205,7 +211,7 @@ class InvariantPatchEmbedding(nn.Module):
 class PatchGEViTConfig:
     """Invariant patch embeddings -> GE-ViT. ``attention_patch`` is GE-ViT's local neighbourhood on the patch grid;
     ``gevit`` overrides :class:`~gevit_lib.models.gevit.GEViTConfig` fields of the GE-ViT part (defaults: the
-    post's, SPEC 6.1, with ``grid_layout`` choosing crops / pooling for the grid unless given)."""
+    post's, with ``grid_layout`` choosing crops / pooling for the grid unless given)."""
 
     group: str = "p4"
     patch_group: str | None = None  # transforms averaged inside each patch (default: group; the post used p4m)
@@ -257,8 +263,30 @@ class PatchGEViT(nn.Module):
                              f"{tuple(x.shape[-2:])}")
         return self.embed(x)
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """GE-ViT's last feature map before its classifier, on the artificial image."""
+        return self.gevit.forward_features(self.artificial_image(x))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.gevit.forward_head(features, pre_logits)
+
+    def get_classifier(self) -> GroupMaxHead:
+        return self.gevit.get_classifier()
+
+    @property
+    def num_features(self) -> int:
+        return self.gevit.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.gevit.num_classes
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """GE-ViT's intermediate features on the artificial image."""
+        return self.gevit.forward_intermediates(self.artificial_image(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.gevit(self.artificial_image(x))
+        return self.forward_head(self.forward_features(x))
 
     def set_impl(self, impl: str) -> PatchGEViT:
         """"fast" / "plain" for the embedding (and its G-CNN) and every GE-ViT attention layer."""
@@ -280,7 +308,7 @@ def _contains(big: Group, small: Group, g: int) -> bool:
 # ---- approach 2: G-CNN front end ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HybridConfig:
-    """G-CNN front end -> invariant pooling -> GE-ViT (SPEC 6.2). ``gcnn_group`` defaults to ``group`` (the post
+    """G-CNN front end -> invariant pooling -> GE-ViT (the post's hybrid). ``gcnn_group`` defaults to ``group`` (the post
     used a D4 G-CNN with a p4 GE-ViT); ``gevit`` overrides GE-ViT fields of the back end."""
 
     group: str = "p4"
@@ -332,8 +360,30 @@ class HybridGEViT(nn.Module):
                              f" {self.config.image_size}], got {tuple(x.shape)}")
         return self.spatial_pool(self.group_pool(self.gcnn(x)))
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """GE-ViT's last feature map before its classifier, on the artificial image."""
+        return self.gevit.forward_features(self.features(x))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.gevit.forward_head(features, pre_logits)
+
+    def get_classifier(self) -> GroupMaxHead:
+        return self.gevit.get_classifier()
+
+    @property
+    def num_features(self) -> int:
+        return self.gevit.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.gevit.num_classes
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """GE-ViT's intermediate features on the artificial image."""
+        return self.gevit.forward_intermediates(self.features(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.gevit(self.features(x))
+        return self.forward_head(self.forward_features(x))
 
     def set_impl(self, impl: str) -> HybridGEViT:
         self.gcnn.set_impl(impl)
@@ -343,13 +393,13 @@ class HybridGEViT(nn.Module):
 
 # ---- presets ------------------------------------------------------------------------------------------------------
 PATCH_PRESETS: dict[str, PatchGEViTConfig] = {
-    # SPEC 6.1 (n_embd 128 as in the code; the post's text says 64)
+    # the post's patch model (n_embd 128 as in its code; the post's text says 64)
     "pcam": PatchGEViTConfig(in_channels=3, image_size=96, patch_size=6, embed_dim=128, num_classes=2),
     "rotmnist": PatchGEViTConfig(in_channels=1, image_size=28, patch_size=4, embed_dim=64, num_classes=10),
 }
 
 HYBRID_PRESETS: dict[str, HybridConfig] = {
-    # SPEC 6.2: 8 layers of 5x5 without padding (96 -> 64), max-pool to 6x6, GE-ViT patch 5, pool after every block
+    # the post's hybrid: 8 layers of 5x5 without padding (96 -> 64), max-pool to 6x6, GE-ViT patch 5, pool after every block
     "pcam": HybridConfig(),
     # rotated MNIST: 3 layers (28 -> 16), 2x2 max-pool to 8x8, GE-ViT neighbourhood 3, pool after the first block
     "rotmnist": HybridConfig(in_channels=1, image_size=28, gcnn_layers=3, pooled_size=8, attention_patch=3,
@@ -410,7 +460,7 @@ def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> Hyb
     the grids in ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``. For group convolutions those grids put the group
     coordinate between the 8 stored elements (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3 for
     pairs of a rotation and a mirrored element), so each transformed filter is an interpolated blend -- partly
-    zero -- of the stored ones, not a permutation (the reason that G-CNN is not equivariant, SPEC 9.3). An exact
+    zero -- of the stored ones, not a permutation (the reason that G-CNN is not equivariant). An exact
     group convolution given the same weights computes a different function, so loading them here would give a
     model that looks trained but is not. Always raises :class:`IncompatibleCheckpointError` with that explanation.
     """
@@ -424,3 +474,31 @@ def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> Hyb
         "group convolutions by interpolating the stored filter between (and beyond) the 8 group elements "
         "(see gcnn.gconvs.*.kernel.transformed_grid_R2xH), which no exact group convolution reproduces; the "
         "weights would compute a different function. Train HybridGEViT instead (build_hybrid('pcam', ...)).")
+
+
+# ---- registry: the families and the published hybrid checkpoints ---------------------------------------------------
+@register_model
+def patch_gevit(preset: str = "pcam", group: str = "p4", **overrides: Any) -> PatchGEViT:
+    """Invariant patch embeddings -> GE-ViT: :func:`build_patch_gevit`."""
+    return build_patch_gevit(preset, group, **overrides)
+
+
+@register_model
+def hybrid_gevit(preset: str = "pcam", group: str = "p4", **overrides: Any) -> HybridGEViT:
+    """G-CNN -> GE-ViT: :func:`build_hybrid`."""
+    return build_hybrid(preset, group, **overrides)
+
+
+_SAVED = "src/modern_eq_vit/saved/"
+_POST_HYBRID = {"preset": "pcam", "group": "p4", "gcnn_group": "p4m"}  # the post's D4 G-CNN with a p4 GE-ViT
+PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
+    PublishedWeights("modern_eq_vit", _SAVED + "modern_eq_vit.pt",
+                     "7c00bedf323927da72b593e8333219daa7c650894d062a9167f0e580d79044b8",
+                     "hybrid G-CNN -> GE-ViT on PCam (15 epochs); its G-CNN is not equivariant beyond the lifting "
+                     "layer", _POST_HYBRID),
+    PublishedWeights("modern_eq_vit_finetuned", _SAVED + "modern_eq_vit_finetuned.pt",
+                     "a68538e49ee6eb4fb845d96f9da11069551dd27427b2403e902bb9ea37073ebb",
+                     "the hybrid after 2 more epochs", _POST_HYBRID),
+)
+for _weights in PUBLISHED_WEIGHTS:
+    register_model(build_hybrid, weights=_weights, convert=from_original_state_dict)

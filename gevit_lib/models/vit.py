@@ -2,18 +2,21 @@
 
 Patchify (row-major, channels-first inside a patch) -> Linear -> prepend a learned CLS token -> add a learned
 positional embedding -> dropout -> ``num_layers`` blocks ``x += MHA(LN(x)); x += MLP(LN(x))`` -> head
-``LayerNorm -> Linear`` on the CLS token (SPEC section 4).
+``LayerNorm -> Linear`` on the CLS token.
 
 Module and parameter names equal the original ``train_vit.VisionTransformer``'s, so the published state dicts load
-as they are (:func:`from_original_state_dict`). Attention is ``nn.MultiheadAttention`` with ``batch_first=True``
+as they are (:func:`from_original_state_dict`); the three published ViTs are registered here
+(``create_model("vit_rotmnist", pretrained=True)``). Attention is ``nn.MultiheadAttention`` with ``batch_first=True``
 (same parameters as the original's sequence-first layout; it dispatches to PyTorch's fused / SDPA kernels).
 
-The uniform interface (as in timm) that :mod:`gevit_lib.posthoc` relies on:
+The interface shared by every model of :mod:`gevit_lib.models` (as in timm), which :mod:`gevit_lib.posthoc`
+relies on:
 
 - ``forward_features(x)``: tokens ``[B, 1 + N, D]`` after the last block (there is no final norm: the norm is the
   first layer of the head, as in the original);
 - ``forward_head(tokens, pre_logits=False)``: logits, or with ``pre_logits=True`` the CLS vector *before* the
   head's LayerNorm -- the embedding every post-hoc method pools (the original's ``forward(x, output_cls=True)``);
+- ``forward_intermediates(x)``: the tokens after every block;
 - ``get_classifier()``: the head ``mlp_head`` (LayerNorm + Linear);
 - ``embed(x)`` = ``forward_head(forward_features(x), pre_logits=True)``.
 """
@@ -26,12 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gevit_lib.checkpoints import load_into
+from ..hub import PublishedWeights, load_into
+from ._registry import register_model
 
 __all__ = ["VisionTransformer", "AttentionBlock", "PRESETS", "build_vit", "from_original_state_dict",
-           "img_to_patch"]
+           "img_to_patch", "PUBLISHED_WEIGHTS"]
 
-# name -> constructor arguments (SPEC section 4: 503,178 parameters for "mnist", 521,794 for "pcam")
+# name -> constructor arguments (503,178 parameters for "mnist", 521,794 for "pcam", as the original's)
 PRESETS: dict[str, dict[str, Any]] = {
     "mnist": dict(embed_dim=64, hidden_dim=512, num_heads=4, num_layers=6, patch_size=4, num_channels=1,
                   num_patches=49, num_classes=10, dropout=0.1),
@@ -104,13 +108,24 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image size {h}x{w} does not fit this ViT: patch size {p} and {self.num_patches} "
                              f"patches need (H/{p})*(W/{p}) = {self.num_patches}, e.g. {side}x{side}")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Tokens ``[B, 1 + num_patches, embed_dim]`` (CLS first) after the last block."""
+    def _tokens(self, x: Tensor) -> Tensor:
+        """Input tokens ``[B, 1 + num_patches, embed_dim]``: patch embeddings after the CLS token, plus positions."""
         self._check_input(x)
         x = self.input_layer(img_to_patch(x, self.patch_size))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.dropout(x + self.pos_embedding)
-        return self.transformer(x)
+        return self.dropout(x + self.pos_embedding)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Tokens ``[B, 1 + num_patches, embed_dim]`` (CLS first) after the last block."""
+        return self.transformer(self._tokens(x))
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """Tokens after every block (the last one is :meth:`forward_features`)."""
+        out, features = self._tokens(x), []
+        for block in self.transformer:
+            out = block(out)
+            features.append(out)
+        return features
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Logits from tokens; ``pre_logits=True``: the CLS vector before the head's LayerNorm."""
@@ -144,8 +159,31 @@ def from_original_state_dict(state: Mapping[str, Tensor], preset: str = "mnist",
 
     The module names are the original's, so the mapping is the identity (a ``module.`` prefix from
     ``DataParallel`` is removed). ``options`` override the preset (e.g. ``num_classes``); a state dict that does
-    not fit raises :class:`gevit_lib.checkpoints.IncompatibleCheckpointError` naming the offending keys.
+    not fit raises :class:`gevit_lib.hub.IncompatibleCheckpointError` naming the offending keys.
     """
     model = build_vit(preset, **options)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return load_into(model, state, source=f"ViT state dict (preset {preset!r})")
+
+
+# ---- registry: the family and the published checkpoints ----------------------------------------------------------
+@register_model
+def vit(preset: str = "mnist", **overrides: Any) -> VisionTransformer:
+    """The post's ViT: :func:`build_vit` (preset "mnist" or "pcam", any constructor argument)."""
+    return build_vit(preset, **overrides)
+
+
+_POSTHOC_DIR = "src/post_hoc_equivariance/checkpoints/"
+PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
+    PublishedWeights("vit_rotmnist", _POSTHOC_DIR + "rotmnist/normal_vit.pt",
+                     "36c83de78c91472574ca140b24eb9c50b01a6940599b12b262fdd71f1ed09945",
+                     "plain ViT trained on rotated MNIST (post-hoc experiment 1)", {"preset": "mnist"}),
+    PublishedWeights("vit_mnist", _POSTHOC_DIR + "train_mnist/normal_vit.pt",
+                     "b9f2f9e0ebfde47d7a187f6c27ca511dfd97f95f6089873ae18825c41e71e5db",
+                     "plain ViT trained on upright MNIST (post-hoc experiment 2)", {"preset": "mnist"}),
+    PublishedWeights("vit_rotmnist_10pct", _POSTHOC_DIR + "less_data_rotmnist/normal_vit.pt",
+                     "4b0e26ca75d7f758859f2937c38928e64d7f88ad23ba1cd47da1af4ae767ab37",
+                     "plain ViT trained on 10% of rotated MNIST (post-hoc experiment 3)", {"preset": "mnist"}),
+)
+for _weights in PUBLISHED_WEIGHTS:
+    register_model(build_vit, weights=_weights, convert=from_original_state_dict)
