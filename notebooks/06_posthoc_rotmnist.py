@@ -123,9 +123,10 @@ for r in rows:
     table.append({**{k: v for k, v in r.items() if k != "acc"}, "val_acc": round(r["acc"][0], 2),
                   "test_acc": round(r["acc"][1], 2), "post_val_acc": post.val_acc if post else "",
                   "post_test_acc": post.test_acc if post else ""})
-_, md = save_table(table, out_dir / "posthoc_rotmnist.csv", title=f"Post-hoc equivariance: rotmnist (profile "
-                   f"{profile})", data_source=data_source, checkpoint=checkpoint, profile=profile, seed=seed,
-                   n_val=len(val[1]), n_test=len(test[1]), post_numbers="gevit_lib.post_results (the post's tables)")
+title = f"Post-hoc equivariance: rotmnist (profile {profile})"
+_, md = save_table(table, out_dir / "posthoc_rotmnist.csv", title=title, data_source=data_source,
+                   checkpoint=checkpoint, profile=profile, seed=seed, n_val=len(val[1]), n_test=len(test[1]),
+                   post_numbers="gevit_lib.post_results (the post's tables)")
 display(Markdown(md.read_text()))
 
 # %% [markdown]
