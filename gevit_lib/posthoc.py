@@ -46,6 +46,11 @@ formula as the post writes it:
 
 The product of probabilities is computed in log space: it equals the
 original's product wherever that does not underflow, and stays finite where the original's became 0 / 0 = NaN.
+(docs/posthoc_formulas.md derives these formulas and where the code and the post differ.)
+
+For the post-hoc notebooks, which evaluate every method on one backbone: :class:`EmbeddingCache` computes the
+per-copy embeddings of the evaluation images once per group while the backbone stays frozen
+(:func:`shares_embeddings` says when), and :func:`load_pcam_cnn` loads the pretrained PCam CNN of experiment 4.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ class PostHocProfile:
 
     ``group`` is used by mean / max / sum / most probable / most certain; ``learned_group`` by the two learned
     aggregators and ``tta_group`` by the test-time-augmentation baseline (the original code built those with
-    its defaults, 4 rotations + flips = D4, SPEC 5.1). ``epochs`` / ``epochs_attention`` / ``optimizer`` / ``lr``
-    / ``batch_size``: finetuning (SPEC 5.4: Adam 5e-4, 25 / 60 epochs, batch 128; PCam 5.5: SGD 1e-3 Nesterov,
-    3 epochs, batch 64). ``train_*``: training the ViT itself when the experiment does not start from a
-    published checkpoint (SPEC 4; ``train_subset`` caps its training images).
+    its defaults, 4 rotations + flips = D4). ``epochs`` / ``epochs_attention`` / ``optimizer`` / ``lr`` /
+    ``batch_size``: finetuning (the post's: Adam 5e-4, 25 / 60 epochs, batch 128; PCam: SGD 1e-3 Nesterov,
+    3 epochs, batch 64). ``train_*``: training the ViT itself when an experiment does not start from a
+    published checkpoint (the post's ViT recipe; ``train_subset`` caps its training images).
     """
 
     n_train: int | None
@@ -91,7 +91,7 @@ _PCAM_SMOKE = replace(_PCAM_FULL, n_train=16, n_val=8, n_test=8, epochs=1, epoch
 _TABLE: dict[str, dict[str, PostHocProfile]] = {
     "rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "full": _MNIST_FULL},
     "mnist_to_rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK,
-                          # the post's MNIST ViT: 60k MNIST, no augmentation, batch 1024 (SPEC 4)
+                          # the post's MNIST ViT: 60k MNIST, no augmentation, batch 1024
                           "full": replace(_MNIST_FULL, train_batch_size=1024)},
     "low_data": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "full": _MNIST_FULL},
     "pcam": {"smoke": _PCAM_SMOKE, "quick": _PCAM_QUICK, "full": _PCAM_FULL},

@@ -29,12 +29,10 @@ def _gevit(preset: str, **fixed: Any) -> Callable[[argparse.Namespace], Any]:
 
 def _posthoc(name: str, checkpoint: str) -> Callable[[argparse.Namespace], Any]:
     def run(a: argparse.Namespace) -> Any:
-        from .experiments import posthoc
-
-        kwargs: dict[str, Any] = dict(device=a.device, seed=a.seed, out_dir=a.run_dir, resume=a.resume)
-        if name == "pcam":
-            return posthoc.pcam(a.profile, root=a.data_dir, **kwargs)
-        return getattr(posthoc, name)(a.profile, checkpoint=checkpoint, root=a.data_dir, **kwargs)
+        notebook = {"rotmnist": "06_posthoc_rotmnist", "mnist_to_rotmnist": "07_posthoc_mnist_to_rotmnist",
+                    "low_data": "08_posthoc_low_data", "pcam": "09_posthoc_pcam"}[name]
+        raise SystemExit(f"the post-hoc experiments are notebooks now: run notebooks/{notebook}.ipynb "
+                         f"(e.g. `python -m gevit_lib.reproduce --only {notebook[:2]}`)")
     return run
 
 

@@ -674,7 +674,7 @@ def _run_models(dataset: str, prof: ModernViTProfile, specs: Sequence[ModelSpec]
     dev = str(resolve_device(device))
     augment = None
     if prof.augment:
-        from gevit_lib.experiments.posthoc import random_d4
+        from gevit_lib.augment import random_d4
 
         augment = random_d4()
     rows: list[dict[str, Any]] = []
