@@ -46,18 +46,25 @@ formula as the post writes it:
 
 The product of probabilities is computed in log space: it equals the
 original's product wherever that does not underflow, and stays finite where the original's became 0 / 0 = NaN.
+(docs/posthoc_formulas.md derives these formulas and where the code and the post differ.)
+
+For the post-hoc notebooks, which evaluate every method on one backbone: :class:`EmbeddingCache` computes the
+per-copy embeddings of the evaluation images once per group while the backbone stays frozen
+(:func:`shares_embeddings` says when), and :func:`load_pcam_cnn` loads the pretrained PCam CNN of experiment 4.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gevit_lib.groups import Group, get_group
+from gevit_lib.groups import Group, get_group, rotate
 
 __all__ = [
     "METHODS",
@@ -74,6 +81,11 @@ __all__ = [
     "backbone_embed",
     "backbone_head",
     "aggregate",
+    "has_batchnorm",
+    "shares_embeddings",
+    "EmbeddingCache",
+    "PCAM_BACKBONES",
+    "load_pcam_cnn",
 ]
 
 FINETUNE_MODES = ("none", "head", "model")
@@ -158,6 +170,10 @@ def _commute_with_rot90(sources: Tensor) -> Tensor:
     return (out + 1).to(sources.dtype).reshape(sources.shape)
 
 
+# Why index maps instead of calling groups.rotate on every batch: the copies must reproduce the original code's
+# nearest-neighbour rotations pixel for pixel (the published numbers depend on them), and rotating an image of pixel
+# numbers once per image size gives exactly those source pixels; afterwards every batch needs only one gather for
+# all T copies, at the input's own dtype and device.
 class TransformStack:
     """The copies ``[B, T, C, H, W]`` of a batch under a group: identity, CCW rotations, then flipped (see module doc).
 
@@ -225,7 +241,8 @@ class TransformStack:
         (float32 grid, as in the original) of an image of pixel numbers. ``method="torchvision"`` uses torchvision
         for every rotation (to check that both agree at multiples of 90 degrees).
         """
-        from torchvision.transforms.functional import InterpolationMode, rotate
+        from torchvision.transforms.functional import InterpolationMode
+        from torchvision.transforms.functional import rotate as tv_rotate
 
         if h * w + 1 >= 2**24:
             raise ValueError(f"image {h}x{w} too large for a float32 index map")
@@ -237,12 +254,14 @@ class TransformStack:
             if quarter % 2 and h != w:
                 raise ValueError(f"a 90-degree rotation of a non-square {h}x{w} image is not a symmetry")
             img = numbers
-            if rest:
-                img = rotate(img, rest * 360.0 / n, interpolation=InterpolationMode.NEAREST)
-                if self.subgroup_exact and method != "torchvision":
+            if method == "torchvision" and rest:
+                img = tv_rotate(img, rest * 360.0 / n, interpolation=InterpolationMode.NEAREST)
+            elif rest:
+                img = rotate(img, rest * 360.0 / n, interpolation="nearest")
+                if self.subgroup_exact:
                     img = _commute_with_rot90(img)
             if quarter:
-                img = torch.rot90(img, quarter, dims=(-2, -1))
+                img = rotate(img, 90.0 * quarter)  # exact: torch.rot90
             if flipped:
                 img = torch.flip(img, dims=(-1,))
             maps.append(img.reshape(-1))
@@ -518,6 +537,10 @@ class PostHoc(nn.Module):
         self.group = self.transforms.group
         self.max_batch = max_batch
         info = METHODS[self.method]
+        try:
+            self.embed_dim: int | None = embed_dim or _embedding_dim(backbone, self.head)
+        except ValueError:
+            self.embed_dim = None
         if info.learned:
             dim = embed_dim or _embedding_dim(backbone, self.head)
             opts = aggregator_options or {}
@@ -568,8 +591,24 @@ class PostHoc(nn.Module):
         """The backbone's own logits (no transforms)."""
         return self.head(backbone_embed(self.backbone, x))
 
+    def _check_input(self, x: Tensor, what: str, expected: str, reference: nn.Module) -> None:
+        """Clear errors for the inputs torch would reject deep inside (or misread): empty batches, wrong dtypes."""
+        if x.shape[0] == 0:
+            raise ValueError(f"empty batch: PostHoc needs {what} {expected} with B >= 1, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point {what} {expected}, got dtype {x.dtype}; convert with "
+                            f"x.float() (and normalise as the backbone expects)")
+        ref = next((p for p in reference.parameters() if p.is_floating_point()), None)
+        if ref is not None and x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{what} have dtype {x.dtype} but the model's parameters {ref.dtype}; convert one of "
+                            f"them (x.to({ref.dtype}) or model.to({x.dtype}))")
+
     def transformed_embeddings(self, x: Tensor) -> Tensor:
         """Embeddings of every transformed copy ``[B, T, D]``: one batched backbone forward on ``x``'s device."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a batch of images [B, C, H, W], got shape {tuple(x.shape)}"
+                             + ("; add the batch dimension with x[None]" if x.dim() == 3 else ""))
+        self._check_input(x, "images", "[B, C, H, W]", self.backbone)
         stack = self.transforms(x)  # [B, T, C, H, W]
         b, t = stack.shape[:2]
         flat = stack.reshape(b * t, *stack.shape[2:])
@@ -588,11 +627,16 @@ class PostHoc(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, K]`` from images ``[B, C, H, W]``, or from precomputed per-copy embeddings ``[B, T, D]``
-        (:meth:`transformed_embeddings`; lets evaluations with a frozen backbone share one backbone pass)."""
+        (:meth:`transformed_embeddings`; lets evaluations with a frozen backbone share one backbone pass).
+        A 3-d tensor is read as embeddings only when its shape is ``[B, T, D]`` of this wrapper; an unbatched
+        image ``[C, H, W]`` is an error asking for the batch dimension."""
         if x.dim() == 3:
-            if x.shape[1] != self.num_transforms:
-                raise ValueError(f"precomputed embeddings have {x.shape[1]} copies, group {self.group.name} has "
-                                 f"{self.num_transforms}")
+            if x.shape[1] != self.num_transforms or (self.embed_dim is not None and x.shape[2] != self.embed_dim):
+                raise ValueError(
+                    f"expected a batch of images [B, C, H, W] or precomputed embeddings [B, T={self.num_transforms}, "
+                    f"D={self.embed_dim or '?'}] (group {self.group.name}), got shape {tuple(x.shape)}; an "
+                    f"unbatched image [C, H, W] needs the batch dimension: x[None]")
+            self._check_input(x, "embeddings", "[B, T, D]", self.head)
             return self.aggregate(x)
         return self.aggregate(self.transformed_embeddings(x))
 
@@ -613,3 +657,102 @@ def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int:
     if isinstance(first, nn.LayerNorm):
         return int(first.normalized_shape[0])
     raise ValueError(f"cannot tell the embedding size of {type(backbone).__name__}; pass embed_dim=")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluating many methods on one backbone (the post-hoc notebooks)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """True if ``model`` keeps BatchNorm running statistics (training mode changes them even when frozen)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def shares_embeddings(wrapper: PostHoc, trains: bool) -> bool:
+    """True when the per-copy embeddings of ``wrapper``'s backbone stay those of the untouched backbone, so an
+    :class:`EmbeddingCache` may stand in for the images: nothing is trained, or only the head / aggregator is and
+    the backbone has no BatchNorm statistics that training mode would update."""
+    return not trains or (wrapper.finetune != "model" and not has_batchnorm(wrapper.backbone))
+
+
+class EmbeddingCache:
+    """Per-copy embeddings ``[N, T, D]`` and labels of fixed datasets under a frozen backbone, once per group.
+
+    Evaluating a method whose backbone does not change needs only the embeddings of the transformed images, and
+    every method with the same group shares them: ``evaluate(wrapper, cache(wrapper, "test"))`` gives the same
+    accuracy as ``evaluate(wrapper, test_images)`` at a fraction of the cost (:class:`PostHoc` accepts
+    embeddings in place of images). ``data``: split name -> Dataset or ``(inputs, labels)``; embeddings are kept
+    on the CPU in float32. Use it only where :func:`shares_embeddings` is true.
+    """
+
+    def __init__(self, data: dict[str, Any], batch_size: int = 128, device: str | torch.device = "cpu",
+                 progress: bool = False) -> None:
+        self.data, self.batch_size, self.device, self.progress = data, batch_size, torch.device(device), progress
+        self._store: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, wrapper: PostHoc, split: str) -> tuple[Tensor, Tensor]:
+        key = (wrapper.group.name, split)
+        if key not in self._store:
+            from torch.utils.data import DataLoader, TensorDataset
+            from tqdm import tqdm
+
+            data = self.data[split]
+            dataset = TensorDataset(*data) if isinstance(data, tuple) else data
+            wrapper.eval().to(self.device)
+            out, labels = [], []
+            for x, y in tqdm(DataLoader(dataset, batch_size=self.batch_size, shuffle=False), leave=False,
+                             desc=f"{split} embeddings {wrapper.group.name}", disable=not self.progress):
+                out.append(wrapper.transformed_embeddings(x.to(self.device)).float().cpu())
+                labels.append(y)
+            self._store[key] = (torch.cat(out), torch.cat(labels))
+        return self._store[key]
+
+
+# name -> Hugging Face repo (timm "hf-hub:" models). The post names the ResNet-50; its code loaded the DenseNet-161.
+PCAM_BACKBONES: dict[str, str] = {
+    "densenet161.tiatoolbox-pcam": "1aurent/densenet161.tiatoolbox-pcam",
+    "resnet50.tiatoolbox-pcam": "1aurent/resnet50.tiatoolbox-pcam",
+}
+
+
+def load_pcam_cnn(name: str = "densenet161.tiatoolbox-pcam", weights: str | os.PathLike[str] | None = None,
+                  download: bool = True) -> nn.Module:
+    """The TIAToolbox PCam CNN through timm: ``hf-hub:1aurent/<name>`` (Hugging Face cache or download), or the
+    architecture with a local ``weights`` file (``model.safetensors`` / ``pytorch_model.bin`` of that repo).
+    Missing weights raise :class:`~gevit_lib.files.MissingFileError` saying what to download."""
+    import timm
+
+    from gevit_lib.files import MissingFileError
+
+    if name not in PCAM_BACKBONES:
+        raise ValueError(f"unknown PCam backbone {name!r}; choose one of {list(PCAM_BACKBONES)}")
+    repo = PCAM_BACKBONES[name]
+    how_to = (f"Download the weights of https://huggingface.co/{repo} (e.g. `huggingface-cli download {repo}`, "
+              f"which fills the Hugging Face cache), or pass weights=<path to its model.safetensors>.")
+    if weights is not None:
+        from gevit_lib.hub import load_into
+
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise MissingFileError(f"PCam CNN weights {path} not found. {how_to}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model = timm.create_model(name.split(".")[0], pretrained=False, num_classes=2)
+        return load_into(model, state, source=str(path)).eval()
+    if not download:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(repo, f), str)
+                   for f in ("model.safetensors", "pytorch_model.bin")):
+            raise MissingFileError(f"the PCam CNN {name} is not in the Hugging Face cache and download=False. "
+                                   f"{how_to}")
+    try:
+        return timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()
+    except Exception as exc:  # offline, hub errors, missing huggingface_hub
+        raise MissingFileError(f"could not load the PCam CNN {name} from the Hugging Face hub ({exc}). {how_to}") \
+            from exc

@@ -32,10 +32,10 @@ class PostHocProfile:
 
     ``group`` is used by mean / max / sum / most probable / most certain; ``learned_group`` by the two learned
     aggregators and ``tta_group`` by the test-time-augmentation baseline (the original code built those with
-    its defaults, 4 rotations + flips = D4; see docs/posthoc_formulas.md). ``epochs`` / ``epochs_attention`` /
-    ``optimizer`` / ``lr`` / ``batch_size``: finetuning (the original code: Adam 5e-4, 25 / 60 epochs, batch 128;
-    PCam: SGD 1e-3 Nesterov, 3 epochs, batch 64). ``train_*``: training the ViT itself when the experiment does
-    not start from a published checkpoint (the post's ViT recipe; ``train_subset`` caps its training images).
+    its defaults, 4 rotations + flips = D4). ``epochs`` / ``epochs_attention`` / ``optimizer`` / ``lr`` /
+    ``batch_size``: finetuning (the post's: Adam 5e-4, 25 / 60 epochs, batch 128; PCam: SGD 1e-3 Nesterov,
+    3 epochs, batch 64). ``train_*``: training the ViT itself when an experiment does not start from a
+    published checkpoint (the post's ViT recipe; ``train_subset`` caps its training images).
     """
 
     n_train: int | None

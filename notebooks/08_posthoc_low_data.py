@@ -28,25 +28,79 @@ run_dir = "../runs/08_posthoc_low_data"
 seed = 42
 
 # %%
+import copy
 from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from gevit_lib.experiments import posthoc, posthoc_figures
-from gevit_lib.notebook import digits_root, published_model
+from gevit_lib.augment import random_rotation
+from gevit_lib.data import MNIST_BACKGROUND, evenly_spaced, random_subset, take_subset
+from gevit_lib.notebook import published_model, rotated_digits
+from gevit_lib.post_results import post_result
+from gevit_lib.posthoc import METHODS, EmbeddingCache, PostHoc, shares_embeddings
+from gevit_lib.profiles import posthoc_profile
+from gevit_lib.train import TrainConfig, evaluate, fit, seed_everything
+from gevit_lib.viz import save_table
 
-out_dir, run_dir = Path(out_dir), Path(run_dir)
+out_dir, run_dir = Path(out_dir), Path(run_dir) / profile
 backbone, checkpoint = published_model("vit_rotmnist_10pct", profile)
-root, data_source = digits_root(profile, data_dir)
-print(f"checkpoint: {checkpoint}\ndata: {data_source}")
+settings = posthoc_profile("low_data", profile)  # subset sizes, epochs, groups of this profile
+train_ds, _ = rotated_digits("train", profile, data_dir, fraction=0.1)  # the same 10% the backbone was trained on
+(val_ds, _), (test_ds, data_source) = (rotated_digits(s, profile, data_dir) for s in ("validation", "test"))
+train = take_subset(train_ds, random_subset(len(train_ds), settings.n_train, seed))  # finetuning set
+val = take_subset(val_ds, evenly_spaced(len(val_ds), settings.n_val))  # model selection only
+test = take_subset(test_ds, evenly_spaced(len(test_ds), settings.n_test))
+print(f"checkpoint: {checkpoint}\ndata: {data_source}\n{settings}")
+
+# %% [markdown]
+# ## The loop over methods
+# As in notebook 6, with finetuning on the same 10% of the training split.
 
 # %%
-result = posthoc.low_data(profile, checkpoint=backbone, root=root, device=device, seed=seed,
-                          out_dir=run_dir / profile, progress=False)
-result.meta["checkpoint"] = checkpoint
-display(Markdown(result.markdown()))
+methods = ["mean", "max", "sum", "most_probable", "most_certain", "learned_score", "learned_attention", "tta"]
+groups = {m: settings.learned_group if METHODS[m].learned else settings.tta_group if m == "tta" else settings.group
+          for m in methods}
+augment = random_rotation(180.0, fill=MNIST_BACKGROUND)  # finetuning: RandomRotation(-180, 180), as the original
+cache = EmbeddingCache({"val": val, "test": test}, batch_size=settings.eval_batch_size, device=device)
+base = [100 * evaluate(backbone, d, batch_size=settings.eval_batch_size, device=device)["accuracy"]
+        for d in (val, test)]
+rows = []
+for mode in settings.modes:
+    rows.append({"mode": mode, "method": "base", "post_name": "base model", "group": "-", "acc": base})
+    for method in methods:
+        seed_everything(seed)  # every method starts from the same random state
+        wrapper = PostHoc(copy.deepcopy(backbone), method, groups[method], finetune=mode)
+        trains = mode != "none" or METHODS[method].learned
+        shared = shares_embeddings(wrapper, trains)
+        if trains:
+            epochs = settings.epochs_attention if method == "learned_attention" else settings.epochs
+            config = TrainConfig(epochs=epochs, batch_size=settings.batch_size, optimizer=settings.optimizer,
+                                 lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov, seed=seed,
+                                 device=device, eval_batch_size=settings.eval_batch_size, select_initial=True,
+                                 label=f"{method}/{mode}")
+            fit(wrapper, train, cache(wrapper, "val") if shared else val, config, augment=augment, progress=False,
+                run_dir=run_dir / "fits" / mode / method, resume=True)  # resume: reuse a finished fit
+        data = [cache(wrapper, split) for split in ("val", "test")] if shared else [val, test]
+        acc = [100 * evaluate(wrapper, d, batch_size=settings.eval_batch_size, device=device)["accuracy"]
+               for d in data]
+        rows.append({"mode": mode, "method": method, "post_name": METHODS[method].post_name,
+                     "group": wrapper.group.name, "acc": acc})
+        print(f"[{mode}] {method}: val {acc[0]:.2f} test {acc[1]:.2f}")
+
+# %% [markdown]
+# ## The table
+# Our numbers next to the post's.
 
 # %%
-table = posthoc_figures.save_comparison(result, out_dir, "posthoc_low_data", data_source=data_source,
-                                        checkpoint=checkpoint, seed=seed)
-display(Markdown(table.with_suffix(".md").read_text()))
+table = []
+for r in rows:
+    post = post_result("low_data", r["mode"], r["method"])
+    table.append({**{k: v for k, v in r.items() if k != "acc"}, "val_acc": round(r["acc"][0], 2),
+                  "test_acc": round(r["acc"][1], 2), "post_val_acc": post.val_acc if post else "",
+                  "post_test_acc": post.test_acc if post else ""})
+title = f"Post-hoc equivariance: low_data (profile {profile})"
+_, md = save_table(table, out_dir / "posthoc_low_data.csv", title=title, data_source=data_source,
+                   checkpoint=checkpoint, profile=profile, seed=seed, n_val=len(val[1]), n_test=len(test[1]),
+                   post_numbers="gevit_lib.post_results (the post's tables)")
+display(Markdown(md.read_text()))
+

@@ -1,6 +1,6 @@
 """Post-hoc wrappers: transform stacks, methods against a plain re-statement of the original code, exact
 invariance (float64) for C4 / D4, backbones (ViT, timm, torchvision), finetune modes, and parity with the
-original code's outputs (../shared/reference/parity/vit_rotmnist.pt)."""
+original code's outputs (reference/parity/vit_rotmnist.pt of the shared reference folder, skipped without it)."""
 
 from __future__ import annotations
 
@@ -299,10 +299,31 @@ def test_precomputed_embeddings_forward() -> None:
         e = ph.transformed_embeddings(x)
         assert e.shape == (2, 8, 16)
         torch.testing.assert_close(ph(e), ph(x), rtol=0, atol=0)
-        with pytest.raises(ValueError, match="copies"):
+        with pytest.raises(ValueError, match=r"precomputed embeddings \[B, T=8, D=16\]"):
             ph(e[:, :4])
     maps = ph.aggregator.attention_maps(e)
     assert len(maps) == 4 and maps[0].shape == (2, 9, 9)
+
+
+def test_input_validation() -> None:
+    """Inputs torch would reject deep inside, or that could be misread, give errors saying what was expected."""
+    ph = PostHoc(tiny_vit(), "mean", "C4").eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"batch of images \[B, C, H, W\].*x\[None\]"):
+            ph(torch.randn(1, 28, 28, dtype=torch.float64))  # an unbatched image is not read as embeddings
+        with pytest.raises(ValueError, match="empty batch"):
+            ph(torch.randn(0, 1, 28, 28, dtype=torch.float64))
+        with pytest.raises(ValueError, match="empty batch"):
+            ph(torch.randn(0, 4, 16, dtype=torch.float64))
+        with pytest.raises(TypeError, match="dtype torch.float32 but the model's parameters torch.float64"):
+            ph(torch.randn(2, 1, 28, 28))
+        with pytest.raises(TypeError, match="dtype torch.float32 but the model's parameters torch.float64"):
+            ph(torch.randn(2, 4, 16))  # precomputed embeddings
+        with pytest.raises(TypeError, match="floating-point images"):
+            ph(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="batch of images"):
+            ph.transformed_embeddings(torch.randn(28, 28, dtype=torch.float64))
+        assert ph(torch.randn(3, 4, 16, dtype=torch.float64)).shape == (3, 5)  # embeddings [B, T, D] still work
 
 
 # ---- finetune modes ----------------------------------------------------------------------------------------------
@@ -413,13 +434,21 @@ def test_published_checkpoint_exact_invariance(parity: dict, published_vit64: Vi
 
 
 def test_published_checkpoint_c16_invariance_is_measured(parity: dict, published_vit64: VisionTransformer) -> None:
-    """C16 is only approximately invariant: measured and printed, not asserted (also not exactly to rot90, see
-    TransformStack's subgroup_exact)."""
+    """C16 is only approximately invariant, also to rot90 with the original's stack (every angle has its own
+    nearest-neighbour grid). Measured on the published ViT: about 0.02-0.06 relative error for 22.5 / 45 / 90 /
+    180 degrees, against about 0.4 for the ViT alone; with ``subgroup_exact=True`` rot90 and rot180 become exact."""
     from gevit_lib.equivariance import invariance_errors
 
     x = parity["inputs"][:4].double()
+    elements = (1, 2, 4, 8)  # 22.5, 45, 90, 180 degrees
     with torch.no_grad():
-        ph = PostHoc(published_vit64, "mean", "C16").eval()
-        errors = invariance_errors(ph, x, get_group("C16"), elements=(1, 2, 4, 8))
+        errors = invariance_errors(PostHoc(published_vit64, "mean", "C16").eval(), x, get_group("C16"), elements)
+        plain = invariance_errors(published_vit64, x, get_group("C16"), elements)
+        exact = invariance_errors(PostHoc(published_vit64, "mean", "C16", subgroup_exact=True).eval(), x,
+                                  get_group("C16"), elements)
     print("C16 mean-pooling invariance error (max relative) per element (22.5, 45, 90, 180 deg):", errors)
-    assert set(errors) == {1, 2, 4, 8}
+    for g in elements:
+        assert 1e-4 < errors[g] < 0.1, (g, errors)  # approximate (original stack), yet far below the plain ViT
+        assert plain[g] > 4 * errors[g], (g, plain, errors)
+    assert exact[4] < 1e-12 and exact[8] < 1e-12, exact
+    assert 1e-4 < exact[1] < 0.1, exact

@@ -1,20 +1,29 @@
-"""Post-hoc experiments: profiles, end-to-end runs on generated data (tiny models), PCam offline messages, and
-(slow) the reproduction of the post's experiment-1 ordering with the published checkpoint on real data."""
+"""What the post-hoc notebooks (06-09) rely on: the profile sizes, the shared-embedding evaluation, finetuning with
+`fit` and its reuse on a second run, the post's numbers as data, the PCam CNN loader's messages, a notebook run
+twice in the same folder, and (slow) experiment 1's ordering with the published checkpoint on real data."""
 
 from __future__ import annotations
 
 import csv
-import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from gevit_lib.experiments import posthoc as exp
+from gevit_lib.augment import random_d4, random_rotation
+from gevit_lib.data import MNIST_BACKGROUND, evenly_spaced
 from gevit_lib.files import MissingFileError
 from gevit_lib.models.vit import VisionTransformer
-from gevit_lib.posthoc import METHODS, PostHoc
+from gevit_lib.post_results import POST_RESULTS, SOURCE_FILES, post_result
+from gevit_lib.posthoc import (METHODS, PCAM_BACKBONES, EmbeddingCache, PostHoc, has_batchnorm, load_pcam_cnn,
+                               shares_embeddings)
 from gevit_lib.profiles import PROFILES, check_profile, posthoc_profile
+from gevit_lib.train import TrainConfig, evaluate, fit
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_RESULTS = REPO.parent / "shared" / "reference" / "results"  # the authors' CSVs, when present
 
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:
@@ -23,19 +32,9 @@ def tiny_vit(seed: int = 0) -> VisionTransformer:
                              num_patches=16, num_classes=10, dropout=0.1).eval()
 
 
-@pytest.fixture
-def synthetic_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from gevit_lib.testing import make_synthetic_mnist
-
-    monkeypatch.setenv("GEVIT_CACHE_DIR", str(tmp_path / "cache"))
-    root = tmp_path / "data"
-    make_synthetic_mnist(root, n_train=600, n_test=100)
-    return root
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def digits(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
 def test_profiles() -> None:
@@ -44,11 +43,12 @@ def test_profiles() -> None:
         check_profile("medium")
     with pytest.raises(ValueError, match="unknown post-hoc experiment"):
         posthoc_profile("cifar", "quick")
-    full = posthoc_profile("rotmnist", "full")  # the post's settings (SPEC 5.4)
+    full = posthoc_profile("rotmnist", "full")  # the post's finetuning: Adam 5e-4, 25 / 60 epochs, batch 128
     assert (full.epochs, full.epochs_attention, full.lr, full.batch_size, full.optimizer) == (25, 60, 5e-4, 128,
                                                                                                "adam")
     assert (full.group, full.learned_group, full.tta_group, full.n_test) == ("C16", "D4", "D4", None)
-    pcam = posthoc_profile("pcam", "full")
+    assert full.modes == ("none", "head", "model")
+    pcam = posthoc_profile("pcam", "full")  # SGD 1e-3 Nesterov, 3 epochs, D4 for every method
     assert (pcam.optimizer, pcam.lr, pcam.nesterov, pcam.epochs, pcam.group) == ("sgd", 1e-3, True, 3, "D4")
     for name in ("smoke", "quick"):
         small = posthoc_profile("rotmnist", name)
@@ -58,138 +58,205 @@ def test_profiles() -> None:
 def test_augmentations() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 1, 28, 28)
-    torch.testing.assert_close(exp.random_rotation(0.0)(x, g), x)
-    background = torch.full((3, 1, 28, 28), exp.MNIST_BACKGROUND)
-    torch.testing.assert_close(exp.random_rotation(180.0, fill=exp.MNIST_BACKGROUND)(background, g), background)
-    out = exp.random_d4()(x, g)
+    torch.testing.assert_close(random_rotation(0.0)(x, g), x)
+    background = torch.full((3, 1, 28, 28), MNIST_BACKGROUND)
+    torch.testing.assert_close(random_rotation(180.0, fill=MNIST_BACKGROUND)(background, g), background)
+    out = random_d4()(x, g)
     for i in range(6):
         candidates = [torch.rot90(x[i], k, (-2, -1)) for k in range(4)]
         candidates += [torch.flip(c, (-1,)) for c in candidates]
         assert any(torch.equal(out[i], c) for c in candidates)
-    a = exp.random_rotation(180.0, flips=True)(x, torch.Generator().manual_seed(1))
-    b = exp.random_rotation(180.0, flips=True)(x, torch.Generator().manual_seed(1))
+    a = random_rotation(180.0, flips=True)(x, torch.Generator().manual_seed(1))
+    b = random_rotation(180.0, flips=True)(x, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, x)
 
 
-def test_rotmnist_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
+# ---- the shared-embedding evaluation ----------------------------------------------------------------------------
+
+
+def test_embedding_cache_gives_the_same_accuracy_as_the_images() -> None:
     model = tiny_vit()
-    out = tmp_path / "run"
-    result = exp.rotmnist("smoke", checkpoint=model, root=synthetic_root, out_dir=out, progress=False,
-                          modes=("none", "head", "model"))
-    rows = read_rows(out / "results.csv")
-    assert len(rows) == 3 * (1 + len(METHODS))
-    for column in ("val_acc", "test_acc", "data_source", "checkpoint", "profile", "seed", "group", "mode"):
-        assert column in rows[0]
-    assert {r["profile"] for r in rows} == {"smoke"} and {r["seed"] for r in rows} == {"42"}
-    assert all("regenerated" in r["data_source"] for r in rows)
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["rotated_mnist_source"] == "regenerated" and meta["checkpoint"].startswith("model object")
-    md = (out / "results.md").read_text()
-    assert all(m.post_name in md for m in METHODS.values()) and "regenerated" in md
-    by = {(r["mode"], r["method"]): r for r in rows}
-    assert by[("none", "mean")]["trained"] == "False" and by[("none", "learned_score")]["trained"] == "True"
-    assert by[("head", "mean")]["trained"] == "True"
-    assert by[("none", "mean")]["group"] == "C4" and by[("none", "tta")]["group"] == "D4"
-    assert len({by[(m, "base")]["test_acc"] for m in ("none", "head", "model")}) == 1
-    # the shared-embedding evaluation equals running the wrapper on the images
-    from gevit_lib.data import rotated_mnist
-    from gevit_lib.train import evaluate
+    val, test = digits(40, 1), digits(56, 2)
+    cache = EmbeddingCache({"val": val, "test": test}, batch_size=16)
+    for method, group in (("mean", "C4"), ("most_certain", "C4"), ("most_probable", "C8"), ("tta", "D4")):
+        wrapper = PostHoc(model, method, group)
+        for split, data in (("val", val), ("test", test)):
+            emb, labels = cache(wrapper, split)
+            assert emb.shape == (len(data[1]), wrapper.num_transforms, 16) and torch.equal(labels, data[1])
+            direct = evaluate(wrapper, data, batch_size=16)
+            shared = evaluate(wrapper, (emb, labels), batch_size=16)
+            assert direct["accuracy"] == shared["accuracy"], (method, group, split)
+            assert abs(direct["loss"] - shared["loss"]) < 1e-5
+    assert cache(PostHoc(model, "max", "C4"), "test")[0] is cache(PostHoc(model, "mean", "C4"), "test")[0]
 
-    test = rotated_mnist("test", root=synthetic_root)
-    x, y = test.tensors()
-    idx = exp.evenly_spaced(len(y), posthoc_profile("rotmnist", "smoke").n_test)
+
+def test_exact_group_gives_the_same_accuracy_on_rotated_digits() -> None:
+    """A C4 / D4 wrapper is exactly invariant: rotating the test digits by 90 degrees changes no prediction,
+    while the plain ViT's accuracy does change."""
+    model = tiny_vit()
+    x, y = digits(64, 3)
+    rotated = (torch.rot90(x, 1, (-2, -1)), y)
     for method in ("mean", "most_certain"):
-        direct = evaluate(PostHoc(model, method, "C4"), (x[idx], y[idx]))["accuracy"]
-        assert abs(100 * direct - result.accuracy(method, "none")) < 1e-9
-    assert result.accuracy("base") == float(by[("none", "base")]["test_acc"])
+        wrapper = PostHoc(model, method, "D4").eval()
+        with torch.no_grad():
+            assert torch.equal(wrapper(x).argmax(-1), wrapper(rotated[0]).argmax(-1))
+    with torch.no_grad():
+        assert not torch.equal(model(x).argmax(-1), model(rotated[0]).argmax(-1))
 
 
-def test_resume_reuses_finished_fits(synthetic_root: Path, tmp_path: Path) -> None:
-    kwargs = dict(root=synthetic_root, out_dir=tmp_path / "run", progress=False, methods=("learned_score",),
-                  modes=("none",))
-    first = exp.low_data("smoke", checkpoint=tiny_vit(), **kwargs)
-    with pytest.raises(FileExistsError):
-        exp.low_data("smoke", checkpoint=tiny_vit(), **kwargs)
-    again = exp.low_data("smoke", checkpoint=tiny_vit(), resume=True, **kwargs)
-    assert again.accuracy("learned_score") == first.accuracy("learned_score")
-
-
-def test_train_backbone_path(synthetic_root: Path, tmp_path: Path) -> None:
-    result = exp.mnist_to_rotmnist("smoke", checkpoint="train", root=synthetic_root, out_dir=tmp_path / "run",
-                                   methods=("mean",), modes=("none",), progress=False,
-                                   overrides={"n_test": 16, "n_val": 16})
-    assert (tmp_path / "run/backbone/best.pt").is_file()
-    assert result.meta["backbone_training"]["data"].startswith("mnist")
-    assert result.meta["checkpoint"].startswith("trained here")
-    with pytest.raises(ValueError, match="unknown profile overrides"):
-        exp.rotmnist("smoke", checkpoint=tiny_vit(), root=synthetic_root, overrides={"n_tests": 3})
-    with pytest.raises(ValueError, match="unknown finetune modes"):
-        exp.rotmnist("smoke", checkpoint=tiny_vit(), root=synthetic_root, modes=("all",), out_dir=tmp_path / "x",
-                     progress=False)
-
-
-def test_pcam_with_tiny_cnn(tmp_path: Path) -> None:
+def test_shares_embeddings() -> None:
     import timm
 
-    from gevit_lib.testing import write_fake_pcam
+    vit = tiny_vit()
+    cnn = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+    assert not has_batchnorm(vit) and has_batchnorm(cnn)
+    assert shares_embeddings(PostHoc(vit, "mean", "C4", finetune="none"), trains=False)
+    assert shares_embeddings(PostHoc(vit, "mean", "C4", finetune="head"), trains=True)
+    assert shares_embeddings(PostHoc(vit, "learned_score", "C4", finetune="none"), trains=True)
+    assert not shares_embeddings(PostHoc(vit, "mean", "C4", finetune="model"), trains=True)
+    assert shares_embeddings(PostHoc(cnn, "mean", "D4", finetune="none"), trains=False)
+    assert not shares_embeddings(PostHoc(cnn, "mean", "D4", finetune="head"), trains=True)  # BatchNorm statistics
 
-    write_fake_pcam(tmp_path / "data", n_per_split=16)
+
+# ---- finetuning as the notebooks do it --------------------------------------------------------------------------
+
+
+def _finetune(wrapper: PostHoc, train, val, run_dir: Path):
+    config = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=5e-3, seed=42, select_initial=True,
+                         label=f"{wrapper.method}/{wrapper.finetune}")
+    return fit(wrapper, train, val, config, augment=random_rotation(180.0, fill=MNIST_BACKGROUND),
+               run_dir=run_dir, resume=True, progress=False)
+
+
+def test_finetune_keeps_the_best_validation_weights_and_is_reused(tmp_path: Path) -> None:
+    train, val = digits(64, 4), digits(32, 5)
     torch.manual_seed(0)
-    cnn = timm.create_model("test_resnet", pretrained=False, num_classes=2)  # BatchNorm: the unshared path
-    result = exp.pcam("smoke", backbone=cnn, root=tmp_path / "data", out_dir=tmp_path / "run", progress=False,
-                      methods=("mean", "most_probable"))
-    rows = read_rows(tmp_path / "run/results.csv")
-    assert {r["mode"] for r in rows} == {"none", "head"}  # the profile's modes for PCam (as the original)
-    assert {r["method"] for r in rows} == {"base", "mean", "most_probable"}
-    assert all(r["group"] in ("D4", "") for r in rows)
-    assert result.meta["data"]["test"]["dataset"] == "pcam" and result.meta["normalize"] is True
-    assert 0 <= result.accuracy("mean", "head") <= 100
+    wrapper = PostHoc(tiny_vit(), "learned_score", "C4", finetune="head")
+    cache = EmbeddingCache({"val": val})
+    first = _finetune(wrapper, train, cache(wrapper, "val"), tmp_path / "fit")
+    val_acc = evaluate(wrapper, val)["accuracy"]
+    # the weights left in the wrapper are the selected ones, never worse on validation than the untouched model
+    assert val_acc == first.best_val["accuracy"] >= first.initial_val["accuracy"]
+    assert first.epochs_completed == 2
+    last = (tmp_path / "fit" / "last.pt").stat().st_mtime_ns
+    # a second run (the notebook run again) reuses the finished fit: same weights, nothing retrained
+    torch.manual_seed(0)
+    again_wrapper = PostHoc(tiny_vit(), "learned_score", "C4", finetune="head")
+    again = _finetune(again_wrapper, train, cache(again_wrapper, "val"), tmp_path / "fit")
+    assert again.history == first.history and again.seconds < 5
+    assert (tmp_path / "fit" / "last.pt").stat().st_mtime_ns == last
+    for a, b in zip(wrapper.state_dict().values(), again_wrapper.state_dict().values()):
+        assert torch.equal(a, b)
 
 
-def test_pcam_offline_messages(tmp_path: Path) -> None:
+# ---- the post's numbers as data -----------------------------------------------------------------------------------
+
+
+def test_post_results_table() -> None:
+    keys = [(r.experiment, r.mode, r.method) for r in POST_RESULTS]
+    assert len(keys) == len(set(keys)) == 84
+    assert {(e, m) for e, m, _ in keys} == set(SOURCE_FILES)
+    for experiment, mode in SOURCE_FILES:
+        methods = {k for e, m, k in keys if (e, m) == (experiment, mode)}
+        expected = {"base", "mean", "max", "sum", "most_probable", "most_certain"}
+        assert methods == (expected if experiment == "pcam" else expected | {"learned_score", "learned_attention"})
+    assert all(0 < r.val_acc <= 100 and 0 < r.test_acc <= 100 for r in POST_RESULTS)
+    assert post_result("rotmnist", "none", "base") == ("rotmnist", "none", "base", 97.55, 97.234)
+    assert post_result("mnist_to_rotmnist", "head", "most_probable").test_acc == 9.998  # the underflow, as published
+    assert post_result("rotmnist", "none", "tta") is None
+
+
+@pytest.mark.skipif(not REFERENCE_RESULTS.is_dir(), reason="the authors' result CSVs are not beside the repository")
+def test_post_results_match_the_authors_csvs() -> None:
+    by_class = {info.original_class: key for key, info in METHODS.items()} | {"VisionTransformer": "base"}
+    seen = 0
+    for (experiment, mode), name in SOURCE_FILES.items():
+        with open(REFERENCE_RESULTS / name, newline="") as f:
+            for row in csv.DictReader(f):
+                ours = post_result(experiment, mode, by_class[row["Model"].strip()])
+                assert ours is not None, (name, row)
+                assert (ours.val_acc, ours.test_acc) == (float(row["Validation Accuracy"]),
+                                                         float(row["Test Accuracy"])), (name, row)
+                seen += 1
+    assert seen == len(POST_RESULTS)
+
+
+# ---- PCam CNN loader -------------------------------------------------------------------------------------------
+
+
+def test_pcam_cnn_offline_messages(tmp_path: Path) -> None:
+    from gevit_lib.data import pcam
     from gevit_lib.testing import write_fake_pcam
 
     with pytest.raises(MissingFileError, match="camelyonpatch"):
-        exp.pcam("smoke", root=tmp_path / "empty", progress=False)
+        pcam("test", root=tmp_path / "empty")
     write_fake_pcam(tmp_path / "data", n_per_split=8)
-    for name in exp.PCAM_BACKBONES:
+    assert len(pcam("test", root=tmp_path / "data")) == 8
+    for name in PCAM_BACKBONES:
         with pytest.raises(MissingFileError, match=f"huggingface.co/1aurent/{name}"):
-            exp.pcam("smoke", backbone=name, root=tmp_path / "data", download=False, progress=False,
-                     out_dir=tmp_path / "run")
+            load_pcam_cnn(name, download=False)
     with pytest.raises(MissingFileError, match="not found"):
-        exp.load_pcam_cnn(weights=tmp_path / "nope.safetensors")
+        load_pcam_cnn(weights=tmp_path / "nope.safetensors")
     with pytest.raises(ValueError, match="unknown PCam backbone"):
-        exp.pcam("smoke", backbone="vgg16", root=tmp_path / "data")
+        load_pcam_cnn("vgg16")
 
 
 def test_pcam_local_weights(tmp_path: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
+    torch.manual_seed(0)
     arch = timm.create_model("densenet121", pretrained=False, num_classes=2)
-    state = {k: v.contiguous() for k, v in arch.state_dict().items()}
-    save_file(state, str(tmp_path / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in arch.state_dict().items()}, str(tmp_path / "densenet121.safetensors"))
     with pytest.raises(Exception, match="does not fit|missing keys"):  # densenet121 weights into densenet161
-        exp.load_pcam_cnn("densenet161.tiatoolbox-pcam", weights=tmp_path / "model.safetensors")
+        load_pcam_cnn("densenet161.tiatoolbox-pcam", weights=tmp_path / "densenet121.safetensors")
+
+
+# ---- a post-hoc notebook run twice in the same folder -------------------------------------------------------------
+
+
+def test_notebook_runs_twice_in_the_same_folder(tmp_path: Path) -> None:
+    """Running a notebook again ("Run All", `make reproduce` twice) reuses the finished fits instead of failing."""
+    papermill = pytest.importorskip("papermill")
+    from gevit_lib.reproduce import batch_parameters
+
+    book = REPO / "notebooks" / "08_posthoc_low_data.ipynb"
+    params = {"profile": "smoke", "device": "cpu", "out_dir": str(tmp_path / "figures"),
+              "run_dir": str(tmp_path / "run"), "seed": 0}
+    if os.environ.get("GEVIT_DATA_DIR"):
+        params["data_dir"] = os.environ["GEVIT_DATA_DIR"]
+    tables = []
+    for attempt in range(2):
+        papermill.execute_notebook(str(book), str(tmp_path / f"run{attempt}.ipynb"),
+                                   parameters=batch_parameters(book, params), cwd=str(REPO / "notebooks"),
+                                   progress_bar=False, execution_timeout=900)
+        tables.append((tmp_path / "figures" / "posthoc_low_data.csv").read_text())
+        if attempt == 0:
+            fits = sorted((tmp_path / "run").rglob("last.pt"))
+            stamps = [p.stat().st_mtime_ns for p in fits]
+    assert fits and [p.stat().st_mtime_ns for p in fits] == stamps  # reused, not retrained
+    assert tables[0] == tables[1]
 
 
 # ---- reproduction with the published checkpoint on real data (slow) ----------------------------------------------
 
 
 @pytest.mark.slow
-def test_reproduces_experiment_1_ordering(shared_mnist_dir: Path, tmp_path: Path) -> None:
-    """Published vit_rotmnist, no finetuning, regenerated rotated MNIST (or the official archive when present):
-    the plain ViT scores below mean / max / sum / most-probable pooling over C16 (SPEC 8.1, Addendum 3)."""
-    import time
+def test_reproduces_experiment_1_ordering(shared_mnist_dir: Path) -> None:
+    """Published vit_rotmnist, no finetuning, rotated MNIST (official archive when present, else regenerated): the
+    plain ViT scores below mean / max / sum / most-probable pooling over C16, as in the post's table."""
+    from gevit_lib.models import load_published
+    from gevit_lib.data import rotated_mnist
 
-    t0 = time.perf_counter()
-    result = exp.rotmnist("quick", checkpoint="vit_rotmnist", root=shared_mnist_dir.parent, out_dir=tmp_path / "r",
-                          modes=("none",), methods=("mean", "max", "sum", "most_probable", "most_certain"),
-                          overrides={"n_val": 100, "n_test": 4000}, progress=False)
-    print(result.markdown())
-    print(f"seconds: {time.perf_counter() - t0:.0f}")
-    base = result.accuracy("base")
-    assert 95.0 < base < 99.0  # the orientation (transposed digits) is right: ~97.3 in the post / Addendum
-    for method in ("mean", "max", "sum", "most_probable"):
-        assert result.accuracy(method) > base, method
-    assert result.accuracy("sum") == result.accuracy("mean")  # sum before the head's LayerNorm = mean
+    backbone = load_published("vit_rotmnist")
+    x, y = rotated_mnist("test", root=shared_mnist_dir.parent).tensors()
+    idx = evenly_spaced(len(y), 4000)
+    test = (x[idx], y[idx])
+    base = 100 * evaluate(backbone, test, batch_size=128)["accuracy"]
+    assert 95.0 < base < 99.0  # the orientation (transposed digits) is right: ~97.2 in the post
+    cache = EmbeddingCache({"test": test}, batch_size=128)
+    acc = {m: 100 * evaluate(PostHoc(backbone, m, "C16"), cache(PostHoc(backbone, m, "C16"), "test"))["accuracy"]
+           for m in ("mean", "max", "sum", "most_probable")}
+    print(f"base {base:.2f}", acc)
+    assert all(a > base for a in acc.values()), acc
+    assert acc["sum"] == acc["mean"]  # sum before the head's LayerNorm = mean
