@@ -100,9 +100,12 @@ def transform(image: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown transform {name!r}")
 
 
-frames_of = {"rot90": "rotate 90", "flip": "mirror"}  # exact transforms that are also frames: computed once
+ALSO_FRAMES = {"rot90": "rotate 90", "flip": "mirror"}  # exact transforms that are also frames: computed once
+
+
 def name_in_batch(exact: str) -> str:
-    return frames_of[exact] if frames_of.get(exact) in settings.latent_transforms else exact
+    """Where an exact transform sits in the batch: as its frame when it is one, else under its own name."""
+    return ALSO_FRAMES[exact] if ALSO_FRAMES.get(exact) in settings.latent_transforms else exact
 
 
 names = list(settings.latent_transforms) + [n for n in ("original", *settings.exact_transforms)
