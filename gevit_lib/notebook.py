@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import numpy as np
+import torch
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .files import ChecksumError, MissingFileError
@@ -87,3 +91,78 @@ def digits_root(profile: str, data_dir: str | os.PathLike[str] | None = None) ->
     synthetic stand-in's folder when real MNIST is unavailable."""
     ds, label = rotated_digits("test", profile, data_dir)
     return (str(smoke_mnist_root()) if "stand-in" in label else (str(data_dir) if data_dir else None)), label
+
+
+# ---- digits and predictions of the figure notebooks (01-05) -----------------------------------------------------
+__all__ += ["normalize", "pick_digits", "Digits", "load_digits", "predict"]
+
+
+def normalize(raw: Tensor) -> Tensor:
+    """MNIST normalisation ``(raw - mean) / std`` of raw images (pixels in [0, 1], background 0)."""
+    from .data import MNIST_MEAN, MNIST_STD
+
+    return (raw - MNIST_MEAN[0]) / MNIST_STD[0]
+
+
+def pick_digits(dataset: Any, labels: Sequence[int] | None = None, n: int = 1, among: Sequence[int] | None = (3, 8),
+                start: int = 0) -> list[int]:
+    """Dataset indices, counting positions in the subset of labels ``among`` (None: the whole dataset): without
+    ``labels`` the first ``n`` images at or after position ``start``; with ``labels`` the first ``n`` of each label
+    in turn at or after ``start``. Raises when there are fewer."""
+    stored = getattr(dataset, "labels", None)
+    all_labels = np.asarray(stored if stored is not None else [int(dataset[i][1]) for i in range(len(dataset))])
+    positions = np.arange(len(all_labels)) if among is None else np.flatnonzero(np.isin(all_labels, list(among)))
+    subset = "" if among is None else f" among labels {list(among)}"
+    if labels is None:
+        if len(positions[start:start + n]) < n:
+            raise ValueError(f"only {len(positions[start:])} images{subset} at or after position {start} "
+                             f"(asked for {n})")
+        return [int(i) for i in positions[start:start + n]]
+    chosen: list[int] = []
+    for label in labels:
+        hits = [int(i) for i in positions[start:] if all_labels[i] == label and int(i) not in chosen][:n]
+        if len(hits) < n:
+            raise ValueError(f"fewer than {n} images with label {label}{subset} at or after position {start}")
+        chosen += hits
+    return chosen
+
+
+@dataclass
+class Digits:
+    """Raw digits ``[N, 1, H, W]`` (pixels in [0, 1]) with their labels and where they came from."""
+
+    images: Tensor
+    labels: Tensor
+    indices: list[int]
+    split: str
+    data_source: str
+
+    def describe(self) -> dict[str, Any]:
+        """For provenance sidecars: split, dataset indices and labels."""
+        return {"split": self.split, "indices": list(self.indices), "labels": [int(v) for v in self.labels]}
+
+
+def load_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None, n: int = 1,
+                labels: Sequence[int] | None = None, start: int = 0,
+                fallback_start: int | None = None) -> Digits:
+    """Raw rotated-MNIST digits of ``split`` chosen by :func:`pick_digits` among the 3s and 8s (the post's figure
+    digits); smoke falls back to synthetic digits. ``fallback_start``: where to look instead when the split has too
+    few digits at or after ``start`` (small smoke data)."""
+    ds, source = rotated_digits(split, profile, data_dir, normalize=False)
+    try:
+        indices = pick_digits(ds, labels, n, start=start)
+    except ValueError:
+        if fallback_start is None:
+            raise
+        indices = pick_digits(ds, labels, n, start=fallback_start)
+    items = [ds[i] for i in indices]
+    images, targets = torch.stack([im for im, _ in items]), torch.tensor([int(lb) for _, lb in items])
+    return Digits(images, targets, indices, split, source)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
+    """``model(x)`` in batches, on the model's device and dtype; returned on the CPU."""
+    p = next(model.parameters(), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
+    return torch.cat([model(x[i:i + batch_size].to(device, dtype)).cpu() for i in range(0, len(x), batch_size)])

@@ -301,3 +301,48 @@ def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | No
     if unknown:
         raise ValueError(f"unknown model-zoo profile field(s) {unknown}; known: {sorted(known)}")
     return replace(sizes, **(overrides or {}))
+
+
+    if preset not in _GEVIT_TRAINING:
+        raise ValueError(f"no GE-ViT training settings for preset {preset!r}; choose one of {', '.join(_GEVIT_TRAINING)}")
+    return _GEVIT_TRAINING[preset][profile]
+
+
+# ---- figures (notebooks 01-05) ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FigureProfile:
+    """Sizes of the figure notebooks 01-05 at one profile.
+
+    ``rotation_frames``: frames of ``Rotation.gif`` (evenly spaced over 360 degrees); ``latent_transforms``: the
+    frames of the latent-representation GIFs; ``exact_transforms``: exact symmetries whose invariance error notebook
+    04 measures; ``attention_images``: digits of the attention GIF; ``sweep_angles`` / ``sweep_digits``: angles
+    (degrees) of the invariance sweep of notebook 05 and its number of test digits per class (that many 3s and as
+    many 8s).
+    """
+
+    rotation_frames: int
+    latent_transforms: tuple[str, ...]
+    exact_transforms: tuple[str, ...]
+    attention_images: int
+    sweep_angles: tuple[float, ...]
+    sweep_digits: int
+
+
+_ALL_LATENT = ("original", "rotate 90", "rotate 45", "rotate 20", "mirror", "translate")
+_FIGURES: dict[str, FigureProfile] = {
+    "smoke": FigureProfile(rotation_frames=6, latent_transforms=("original", "rotate 90"),
+                           exact_transforms=("rot90",), attention_images=5, sweep_angles=(45.0, 90.0),
+                           sweep_digits=1),
+    "quick": FigureProfile(rotation_frames=72, latent_transforms=_ALL_LATENT,
+                           exact_transforms=("rot90", "rot180", "rot270", "flip"), attention_images=5,
+                           sweep_angles=tuple(float(a) for a in range(0, 360, 15)), sweep_digits=1),
+    "full": FigureProfile(rotation_frames=360, latent_transforms=_ALL_LATENT,
+                          exact_transforms=("rot90", "rot180", "rot270", "flip"), attention_images=5,
+                          sweep_angles=tuple(float(a) for a in range(0, 360, 5)), sweep_digits=4),
+}
+__all__ += ["FigureProfile", "figure_profile"]
+
+
+def figure_profile(profile: str) -> FigureProfile:
+    """The sizes of the figure notebooks 01-05 at ``profile`` ("smoke", "quick", "full")."""
+    return _FIGURES[check_profile(profile)]

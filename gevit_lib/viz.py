@@ -1,7 +1,10 @@
-"""Writing figures, animations and tables with a provenance sidecar (``<name>.json``) beside each.
+"""Writing figures, animations and tables with a provenance sidecar (``<name>.json``) beside each, and the
+renderers several notebooks share.
 
 The sidecar names the files it describes, the data source, checkpoint, profile and seed that produced them, and
-the library version, so every figure and table in ``figures/`` says where its numbers came from.
+the library version, so every figure and table in ``figures/`` says where its numbers came from. Figures of a
+fixed pixel size come from :func:`new_figure` (figsize x dpi on an Agg canvas: no display, no pyplot state);
+save them with ``save_figure(fig, path, dpi=fig.dpi, ...)`` so the file has exactly that size.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +23,8 @@ import numpy as np
 from . import __version__
 from .files import atomic_write
 
-__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table"]
+__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table",
+           "new_figure", "plot_group_panels"]
 
 
 def write_sidecar(path: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], **meta: Any) -> Path:
@@ -156,3 +161,35 @@ def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str, la
     ax.spines[["top", "right"]].set_visible(False)
     ax.figure.tight_layout()
     return ax.figure
+
+
+# ---- renderers -------------------------------------------------------------------------------------------------
+def new_figure(size_px: tuple[int, int], dpi: int) -> Any:
+    """A white matplotlib figure of exactly ``size_px`` = (width, height) pixels at ``dpi`` on an Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    w, h = size_px
+    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_group_panels(values: Any, title: str, size_px: tuple[int, int], dpi: int = 72, vmin: float | None = None,
+                      vmax: float | None = None, colorbar: bool = False) -> Any:
+    """One image per group element, ``values[i]`` titled g_i (``[G, H, W]``, e.g. offset grids or embeddings), in
+    two rows; ``colorbar`` adds a colour bar beside the last panel."""
+    g = values.shape[0]
+    cols = max(1, math.ceil(g / 2)) if g > 1 else 1
+    fig = new_figure(size_px, dpi)
+    axes = fig.subplots(math.ceil(g / cols), cols, squeeze=False).ravel()
+    im = None
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < g:
+            im = ax.imshow(values[i].cpu().numpy(), cmap="viridis", vmin=vmin, vmax=vmax)
+            ax.set_title(f"$g_{{{i}}}$")
+    if colorbar and im is not None:
+        fig.colorbar(im, ax=axes[g - 1])
+    fig.suptitle(title)
+    return fig

@@ -39,13 +39,16 @@ seed = 0
 # %%
 from pathlib import Path
 
+import torch
 from IPython.display import Image, Markdown, display
 
-from gevit_lib.experiments import figures
-from gevit_lib.notebook import published_model
-from gevit_lib.nn.positional import group_index_table
+from gevit_lib.equivariance import exact_invariance
+from gevit_lib.groups import get_group
+from gevit_lib.models.gevit import build_gevit
+from gevit_lib.nn.positional import group_index_table, relative_coordinates
+from gevit_lib.notebook import load_digits, normalize, published_model
 from gevit_lib.train import seed_everything
-from gevit_lib.viz import markdown_table, save_table
+from gevit_lib.viz import markdown_table, new_figure, plot_group_panels, save_figure, save_table
 
 seed_everything(seed)
 out_dir = Path(out_dir)
@@ -61,12 +64,18 @@ print(f"checkpoint: {checkpoint}")
 # identity (rows increase downwards); g_1 is a rotation by 90 degrees, so the "row" offset now runs along the
 # columns; g_2 turns it upside down; g_4 to g_7 are the mirrored elements: a mirror about the vertical axis leaves
 # row offsets alone (g_4 equals g_0) and reverses column offsets (compare the two figures).
+#
+# The grids are a buffer of the lifting layer's positional encoding (`pos.coords`), computed once by
+# `relative_coordinates(group, patch_size)`: the offset vector of every neighbour, transformed by each group element.
 
 # %%
-grids = figures.index_grids(model)  # [G, P, P, 2]: row offsets, column offsets
+lifting = model.attention_layers()[0]  # the lifting self-attention layer
+grids = lifting.pos.coords.detach().double().cpu()  # [G, P, P, 2]: transformed row offsets, column offsets
+print("same as relative_coordinates:", torch.allclose(grids, relative_coordinates(model.group, 5).double(), atol=1e-6))
 for channel, name, title in ((0, "row_embd_idxs.png", "Row embedding indices"),
                              (1, "col_embd_idxs.png", "Column embedding indices")):
-    path = figures.save(figures.plot_index_grids(grids[..., channel], title), out_dir / name, meta=meta)
+    fig = plot_group_panels(grids[..., channel], title, (792, 360), vmin=-1, vmax=1, colorbar=True)
+    path = save_figure(fig, out_dir / name, dpi=72, **meta)
     display(Image(filename=str(path)))
 
 # %% [markdown]
@@ -76,9 +85,12 @@ for channel, name, title in ((0, "row_embd_idxs.png", "Row embedding indices"),
 # the group elements see the same pattern rotated or mirrored, which is the whole point.
 
 # %%
-row = figures.transformed_embedding(model, layer=1, which="row")
-col = figures.transformed_embedding(model, layer=1, which="col")
-path = figures.save(figures.plot_row_embedding(row, channel=0), out_dir / "row_embd_final.png", meta=meta)
+pos = model.attention_layers()[1].pos  # positional encoding of the first group self-attention layer
+with torch.no_grad():
+    row = pos.row(pos.coords[..., 0]).cpu()  # [G, P, P, channels]: row MLP of each transformed row offset
+    col = pos.col(pos.coords[..., 1]).cpu()  # the same for the column offsets
+fig = plot_group_panels(row[..., 0], "Channel 0 of transformed row embedding", (936, 576))
+path = save_figure(fig, out_dir / "row_embd_final.png", dpi=72, **meta)
 display(Image(filename=str(path)))
 
 # %% [markdown]
@@ -87,13 +99,18 @@ display(Image(filename=str(path)))
 # the effective positional preference over the neighbourhood is their sum (group element g_0, channel 0).
 
 # %%
-path = figures.save(figures.plot_combined_embedding(row, col, element=0, channel=0), out_dir / "combined_embd.png",
-                    meta=meta)
+fig = new_figure((720, 288), dpi=72)
+r, c = row[0, ..., 0], col[0, ..., 0]
+for ax, data, name in zip(fig.subplots(1, 3), (r, c, r + c), ("Row embedding", "Column embedding", "Combined")):
+    ax.imshow(data.numpy(), cmap="viridis")
+    ax.set_title(name)
+    ax.axis("off")
+path = save_figure(fig, out_dir / "combined_embd.png", dpi=72, **meta)
 display(Image(filename=str(path)))
 
 # %% [markdown]
 # ## GSA-Nets' "minor mathematical error"
-# GE-ViT is GSA-Nets with a few lines changed (SPEC 2.6). Two things have to agree for the network to be
+# GE-ViT is GSA-Nets with a few lines changed. Two things have to agree for the network to be
 # invariant: how the **spatial** offsets are transformed for each group element, and how the **group axis** is
 # indexed (which learned group embedding the query at element g uses for a key at element m, in the group layers).
 #
@@ -109,19 +126,54 @@ display(Image(filename=str(path)))
 # interpolation). An invariant model gives float64 rounding noise; anything far above it is a real error.
 
 # %%
-digit = figures.test_digits(profile, data_dir, n=1)
-rows = figures.encoding_invariance(figures.normalize(digit.images), group="p4", seed=seed)
+# name -> (positional convention, group-index table): the two published codes and the fix that keeps GSA's grid
+ENCODINGS = {"GSA-Nets": ("gsa", "reference"), "GE-ViT": ("gevit", "reference"),
+             "GSA-Nets grid + consistent group table": ("gsa", "corrected")}
+digit = load_digits("test", profile, data_dir, n=1)
+x = normalize(digit.images).double()  # [1, 1, 28, 28]
+rows = []
+for name, (positional, table) in ENCODINGS.items():
+    torch.manual_seed(seed)  # the same random weights for every encoding
+    random_model = build_gevit("rotmnist", "p4", positional=positional, group_index=table).double().eval()
+    errors = exact_invariance(random_model, x)  # rot90 / rot180 / rot270 -> relative logit change
+    rows.append({"encoding": name, "positional": positional, "group_index": table, "group": "p4", **errors,
+                 "max_rot90": max(errors.values()), "dtype": "float64"})
 display(Markdown(markdown_table(rows, ["encoding", "positional", "group_index", "rot90", "rot180", "rot270"],
                                 floatfmt=".1e")))
-note = "rot90/180/270 invariance error (random p4 models, float64): " + "; ".join(
-    f"{r['encoding']}: {r['max_rot90']:.1e}" for r in rows)
-errors = {r["encoding"]: {k: r[k] for k in ("rot90", "rot180", "rot270")} for r in rows}
-path = figures.save(figures.plot_gsa_vs_gevit("p4m", note=note), out_dir / "gsa_vs_gevit_embd_idxs.png",
-                    meta={**meta, "data_source": digit.data_source}, invariance_error=errors,
-                    measured_on=digit.describe())
 save_table(rows, out_dir / "positional_encoding_invariance.csv", floatfmt=".1e",
            title="Invariance error of random p4 models by positional encoding",
            **{**meta, "data_source": digit.data_source})
+
+# %% [markdown]
+# The offset grids of the two conventions side by side, rows and columns of GE-ViT and GSA-Nets for the 8 elements
+# of p4m, with the measured errors under the title.
+
+# %%
+group = get_group("p4m")
+grids = {"gevit": relative_coordinates(group, 5, "gevit"), "gsa": relative_coordinates(group, 5, "gsa")}
+fig = new_figure((960, 600), dpi=80)
+axes = fig.subplots(4, len(group), squeeze=False,
+                    gridspec_kw=dict(left=0.14, right=0.9, top=0.84, bottom=0.02, hspace=0.25))
+panels = [("gevit", 0, "GE-ViT\nrow"), ("gsa", 0, "GSA-Nets\nrow"), ("gevit", 1, "GE-ViT\ncolumn"),
+          ("gsa", 1, "GSA-Nets\ncolumn")]
+for r, (kind, channel, label) in enumerate(panels):
+    for g in range(len(group)):
+        ax = axes[r, g]
+        im = ax.imshow(grids[kind][g, ..., channel].numpy(), cmap="viridis", vmin=-1, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            ax.set_title(f"$g_{{{g}}}$")
+        if g == 0:
+            ax.set_ylabel(label, rotation=0, ha="right", va="center")
+fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02)
+fig.suptitle(f"Transformed offset grids of {group.name}: GE-ViT vs GSA-Nets (patch 5)")
+note = "rot90/180/270 invariance error (random p4 models, float64): " + "; ".join(
+    f"{r['encoding']}: {r['max_rot90']:.1e}" for r in rows)
+fig.text(0.5, 0.905, note, ha="center", va="center", fontsize=9)
+path = save_figure(fig, out_dir / "gsa_vs_gevit_embd_idxs.png", dpi=80, **{**meta, "data_source": digit.data_source},
+                   invariance_error={r["encoding"]: {k: r[k] for k in ("rot90", "rot180", "rot270")} for r in rows},
+                   measured_on=digit.describe())
 display(Image(filename=str(path)))
 
 # %% [markdown]
@@ -134,5 +186,5 @@ display(Image(filename=str(path)))
 # The group-axis tables for p4, output element v = 0 (rows: query element g, columns: key element m):
 
 # %%
-for name, (positional, table) in figures.ENCODINGS.items():
+for name, (positional, table) in ENCODINGS.items():
     print(f"{name} ({positional}, {table}):\n{group_index_table('p4', table, positional)[0].numpy()}\n")

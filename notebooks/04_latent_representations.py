@@ -25,7 +25,7 @@
 # first "8".
 #
 # **A catch the post missed.** The published p4m checkpoint was trained with GE-ViT's group-axis index table for
-# dihedral groups, and that table does *not* make p4m equivariant (SPEC 2.6: the lifting layer is, the group
+# dihedral groups, and that table does *not* make p4m equivariant (the lifting layer is, the group
 # layers are not). This notebook therefore draws every GIF twice:
 #
 # - `GEVIT_latent_representations_{1,2}.gif`: the published model as the post used it (`group_index="reference"`).
@@ -50,21 +50,67 @@ seed = 0
 # %%
 from pathlib import Path
 
+import numpy as np
+import torch
 from IPython.display import Image, Markdown, display
 
-from gevit_lib.experiments import figures
+from gevit_lib.equivariance import EXACT_TRANSFORMS, relative_error
+from gevit_lib.groups import rotate, translate
+from gevit_lib.models.gevit import build_gevit
+from gevit_lib.notebook import load_digits, normalize, published_model
+from gevit_lib.profiles import figure_profile
 from gevit_lib.train import seed_everything
-from gevit_lib.viz import markdown_table
+from gevit_lib.viz import figure_to_array, markdown_table, new_figure, save_gif
 
 seed_everything(seed)
 out_dir = Path(out_dir)
-settings = figures.figure_profile(profile)
-models = figures.p4m_tables(profile, device)  # "reference" (published) and "corrected"
-digits = figures.test_digits(profile, data_dir, labels=(3, 8))
+settings = figure_profile(profile)
+published, checkpoint = published_model("gevit_p4msa_patch5_rotmnist", profile)  # group_index="reference"
+# The same weights with the exactly equivariant table: the table is derived from the group, not a learned weight.
+corrected = build_gevit("rotmnist", "p4m", patch_size=5, num_classes=2, group_index="corrected")
+corrected.load_state_dict(published.state_dict())
+models = {"reference": (published.to(device).eval(), f"{checkpoint} (group_index='reference')"),
+          "corrected": (corrected.to(device).eval(), f"{checkpoint} (group_index='corrected')")}
+digits = load_digits("test", profile, data_dir, labels=(3, 8))  # the first 3 and the first 8
 print(f"data: {digits.data_source}, {digits.split} split, indices {digits.indices} (digits 3 and 8)")
-for table, (_, checkpoint) in models.items():
-    print(f"{table}: {checkpoint}")
+for table, (_, label) in models.items():
+    print(f"{table}: {label}")
 print(f"frames: {list(settings.latent_transforms)}; exact transforms measured: {list(settings.exact_transforms)}")
+
+# %% [markdown]
+# ## The transformed digits
+# The frames of the GIFs: the original, rotations by 90 degrees (exact: a pixel permutation), 45 and 20 degrees
+# (nearest neighbour, as PIL's default), a mirror (left-right) and a shift of the content 3 pixels up and left. The
+# exact transforms whose invariance error we measure (rot90, rot180, rot270, flip) are added to the same batch when
+# they are not already frames.
+
+# %%
+def transform(image: torch.Tensor, name: str) -> torch.Tensor:
+    """A frame of the latent GIFs, or an exact transform, of a raw image [1, H, W]."""
+    if name == "original":
+        return image
+    if name in EXACT_TRANSFORMS:
+        return EXACT_TRANSFORMS[name](image)
+    if name.startswith("rotate "):
+        return rotate(image, float(name.split()[1]), "nearest")
+    if name == "mirror":
+        return torch.flip(image, dims=(-1,))
+    if name == "translate":
+        return translate(image, -3, -3)
+    raise ValueError(f"unknown transform {name!r}")
+
+
+ALSO_FRAMES = {"rot90": "rotate 90", "flip": "mirror"}  # exact transforms that are also frames: computed once
+
+
+def name_in_batch(exact: str) -> str:
+    """Where an exact transform sits in the batch: as its frame when it is one, else under its own name."""
+    return ALSO_FRAMES[exact] if ALSO_FRAMES.get(exact) in settings.latent_transforms else exact
+
+
+names = list(settings.latent_transforms) + [n for n in ("original", *settings.exact_transforms)
+                                             if name_in_batch(n) not in settings.latent_transforms]
+print(f"batch: {names}")
 
 # %% [markdown]
 # ## The GIFs
@@ -76,18 +122,57 @@ print(f"frames: {list(settings.latent_transforms)}; exact transforms measured: {
 # layer up to float rounding; in the published model's only approximately (from the first group layer on).
 
 # %%
+ROWS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (group element, channel)
+CLASSES = ("3", "8")
+
+
+def render_frame(image: torch.Tensor, features: list[torch.Tensor], caption: str) -> np.ndarray:
+    """One 720 x 432 frame: per row (g, c) the raw input [1, H, W] and features[layer][c, g] of every layer."""
+    fig = new_figure((720, 432), dpi=72)
+    axes = fig.subplots(len(ROWS), 1 + len(features), squeeze=False, gridspec_kw=dict(
+        left=0.01, right=0.99, top=0.86, bottom=0.01, wspace=0.1, hspace=0.3))
+    for r, (g, c) in enumerate(ROWS):
+        axes[r, 0].imshow(image.squeeze().cpu().numpy(), cmap="gray")
+        axes[r, 0].set_title(f"$g_{{{g}}}, c_{{{c}}}$", fontsize=10)
+        for layer, feat in enumerate(features):
+            axes[r, 1 + layer].imshow(feat[c, g].cpu().float().numpy(), cmap="viridis")
+            if r == 0:
+                axes[r, 1 + layer].set_title(f"layer {layer}", fontsize=10)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(caption, fontsize=10)
+    return figure_to_array(fig, dpi=72)
+
+
 results = {}
 for number, (image, digit) in enumerate(zip(digits.images, digits.labels), start=1):
-    for table, (model, checkpoint) in models.items():
+    inputs = torch.stack([transform(image, n) for n in names])  # [F, 1, 28, 28]
+    for table, (model, label) in models.items():
+        with torch.no_grad():  # the output of every layer: lifting, then each module of model.blocks
+            out, features = model.lifted(normalize(inputs).to(device)), []
+            for layer in model.blocks:
+                out = layer(out)
+                features.append(out.cpu())  # [F, C, G, H, W]
+        logits = model.pool(features[-1]).double()  # sum over the pixels, max over the group axis: [F, 2]
+        original = logits[names.index("original")]
+        invariance = {e: relative_error(logits[names.index(name_in_batch(e))], original)
+                      for e in settings.exact_transforms}
+        frame_logits = logits[:len(settings.latent_transforms)]
+        frames = []
+        for i, (name, z, p) in enumerate(zip(settings.latent_transforms, frame_logits, frame_logits.softmax(-1))):
+            values = ", ".join(f"{float(v):.3f}" for v in z)
+            caption = f"{name}: predicted {CLASSES[int(p.argmax())]} (p = {float(p.max()):.5f}), logits ({values})"
+            frames.append(render_frame(inputs[i], [f[i] for f in features], caption))
         suffix = "" if table == "reference" else "_corrected"
-        meta = dict(data_source=digits.data_source, checkpoint=checkpoint, profile=profile, seed=seed,
-                    inputs={"split": digits.split, "index": digits.indices[number - 1], "label": int(digit)})
-        result = figures.latent_animation(model, image, out_dir / f"GEVIT_latent_representations_{number}{suffix}.gif",
-                                          meta=meta, transforms=settings.latent_transforms,
-                                          exact=settings.exact_transforms, class_names=("3", "8"))
-        results[(number, table)] = result
-        print(f"digit {int(digit)}, {table} table -> {result.gif}")
-        display(Image(filename=str(result.gif)))
+        path = save_gif(frames, out_dir / f"GEVIT_latent_representations_{number}{suffix}.gif", duration_ms=2000,
+                        transforms=list(settings.latent_transforms),
+                        logits=[[round(float(v), 6) for v in z] for z in frame_logits], class_names=list(CLASSES),
+                        invariance_error=invariance, data_source=digits.data_source, checkpoint=label,
+                        profile=profile, seed=seed,
+                        inputs={"split": digits.split, "index": digits.indices[number - 1], "label": int(digit)})
+        results[(number, table)] = (frame_logits, invariance)
+        print(f"digit {int(digit)}, {table} table -> {path}")
+        display(Image(filename=str(path)))
 
 # %% [markdown]
 # ## Predictions per frame
@@ -95,9 +180,12 @@ for number, (image, digit) in enumerate(zip(digits.images, digits.labels), start
 # exact transforms; the corrected model's stay put.
 
 # %%
-for (number, table), result in results.items():
+for (number, table), (frame_logits, _) in results.items():
+    rows = [{"frame": name, "predicted": CLASSES[int(p.argmax())], "probability": float(p.max()),
+             **{f"logit({c})": float(v) for c, v in zip(CLASSES, z)}, **{f"p({c})": float(v) for c, v in zip(CLASSES, p)}}
+            for name, z, p in zip(settings.latent_transforms, frame_logits, frame_logits.softmax(-1))]
     display(Markdown(f"**digit {int(digits.labels[number - 1])}, {table} table**\n\n"
-                     + markdown_table(result.rows(), floatfmt=".5f")))
+                     + markdown_table(rows, floatfmt=".5f")))
 
 # %% [markdown]
 # ## Measured invariance under the exact symmetries
@@ -105,6 +193,6 @@ for (number, table), result in results.items():
 # mirror (pixel permutations: an invariant model changes only by float32 rounding, about 1e-7).
 
 # %%
-rows = [{"digit": int(digits.labels[number - 1]), "table": table, **result.invariance}
-        for (number, table), result in results.items()]
+rows = [{"digit": int(digits.labels[number - 1]), "table": table, **invariance}
+        for (number, table), (_, invariance) in results.items()]
 display(Markdown(markdown_table(rows, floatfmt=".1e")))

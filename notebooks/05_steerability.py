@@ -47,53 +47,134 @@ seed = 0
 
 # %%
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
 from IPython.display import Image, Markdown, display
 
-from gevit_lib.experiments import figures
+from gevit_lib.equivariance import relative_error
+from gevit_lib.groups import rotate
+from gevit_lib.models.gevit import build_gevit
+from gevit_lib.notebook import load_digits, normalize, predict, published_model
+from gevit_lib.posthoc import PostHoc
+from gevit_lib.profiles import figure_profile
 from gevit_lib.train import seed_everything
+from gevit_lib.viz import new_figure, save_figure, save_table
 
 seed_everything(seed)
 out_dir = Path(out_dir)
-settings = figures.figure_profile(profile)
+settings = figure_profile(profile)
 
 # %% [markdown]
 # ## Fig. 8: an untrained p8 GE-ViT under 45-degree rotations
-# The first test digit of the 3-and-8 subset, not normalised (as in the post), rotated by 0, 45, ..., 315 degrees.
+# The first test digit of the 3-and-8 subset, not normalised (as in the post), rotated by 0, 45, ..., 315 degrees
+# (bilinear interpolation for the odd multiples of 45).
 
 # %%
-p8 = figures.steerability_model(seed).to(device)
-digit = figures.test_digits(profile, data_dir, n=1)
-fig, logits = figures.steerability_figure(p8, digit.images[0])
+torch.manual_seed(seed)  # the post's model: random weights, one block of two layers (crops 2, 0), two classes
+p8 = build_gevit("rotmnist", "p8", num_classes=2, block_sizes=(2,), crop_per_layer=(2, 0)).eval().to(device)
+p8_label = f"untrained p8 GE-ViT (seed {seed})"
+digit = load_digits("test", profile, data_dir, n=1)
+angles_45 = [k * 45.0 for k in range(8)]
+inputs = torch.stack([rotate(digit.images[0], a, "bilinear") for a in angles_45])  # [8, 1, 28, 28]
+logits = predict(p8, inputs).double()  # [8, 2]
 step_90 = (logits[0::2] - logits[0]).abs().max().item()
 step_45 = (logits[1::2] - logits[0]).abs().max().item()
-path = figures.save(fig, out_dir / "not_steerable.png",
-                    meta=dict(data_source=digit.data_source, checkpoint=f"untrained p8 GE-ViT (seed {seed})",
-                              profile=profile, seed=seed, inputs=digit.describe()),
-                    logits=[[round(float(v), 4) for v in row] for row in logits],
-                    max_logit_change_at_90_multiples=step_90, max_logit_change_at_odd_45_multiples=step_45)
 print(f"largest logit change at multiples of 90 degrees: {step_90:.2e}; at odd multiples of 45: {step_45:.2e}")
+
+fig = new_figure((1200, 600), dpi=100)
+axes = fig.subplots(2, 4, gridspec_kw=dict(left=0.01, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.12))
+for ax, angle, image, z in zip(axes.ravel(), angles_45, inputs, logits):
+    ax.axis("off")
+    ax.imshow(image.squeeze().numpy(), cmap="gray")
+    ax.set_title(f"{angle:g}°  Logits: ({', '.join(f'{float(v):.2f}' for v in z)})", fontsize=11)
+path = save_figure(fig, out_dir / "not_steerable.png", dpi=100, data_source=digit.data_source, checkpoint=p8_label,
+                   profile=profile, seed=seed, inputs=digit.describe(),
+                   logits=[[round(float(v), 4) for v in row] for row in logits],
+                   max_logit_change_at_90_multiples=step_90, max_logit_change_at_odd_45_multiples=step_45)
 display(Image(filename=str(path)))
 
 # %% [markdown]
 # ## Invariance error against the rotation angle
-# Each model gets the digits in its own input convention (normalised; the untrained p8 raw, as above). This is the
-# expensive cell: the p4m and p8 models attend over 8 group elements in every layer.
+# The models of the post, each with the input it expects (normalised digits; the untrained p8 raw, as above): the
+# published p4m checkpoint twice, with the table it was trained with and with the corrected table (the same weights,
+# notebook 4), and the ViT wrapped by `PostHoc(vit, "mean", group)`, which averages its logits over the group's
+# transformed copies of the input.
 
 # %%
-views = figures.sweep_views(profile, seed, device)
-digits = figures.test_digits(profile, data_dir, n=settings.sweep_digits, labels=(3, 8))
+p4, p4_checkpoint = published_model("gevit_p4sa_patch5_rotmnist", profile)
+p4m, p4m_checkpoint = published_model("gevit_p4msa_patch5_rotmnist", profile)  # the table it was trained with
+p4m_corrected = build_gevit("rotmnist", "p4m", patch_size=5, num_classes=2, group_index="corrected").eval()
+p4m_corrected.load_state_dict(p4m.state_dict())
+vit, vit_checkpoint = published_model("vit_rotmnist", profile)
+vit = vit.to(device).eval()
+models = {  # name -> (model, its checkpoint, normalise the input?)
+    "GE-ViT p4 (published)": (p4, p4_checkpoint, True),
+    "GE-ViT p8 (untrained, raw input)": (p8, p8_label, False),
+    "GE-ViT p4m (published table)": (p4m, f"{p4m_checkpoint} (group_index='reference')", True),
+    "GE-ViT p4m (corrected table)": (p4m_corrected, f"{p4m_checkpoint} (group_index='corrected')", True),
+    "ViT": (vit, vit_checkpoint, True),
+}
+for group in ("C4", "D4", "C16"):  # the original's stacks: nearest interpolation, 0-filled corners
+    models[f"ViT + post-hoc mean {group}"] = (PostHoc(vit, "mean", group).eval(), f"{vit_checkpoint} + mean {group}", True)
+checkpoints = ", ".join([p4_checkpoint, p8_label, p4m_checkpoint, vit_checkpoint])
+
+# %% [markdown]
+# The sweep: every model sees the digits rotated counter-clockwise by each angle (multiples of 90 degrees exactly,
+# the others bilinear with black corners) and we record the relative logit change and the largest change of any
+# class probability. This is the expensive cell: the p4m and p8 models attend over 8 group elements in every layer.
+
+# %%
+digits = load_digits("test", profile, data_dir, n=settings.sweep_digits, labels=(3, 8))
 angles = settings.sweep_angles
 print(f"data: {digits.data_source}, {digits.split} split, indices {digits.indices}; "
       f"{len(angles)} angles from {min(angles):g} to {max(angles):g} degrees")
-start = time.time()
-results = figures.invariance_vs_angle(views, digits.images, angles,
-                                      progress=lambda name: print(f"  {time.time() - start:5.0f} s  {name}"))
-meta = dict(data_source=digits.data_source, checkpoint=figures.checkpoints_of(views), profile=profile, seed=seed,
-            inputs=digits.describe())
-path = figures.save(figures.plot_invariance_vs_angle(angles, results), out_dir / "invariance_vs_angle.png",
-                    meta=meta, angles=list(angles), models={k: v.checkpoint for k, v in views.items()})
+results, start = {}, time.time()
+for name, (model, _, normalise) in models.items():
+    print(f"  {time.time() - start:5.0f} s  {name}")
+    model.to(device)
+    prepare = normalize if normalise else (lambda raw: raw)
+    reference = predict(model, prepare(digits.images)).double()  # [N, classes]
+    rotated = torch.stack([predict(model, prepare(rotate(digits.images, float(a), "bilinear"))).double()
+                           for a in angles])  # [A, N, classes]
+    error = torch.tensor([relative_error(r, reference) for r in rotated], dtype=torch.float64)  # [A]
+    prob_change = (rotated.softmax(-1) - reference.softmax(-1)[None]).abs().flatten(1).amax(-1)  # [A]
+    results[name] = {"error": error, "prob_change": prob_change}
+
+# %% [markdown]
+# Two panels against the rotation angle, log scale. Dotted lines mark the multiples of 90 degrees (exact pixel
+# permutations); exact zeros (e.g. the reference angle 0) cannot be drawn on a log scale and are left out.
+
+# %%
+fig = new_figure((1200, 500), dpi=100)
+axes = [fig.add_axes((0.06, 0.12, 0.33, 0.76)), fig.add_axes((0.46, 0.12, 0.33, 0.76))]
+a = np.asarray(angles, dtype=float)
+order = np.argsort(a)
+for ax, key, ylabel in zip(axes, ("error", "prob_change"), ("max |Δ logit| / max |logit|", "max |Δ class probability|")):
+    lowest = np.inf
+    for i, (name, r) in enumerate(results.items()):
+        e = r[key].numpy()[order].astype(float)
+        e[e <= 0] = np.nan
+        if np.isfinite(e).any():
+            lowest = min(lowest, float(np.nanmin(e)))
+        ax.plot(a[order], e, marker="o", markersize=3, color=f"C{i % 10}", linestyle=("-", "--")[i // 10 % 2], label=name)
+    for q in (90, 180, 270):
+        ax.axvline(q, color="0.6", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    if np.isfinite(lowest):
+        ax.set_ylim(bottom=lowest / 3)
+    ax.set_xlim(0, 360)
+    ax.set_xticks(range(0, 361, 90))
+    ax.set_xlabel("rotation angle (degrees, counter-clockwise)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+axes[1].legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), fontsize=8, frameon=False)
+fig.suptitle("Invariance under rotation")
+meta = dict(data_source=digits.data_source, checkpoint=checkpoints, profile=profile, seed=seed, inputs=digits.describe())
+path = save_figure(fig, out_dir / "invariance_vs_angle.png", dpi=100, **meta, angles=list(angles),
+                   models={name: checkpoint for name, (_, checkpoint, _) in models.items()})
 display(Image(filename=str(path)))
 
 # %% [markdown]
@@ -103,6 +184,20 @@ display(Image(filename=str(path)))
 # `.md`) with the provenance.
 
 # %%
-rows = figures.invariance_rows(angles, results, views)
-csv_path, md_path = figures.save_invariance_table(rows, out_dir / "invariance_vs_angle.csv", meta=meta)
+turn = torch.tensor([float(x) % 360.0 for x in angles], dtype=torch.float64)
+exact, other = (turn % 90 == 0) & (turn != 0), turn % 90 != 0  # quarter turns; angles that need interpolation
+
+
+def stat(values: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+    return f"{float(fn(values[mask])):.3e}" if bool(mask.any()) else None
+
+
+rows = [{"model": name, "checkpoint": models[name][1],
+         "error_rot90_multiples_max": stat(r["error"], exact, torch.max),
+         "error_other_angles_mean": stat(r["error"], other, torch.mean),
+         "error_other_angles_max": stat(r["error"], other, torch.max),
+         "max_probability_change": f"{float(r['prob_change'].max()):.3e}", "angles": len(turn)}
+        for name, r in results.items()]
+csv_path, md_path = save_table(rows, out_dir / "invariance_vs_angle.csv", title="Invariance error against rotation angle",
+                               **meta)
 display(Markdown(md_path.read_text()))

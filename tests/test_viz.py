@@ -52,3 +52,32 @@ def test_save_mp4(tmp_path: Path) -> None:
     if path is None:
         return  # imageio-ffmpeg not installed: GIF only, as documented
     assert path.stat().st_size > 0 and len(imageio.mimread(path, format="FFMPEG")) == 6
+
+
+def test_new_figure_has_its_pixel_size(tmp_path: Path) -> None:
+    """Figures of the notebooks keep a fixed pixel size (figsize x dpi, no tight bounding box), saved and rendered."""
+    for size, dpi in (((600, 420), 60), ((792, 360), 72), ((960, 600), 80), ((1200, 500), 100)):
+        fig = viz.new_figure(size, dpi)
+        ax = fig.subplots()
+        ax.imshow(np.arange(25.0).reshape(5, 5))
+        assert viz.figure_to_array(fig, dpi=dpi).shape == (size[1], size[0], 3)
+        path = viz.save_figure(fig, tmp_path / f"f{dpi}.png", dpi=fig.dpi, profile="smoke", extra_number=1.5)
+        assert imageio.imread(path).shape[1::-1] == size
+        assert json.loads(path.with_suffix(".json").read_text())["extra_number"] == 1.5
+
+
+def test_plot_group_panels(tmp_path: Path) -> None:
+    """One panel per group element in two rows, titled g_i (Figs. 3 and 4 of notebook 2)."""
+    import torch
+
+    from gevit_lib.nn.positional import relative_coordinates
+
+    grids = relative_coordinates("p4m", 5)
+    fig = viz.plot_group_panels(grids[..., 0], "Row embedding indices", (792, 360), vmin=-1, vmax=1, colorbar=True)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [f"$g_{{{i}}}$" for i in range(8)] and len(fig.axes) == 9  # 8 panels + the colour bar
+    path = viz.save_figure(fig, tmp_path / "grids.png", dpi=72, profile="smoke")
+    img = imageio.imread(path)
+    assert img.shape[1::-1] == (792, 360) and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 10
+    single = viz.plot_group_panels(torch.zeros(1, 5, 5), "one", (100, 100))
+    assert len(single.axes) == 1

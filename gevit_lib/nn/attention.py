@@ -327,10 +327,13 @@ class LiftingSelfAttention(_SelfAttention):
             raise ValueError(f"LiftingSelfAttention expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         self._check_spatial(x.shape[-2], x.shape[-1])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
+        path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
         self._check(x)
         q, k, v = self._heads(x.permute(0, 2, 3, 1).unsqueeze(3))
-        return self._merge(self._attend(q, k, v), x.shape[0])
+        out = self._merge(self._attend(q, k, v), x.shape[0])
+        return (out, self.attention_probabilities(x)) if return_attention else out
 
     @torch.no_grad()
     def attention_probabilities(self, x: Tensor) -> Tensor:
@@ -366,10 +369,13 @@ class GroupSelfAttention(_SelfAttention):
                              f"W] (group {self.group.name}), got {tuple(x.shape)}")
         self._check_spatial(x.shape[-2], x.shape[-1])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
+        path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
         self._check(x)
         q, k, v = self._heads(x.permute(0, 3, 4, 2, 1))
-        return self._merge(self._attend(q, k, v), x.shape[0])
+        out = self._merge(self._attend(q, k, v), x.shape[0])
+        return (out, self.attention_probabilities(x)) if return_attention else out
 
     @torch.no_grad()
     def attention_probabilities(self, x: Tensor) -> Tensor:
