@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__
 from .files import atomic_write
 
-__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table",
+__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table", "plot_accuracy_vs_time",
            "new_figure", "plot_group_panels"]
 
 
