@@ -1,22 +1,18 @@
 """The one place that maps a run profile ("smoke" | "quick" | "full") to sizes: subsets, epochs, batches, groups.
 
-- ``smoke``: seconds; tiny subsets, one epoch, 4 rotations (used by the tests).
-- ``quick``: a few minutes per experiment on a 2-core CPU: a few thousand test images, a short finetune on a subset.
-- ``full``: the post's settings (its ViT training, post-hoc finetuning and PCam runs); meant for a GPU.
-
-Notebooks and experiment functions pass only the profile name; :func:`posthoc_profile` returns the sizes.
+``smoke`` runs in seconds (the tests), ``quick`` in minutes on a small CPU, ``full`` uses the post's settings (a
+GPU). Notebooks and experiments pass only the profile name and look the sizes up here.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["PROFILES", "PostHocProfile", "check_profile", "posthoc_profile", "POSTHOC_EXPERIMENTS",
-           "TrainingProfile", "training_profile", "TRAINING_FAMILIES"]
+__all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "TrainingProfile", "training_profile",
+           "ModelZooProfile", "MODEL_ZOO_DATASETS", "model_zoo_profile", "FigureProfile", "figure_profile"]
 
 PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
-POSTHOC_EXPERIMENTS: tuple[str, ...] = ("rotmnist", "mnist_to_rotmnist", "low_data", "pcam")
 
 
 def check_profile(profile: str) -> str:
@@ -26,16 +22,24 @@ def check_profile(profile: str) -> str:
     return profile
 
 
+T = TypeVar("T")
+
+
+def _lookup(table: dict[str, dict[str, T]], key: str, profile: str, unknown: str) -> T:
+    """``table[key][profile]``, or a ValueError starting with ``unknown`` (e.g. "unknown dataset") or for the profile."""
+    check_profile(profile)
+    if key not in table:
+        raise ValueError(f"{unknown} {key!r}; choose one of {', '.join(table)}")
+    return table[key][profile]
+
+
 @dataclass(frozen=True)
 class PostHocProfile:
-    """Sizes of one post-hoc experiment run. ``None`` sizes mean the whole split.
+    """Sizes of one post-hoc experiment run (``None``: the whole split).
 
-    ``group`` is used by mean / max / sum / most probable / most certain; ``learned_group`` by the two learned
-    aggregators and ``tta_group`` by the test-time-augmentation baseline (the original code built those with
-    its defaults, 4 rotations + flips = D4). ``epochs`` / ``epochs_attention`` / ``optimizer`` / ``lr`` /
-    ``batch_size``: finetuning (the post's: Adam 5e-4, 25 / 60 epochs, batch 128; PCam: SGD 1e-3 Nesterov,
-    3 epochs, batch 64). ``train_*``: training the ViT itself when an experiment does not start from a
-    published checkpoint (the post's ViT recipe; ``train_subset`` caps its training images).
+    ``group``: the fixed aggregators' group; ``learned_group`` / ``tta_group``: the learned aggregators' and the
+    test-time-augmentation baseline's (the original's default D4). ``epochs`` ... ``batch_size``: finetuning.
+    ``train_*``: training the ViT itself when no published checkpoint is the start (``train_subset`` caps images).
     """
 
     n_train: int | None
@@ -57,11 +61,6 @@ class PostHocProfile:
     train_batch_size: int
     train_lr: float
     train_subset: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modes"] = list(self.modes)
-        return d
 
 
 _MNIST_FULL = PostHocProfile(
@@ -100,14 +99,10 @@ _TABLE: dict[str, dict[str, PostHocProfile]] = {
 
 def posthoc_profile(experiment: str, profile: str) -> PostHocProfile:
     """Sizes for a post-hoc experiment ("rotmnist", "mnist_to_rotmnist", "low_data", "pcam") at a profile."""
-    check_profile(profile)
-    if experiment not in _TABLE:
-        raise ValueError(f"unknown post-hoc experiment {experiment!r}; choose one of {', '.join(_TABLE)}")
-    return _TABLE[experiment][profile]
+    return _lookup(_TABLE, experiment, profile, "unknown post-hoc experiment")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training recipes (gevit_lib.recipes, run from the command line by gevit_lib.run)
+# ---- training recipes (gevit_lib.recipes, run from the command line by gevit_lib.run) ----------------------------
 
 
 @dataclass(frozen=True)
@@ -141,47 +136,33 @@ _TRAINING: dict[str, dict[str, TrainingProfile]] = {
                   "smoke": TrainingProfile(n_train=64, n_val=32, n_test=64, epochs=1, batch_size=32,
                                            eval_batch_size=64)},
 }
-TRAINING_FAMILIES: tuple[str, ...] = tuple(_TRAINING)
 
 
 def training_profile(family: str, profile: str) -> TrainingProfile:
     """How ``profile`` scales the recipes of ``family`` ("gevit_rotmnist", "gevit_pcam" or "vit_mnist")."""
-    check_profile(profile)
-    if family not in _TRAINING:
-        raise ValueError(f"no training profile for {family!r}; choose one of {', '.join(_TRAINING)}")
-    return _TRAINING[family][profile]
+    return _lookup(_TRAINING, family, profile, "no training profile for")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Model zoo (notebook 10): the speed / size / accuracy table of the faster equivariant ViTs
-
-__all__ += ["ModelZooProfile", "MODEL_ZOO_DATASETS", "model_zoo_profile"]
-
+# ---- model zoo (notebook 10): the speed / size / accuracy table of the faster equivariant ViTs -------------------
 MODEL_ZOO_DATASETS: tuple[str, ...] = ("rotmnist", "pcam")
 
 
 @dataclass(frozen=True)
 class ModelZooProfile:
-    """Sizes of one model-zoo run (notebook 10). ``None`` sizes mean the whole split.
+    """Sizes of one model-zoo run (notebook 10; ``None``: the whole split).
 
-    Training (every trained model, one ``TrainConfig``): ``epochs`` (``hybrid_epochs`` for the hybrid,
-    ``gevit_epochs`` for the full-image GE-ViT baselines), ``batch_size``, AdamW with ``lr`` / ``weight_decay``,
-    linear warm-up for ``warmup_fraction`` of the epochs then cosine (the post: 10 of 50 epochs), random 90-degree
-    rotations and flips when ``augment`` (the post's PCam training). ``patch_sizes``: the ablation
-    (``PatchGEViT`` with ``patch_group`` and the mean embedding); ``extra_patch_models``: more (group, patch
-    size, embed method) rows for the table; ``hybrid_groups``: one hybrid per group. ``grid_gevit``: GE-ViT options
-    of the patch / hybrid back ends; ``embed_dim``: patch embedding width (None: preset); ``embed_hidden``: hidden
-    width of the shared patch MLP of the mean embedding (None: one Linear layer, the post's design, which only sees
-    the group-invariant linear projections of a patch -- for 2x2 patches under C4 just their mean).
-    ``posthoc_groups``: the post-hoc ViT rows (mean pooling, no finetuning). ``gevit_models``: the full-image
-    GE-ViT rows (group, local neighbourhood); those in ``gevit_trained`` are trained on ``gevit_n_train`` images
-    (None: ``n_train``) and evaluated on ``gevit_n_eval`` validation and test images (None: ``n_val`` /
-    ``n_test``); ``gevit_overrides`` change their architecture (smoke: narrow). Speed: ``speed_batch`` images per
-    batch (``gevit_speed_batch`` for the full-image GE-ViTs), ``speed_steps`` timed batches, ``speed_budget_s``
-    seconds per model and mode (None: no limit). ``num_workers``: data-loader processes (PCam is read lazily).
-    ``gevit_published``: (group, neighbourhood, checkpoint) of full-image GE-ViT rows whose accuracy comes from the
-    authors' published checkpoint (evaluated on ``gevit_n_eval`` images) instead of a training run here; when the
-    checkpoint cannot be found or downloaded the row is trained as in ``gevit_trained`` (and says so).
+    Training: AdamW, linear warm-up for ``warmup_fraction`` of the epochs then cosine, random 90-degree rotations
+    and flips when ``augment``; ``hybrid_epochs`` / ``gevit_epochs`` for the hybrid / full-image GE-ViTs.
+    ``patch_sizes``: the ``PatchGEViT`` ablation (``patch_group``, mean embedding); ``extra_patch_models``: more
+    (group, patch size, embed method) rows; ``hybrid_groups``: one hybrid per group. ``embed_hidden``: hidden width
+    of the mean embedding's patch MLP (None: one Linear layer, the post's design, which only sees a patch's
+    group-invariant linear projections -- for 2x2 patches under C4 just their mean). ``gevit_models``: full-image
+    GE-ViT rows (group, neighbourhood); those in ``gevit_trained`` train on ``gevit_n_train`` images and evaluate on
+    ``gevit_n_eval`` (None: ``n_train`` / ``n_val``, ``n_test``); ``gevit_published`` rows take their accuracy from
+    the authors' checkpoint instead (trained as ``gevit_trained`` when it cannot be found). Speed: ``speed_batch``
+    (``gevit_speed_batch``) images, ``speed_steps`` batches, ``speed_budget_s`` seconds per model and mode.
+    ``*_overrides`` / ``grid_gevit``: architecture options (``embed_dim`` None: the preset's); ``posthoc_groups``:
+    post-hoc ViT rows (mean pooling, no finetuning); ``num_workers``: data-loader processes (PCam is read lazily).
     GE-ViT-based models use attention dropout 0 in ``smoke`` / ``quick``, the post's 0.1 in ``full``.
     """
 
@@ -218,9 +199,6 @@ class ModelZooProfile:
     speed_budget_s: float | None
     num_workers: int = 0
     gevit_published: tuple[tuple[str, int, str], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _NO_DROPOUT = {"attention_dropout": 0.0, "value_dropout": 0.0}
@@ -292,10 +270,7 @@ _MODEL_ZOO: dict[str, dict[str, ModelZooProfile]] = {
 
 def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | None = None) -> ModelZooProfile:
     """The model-zoo sizes for ``dataset`` ("rotmnist", "pcam") at ``profile``, with ``overrides`` of any field."""
-    check_profile(profile)
-    if dataset not in _MODEL_ZOO:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(MODEL_ZOO_DATASETS)}")
-    sizes = _MODEL_ZOO[dataset][profile]
+    sizes = _lookup(_MODEL_ZOO, dataset, profile, "unknown dataset")
     known = set(ModelZooProfile.__dataclass_fields__)
     unknown = sorted(set(overrides or {}) - known)
     if unknown:
@@ -303,22 +278,12 @@ def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | No
     return replace(sizes, **(overrides or {}))
 
 
-    if preset not in _GEVIT_TRAINING:
-        raise ValueError(f"no GE-ViT training settings for preset {preset!r}; choose one of {', '.join(_GEVIT_TRAINING)}")
-    return _GEVIT_TRAINING[preset][profile]
-
-
 # ---- figures (notebooks 01-05) ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FigureProfile:
-    """Sizes of the figure notebooks 01-05 at one profile.
-
-    ``rotation_frames``: frames of ``Rotation.gif`` (evenly spaced over 360 degrees); ``latent_transforms``: the
-    frames of the latent-representation GIFs; ``exact_transforms``: exact symmetries whose invariance error notebook
-    04 measures; ``attention_images``: digits of the attention GIF; ``sweep_angles`` / ``sweep_digits``: angles
-    (degrees) of the invariance sweep of notebook 05 and its number of test digits per class (that many 3s and as
-    many 8s).
-    """
+    """Sizes of the figure notebooks 01-05: ``Rotation.gif`` frames, latent-GIF transforms, exact symmetries whose
+    invariance error notebook 04 measures, attention-GIF digits, and notebook 05's sweep angles (degrees) and test
+    digits per class (that many 3s and as many 8s)."""
 
     rotation_frames: int
     latent_transforms: tuple[str, ...]
@@ -340,7 +305,6 @@ _FIGURES: dict[str, FigureProfile] = {
                           exact_transforms=("rot90", "rot180", "rot270", "flip"), attention_images=5,
                           sweep_angles=tuple(float(a) for a in range(0, 360, 5)), sweep_digits=4),
 }
-__all__ += ["FigureProfile", "figure_profile"]
 
 
 def figure_profile(profile: str) -> FigureProfile:
