@@ -26,20 +26,8 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = [
-    "RemoteFile",
-    "MissingFileError",
-    "ChecksumError",
-    "data_dir",
-    "file_digest",
-    "verify",
-    "fetch",
-    "retry",
-    "socket_timeout",
-    "atomic_write",
-    "atomic_torch_save",
-]
-
+__all__ = ["RemoteFile", "MissingFileError", "ChecksumError", "data_dir", "verify", "fetch", "retry", "socket_timeout",
+           "atomic_write", "atomic_torch_save"]
 
 TIMEOUT_S = 30.0  # seconds per connect / read: a server that stops answering fails within this
 TRIES = 3  # attempts per download
@@ -71,39 +59,27 @@ def data_dir(root: str | os.PathLike[str] | None = None) -> Path:
     if root is not None:
         return Path(root).expanduser()
     env = os.environ.get("GEVIT_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path("data")
-
-
-def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return Path(env).expanduser() if env else Path("data")
 
 
 def verify(path: str | os.PathLike[str], checksum: str, algo: str = "sha256") -> None:
-    """Raise ChecksumError unless ``path`` has the expected digest."""
-    got = file_digest(path, algo)
-    if got != checksum.lower():
-        raise ChecksumError(
-            f"{path}: {algo} is {got}, expected {checksum}. The file is corrupt or truncated; "
-            f"delete it and download it again."
-        )
+    """Raise ChecksumError unless ``path`` has the expected digest (read in chunks)."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != checksum.lower():
+        raise ChecksumError(f"{path}: {algo} is {h.hexdigest()}, expected {checksum}. The file is corrupt or "
+                            f"truncated; delete it and download it again.")
 
 
 def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list[Path] | None = None,
           download: bool = True, timeout: float | None = None, tries: int | None = None) -> Path:
-    """Return a verified local copy of ``remote``.
+    """A verified local copy of ``remote``: found in ``directory`` or a ``search`` folder, else downloaded into
+    ``directory`` (when ``download``; ``timeout`` per connect / read, up to ``tries`` attempts).
 
-    Looks in ``directory`` and then in every folder of ``search``; downloads into ``directory`` when absent
-    (and ``download``), with a ``timeout`` per connect / read (default ``TIMEOUT_S``) and up to ``tries``
-    attempts (default ``TRIES``); always verifies the checksum. Raises MissingFileError when absent and the
-    download is disabled or fails, ChecksumError when a found copy is corrupt or every downloaded copy is (a
-    corrupt download is never left in ``directory``).
+    Raises MissingFileError when absent and the download is disabled or fails, ChecksumError when a found copy
+    is corrupt or every downloaded one is (a corrupt download is never left in ``directory``).
     """
     directory = Path(directory)
     candidates = [directory / remote.filename] + [Path(s) / remote.filename for s in (search or [])]
@@ -121,16 +97,9 @@ def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list
         except (OSError, http.client.HTTPException) as exc:  # URLError and socket timeouts are OSErrors
             reason = f" (download failed: {exc}; tried up to {attempts} times, {wait:g} s timeout each)"
     looked = ", ".join(str(p) for p in candidates)
-    raise MissingFileError(
-        f"Missing file {remote.filename} ({remote.algo} {remote.checksum}){reason}.\n"
-        f"Looked in: {looked}.\nDownload it from {remote.url} and put it in {directory} "
-        f"(or point GEVIT_DATA_DIR / GEVIT_CHECKPOINT_DIR at a folder holding it)."
-    )
-
-
-def _permanent(exc: BaseException) -> bool:
-    """An HTTP 4xx answer (missing file, forbidden): trying again will not help."""
-    return isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500
+    raise MissingFileError(f"Missing file {remote.filename} ({remote.algo} {remote.checksum}){reason}.\n"
+                           f"Looked in: {looked}.\nDownload it from {remote.url} and put it in {directory} "
+                           f"(or point GEVIT_DATA_DIR / GEVIT_CHECKPOINT_DIR at a folder holding it).")
 
 
 def retry(action: Callable[[], T], *, tries: int | None = None) -> T:
@@ -141,7 +110,8 @@ def retry(action: Callable[[], T], *, tries: int | None = None) -> T:
         try:
             return action()
         except (OSError, http.client.HTTPException, ChecksumError) as exc:
-            if k == attempts - 1 or _permanent(exc):
+            permanent = isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500  # missing, forbidden
+            if k == attempts - 1 or permanent:
                 raise
             time.sleep(BACKOFF_S * 2**k)
     raise AssertionError("unreachable")

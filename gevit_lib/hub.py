@@ -21,17 +21,8 @@ from torch import nn
 
 from .files import RemoteFile, data_dir, fetch
 
-__all__ = [
-    "ORIGINAL_REPO",
-    "ORIGINAL_COMMIT",
-    "REFERENCE_DIR",
-    "IncompatibleCheckpointError",
-    "PublishedWeights",
-    "checkpoint_dirs",
-    "checkpoint_file",
-    "load_original_state_dict",
-    "load_into",
-]
+__all__ = ["ORIGINAL_REPO", "ORIGINAL_COMMIT", "REFERENCE_DIR", "IncompatibleCheckpointError", "PublishedWeights",
+           "checkpoint_dirs", "checkpoint_file", "load_original_state_dict", "load_into"]
 
 ORIGINAL_REPO = "WouterBant/GEVit-DL2-Project"
 ORIGINAL_COMMIT = "1cee23428b19af200e497e81bb47ddf2265482b4"
@@ -71,13 +62,9 @@ class PublishedWeights:
 
 def checkpoint_dirs() -> list[Path]:
     """Folders searched for checkpoint files, in order; the first one is where downloads go."""
-    dirs: list[Path] = []
     env = os.environ.get("GEVIT_CHECKPOINT_DIR")
-    if env:
-        dirs.append(Path(env).expanduser())
     base = data_dir()
-    dirs += [base / "checkpoints", base, REFERENCE_DIR]
-    return dirs
+    return ([Path(env).expanduser()] if env else []) + [base / "checkpoints", base, REFERENCE_DIR]
 
 
 def checkpoint_file(weights: PublishedWeights | RemoteFile, download: bool = True) -> Path:
@@ -103,9 +90,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
     clashes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
                if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or clashes:
-        raise IncompatibleCheckpointError(
-            f"{source} does not fit {type(model).__name__}:\n  missing keys: {missing}\n"
-            f"  unexpected keys: {unexpected}\n  shape mismatches: {clashes}"
-        )
+        raise IncompatibleCheckpointError(f"{source} does not fit {type(model).__name__}:\n  missing keys: {missing}\n"
+                                          f"  unexpected keys: {unexpected}\n  shape mismatches: {clashes}")
     model.load_state_dict(dict(state), strict=True)
     return model

@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 def _lookup(table: dict[str, dict[str, T]], key: str, profile: str, unknown: str) -> T:
-    """``table[key][profile]``, or a ValueError starting with ``unknown`` (e.g. "unknown dataset") or for the profile."""
+    """``table[key][profile]``, or a ValueError naming the bad profile or (after ``unknown``) the bad key."""
     check_profile(profile)
     if key not in table:
         raise ValueError(f"{unknown} {key!r}; choose one of {', '.join(table)}")
