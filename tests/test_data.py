@@ -390,7 +390,7 @@ def test_read_only_data_dir_is_never_written(synth_root: Path, tmp_path: Path,
     os.chmod(root, 0o555)
     try:
         before = listing(root)
-        assert D.resolve_cache_dir(None, root) == work / "xdg" / "gevit_companion"
+        assert D.resolve_cache_dir() == work / "xdg" / "gevit_companion"
         D.rotated_mnist("test", root=root, download=False)
         assert listing(root) == before
         assert list((work / "xdg" / "gevit_companion").glob("rotated_mnist_regenerated_*.npz"))
@@ -399,10 +399,10 @@ def test_read_only_data_dir_is_never_written(synth_root: Path, tmp_path: Path,
     finally:
         os.chmod(root, 0o755)
         os.chmod(root / "mnist", 0o755)
-    assert D.resolve_cache_dir(None, root) == work / "xdg" / "gevit_companion"  # never the data dir
+    assert D.resolve_cache_dir() == work / "xdg" / "gevit_companion"  # never the data dir
     monkeypatch.setenv("GEVIT_CACHE_DIR", str(tmp_path / "env_cache"))
-    assert D.resolve_cache_dir(None, root) == tmp_path / "env_cache"
-    assert D.resolve_cache_dir(tmp_path / "arg", root) == tmp_path / "arg"
+    assert D.resolve_cache_dir() == tmp_path / "env_cache"
+    assert D.resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
 
 
 def test_regenerated_pinned_checksums(shared_mnist_dir: Path, regen_cache: Path) -> None:

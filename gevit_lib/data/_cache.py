@@ -55,14 +55,9 @@ def writable(path: Path) -> bool:
     return p.is_dir() and os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None,
-                      root: str | os.PathLike[str] | None = None) -> Path:
-    """Cache folder for parsed / regenerated arrays.
-
-    ``cache_dir`` if given, else ``$GEVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/gevit_companion`` (``~/.cache/...``).
-    Data folders are never written to (they may be shared and read-only), so ``root`` is not used.
-    """
-    del root
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Cache folder for parsed / regenerated arrays: ``cache_dir``, else ``$GEVIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/gevit_companion`` (``~/.cache/...``); never a data folder (it may be shared and read-only)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     env = os.environ.get("GEVIT_CACHE_DIR")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class UnverifiedDataWarning(UserWarning):
 
 @dataclass(frozen=True)
 class IdxSpec:
-    """One official MNIST file: md5 of the decompressed content, md5 of the official .gz, entry count."""
+    """One official MNIST file: md5 of the decompressed content, md5 of the official .gz, entry count, ndim."""
 
     md5: str
     gz_md5: str
@@ -53,11 +54,8 @@ MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.
 
 
 def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> np.ndarray:
-    """Parse an IDX file (plain or .gz) into a uint8 array, checking the header against the file length.
-
-    Raises ChecksumError for an unreadable gzip stream, a bad magic number or a length that disagrees with the
-    header (truncation or trailing bytes).
-    """
+    """Parse an IDX file (plain or .gz) into a uint8 array; ChecksumError for an unreadable gzip stream, a bad
+    magic number or a length that disagrees with the header (truncation or trailing bytes)."""
     return _read_idx_raw(Path(path), expected_ndim)[0]
 
 
@@ -102,9 +100,11 @@ def _mnist_folders(root: Path) -> list[Path]:
     return [root / "mnist", root / "MNIST" / "raw"]
 
 
-def _find_mnist_files(root: Path) -> dict[str, Path | None]:
-    return {name: next((folder / f for folder in _mnist_folders(root) for f in (name, name + ".gz")
-                        if (folder / f).is_file()), None) for name in MNIST_FILES}
+def _find_mnist_files(root: Path) -> tuple[dict[str, Path], list[str]]:
+    """The files found (plain or .gz) and the names missing."""
+    found = {name: next((folder / f for folder in _mnist_folders(root) for f in (name, name + ".gz")
+                         if (folder / f).is_file()), None) for name in MNIST_FILES}
+    return {n: p for n, p in found.items() if p is not None}, [n for n, p in found.items() if p is None]
 
 
 def _mnist_missing_error(root: Path, missing: list[str], reason: str) -> MissingFileError:
@@ -124,9 +124,8 @@ def _download_mnist(root: Path, names: list[str]) -> None:
     """Fetch each ``<name>.gz`` into ``<root>/mnist`` (md5-checked, with timeout and retries), mirror by mirror."""
     for name in names:
         for k, mirror in enumerate(MNIST_MIRRORS):
-            remote = RemoteFile(f"{name}.gz", f"{mirror}{name}.gz", MNIST_FILES[name].gz_md5, "md5")
             try:
-                fetch(remote, root / "mnist")
+                fetch(RemoteFile(f"{name}.gz", f"{mirror}{name}.gz", MNIST_FILES[name].gz_md5, "md5"), root / "mnist")
                 break
             except MissingFileError:
                 if k == len(MNIST_MIRRORS) - 1:
@@ -156,20 +155,16 @@ class MnistArrays:
 
 
 def load_mnist_arrays(root: str | os.PathLike[str] | None = None, download: bool = True) -> MnistArrays:
-    """Read (and verify) the four MNIST idx files from ``<root>/mnist/`` or ``<root>/MNIST/raw/``.
+    """Read (and verify) the four MNIST idx files, plain or ``.gz``, from ``<root>/mnist/`` or ``<root>/MNIST/raw/``.
 
-    Each file may be plain or ``.gz``; the data folder is only read. Every file's IDX header is checked against
-    its length (truncation); files with the official entry count (60,000 / 10,000) must also match the official
-    md5 of the decompressed content, so corruption raises ChecksumError. Smaller files (e.g. from
-    ``gevit_lib.testing.make_synthetic_mnist``) have no official md5: they load as ``source == "unverified"``
-    with an ``UnverifiedDataWarning`` naming the file. Results are cached per process. Absent files are
-    downloaded (official .gz, md5-checked, with a timeout and bounded retries) into ``<root>/mnist`` when
-    ``download`` and the data dir is writable; otherwise MissingFileError names the files, md5s, URLs and
-    where to put them.
+    Every IDX header is checked against its file's length; files with the official entry count (60,000 / 10,000)
+    must match the official md5 (else ChecksumError). Smaller files (e.g. ``gevit_lib.testing``'s synthetic MNIST)
+    load as ``source == "unverified"`` with an ``UnverifiedDataWarning``. Cached per process. Absent files are
+    downloaded (md5-checked, with a timeout and bounded retries) into ``<root>/mnist`` when ``download`` and the
+    data dir is writable; otherwise MissingFileError names the files, md5s, URLs and where to put them.
     """
     root_dir = data_dir(root)
-    found = _find_mnist_files(root_dir)
-    missing = [n for n, p in found.items() if p is None]
+    paths, missing = _find_mnist_files(root_dir)
     if missing:
         if not download:
             raise _mnist_missing_error(root_dir, missing, " (download disabled)")
@@ -179,11 +174,9 @@ def load_mnist_arrays(root: str | os.PathLike[str] | None = None, download: bool
             _download_mnist(root_dir, missing)
         except (OSError, ChecksumError) as exc:
             raise _mnist_missing_error(root_dir, missing, f" (download failed: {exc})") from exc
-        found = _find_mnist_files(root_dir)
-        missing = [n for n, p in found.items() if p is None]
+        paths, missing = _find_mnist_files(root_dir)
         if missing:
             raise _mnist_missing_error(root_dir, missing, " (not found after download)")
-    paths = {n: p for n, p in found.items() if p is not None}
     return memo(("mnist", *(file_key(p) for p in paths.values())), lambda: _read_mnist(paths))
 
 
@@ -217,20 +210,29 @@ def mnist_validation_rows(n_train: int) -> np.ndarray:
     return np.sort(np.random.default_rng(MNIST_VALIDATION_SEED).permutation(n_train)[:n_val])
 
 
+def mnist_split(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, split: str, digits: tuple[int, ...] | None,
+                fraction: float, *, name: str, source: str, normalize: bool, transform: Transform | None,
+                info: dict[str, Any]) -> ImageDataset:
+    """The ``rows`` of ``images`` / ``labels`` kept by ``select`` (``fraction`` only applies to the train split) as
+    an MNIST-normalised ImageDataset; ``.indices`` are the kept ``rows``."""
+    applied = fraction if split == "train" else 1.0
+    keep, new_labels = select(labels[rows], digits, applied)
+    info = {**info, "fraction": applied, "digits": list(digits) if digits is not None else None}
+    return ImageDataset(images[rows[keep]], new_labels, name=name, split=split, source=source, indices=rows[keep],
+                        num_classes=len(digits) if digits is not None else 10, mean=MNIST_MEAN, std=MNIST_STD,
+                        normalize=normalize, transform=transform, info=info)
+
+
 def mnist(split: str, root: str | os.PathLike[str] | None = None, transform: Transform | None = None,
           download: bool = True, *, normalize: bool = True, fraction: float = 1.0,
           digits: Sequence[int] | None = None) -> ImageDataset:
-    """Upright MNIST with a held-out validation split.
+    """Upright MNIST: validation = 2,000 train-file images (``mnist_validation_rows``), train = the other 58,000 in
+    file order, test = the 10,000 test images.
 
-    - ``"validation"``: 2,000 images of the MNIST train file (``n_train // 30``), drawn with
-      ``np.random.default_rng(0)`` (``mnist_validation_rows``);
-    - ``"train"``: the other 58,000 train-file images, in file order;
-    - ``"test"``: the 10,000 MNIST test images.
-    (The post's upright-MNIST ViT used all 60,000 for training and 2,000 *test* images as validation; this keeps
-    the test set untouched instead.) ``.indices`` are rows of the MNIST train file (train / validation) or test
-    file (test). Pixels: x / 255, then mean 0.1307 / std 0.3081 when ``normalize``; raw uint8 pixels stay in
-    ``.images`` [N, 28, 28] with ``.labels``. ``digits`` keeps those labels, relabelled 0..k-1 in the given order;
-    ``fraction`` (train split only) keeps a seeded subset, as in ``rotated_mnist``. Files: ``load_mnist_arrays``.
+    (The post's ViT trained on all 60,000 and validated on 2,000 *test* images; this keeps the test set untouched.)
+    ``.indices`` are rows of the train or test file. Pixels x / 255, then mean 0.1307 / std 0.3081 when
+    ``normalize`` (raw uint8 in ``.images``). ``digits`` / ``fraction``: as in ``rotated_mnist``. Files:
+    ``load_mnist_arrays``.
     """
     check_split(split)
     check_fraction(fraction)
@@ -243,13 +245,8 @@ def mnist(split: str, root: str | os.PathLike[str] | None = None, transform: Tra
         images, labels = arrays.train_images, arrays.train_labels
         val_rows = mnist_validation_rows(n_train)
         rows = val_rows if split == "validation" else np.setdiff1d(np.arange(n_train), val_rows)
-    applied = fraction if split == "train" else 1.0
-    keep, new_labels = select(labels[rows], digits, applied)
-    rows = rows[keep]
     info = {"split_sizes": {"train": n_train - n_train // 30, "validation": n_train // 30,
                             "test": len(arrays.test_labels)},
-            "validation_seed": MNIST_VALIDATION_SEED, "fraction": applied, "files": arrays.paths,
-            "digits": list(digits) if digits is not None else None}
-    return ImageDataset(images[rows], new_labels, name="mnist", split=split, source=arrays.source, indices=rows,
-                        num_classes=len(digits) if digits is not None else 10, mean=MNIST_MEAN, std=MNIST_STD,
-                        normalize=normalize, transform=transform, info=info)
+            "validation_seed": MNIST_VALIDATION_SEED, "files": arrays.paths}
+    return mnist_split(images, labels, rows, split, digits, fraction, name="mnist", source=arrays.source,
+                       normalize=normalize, transform=transform, info=info)

@@ -2,7 +2,7 @@
 
 The genuine archive is used when present (``source="official"``); otherwise the same split sizes are regenerated
 from genuine MNIST with a frozen, seeded recipe (``source="regenerated"``, "MNIST-rot-like"), cached as npz in
-the cache folder. Compare results on the latter with published numbers only loosely.
+the cache folder. Compare results on the latter with published numbers only loosely (docs/mnist_rot.md).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, data_dir, fetch, verify
 
 from ._cache import array_checksum, file_key, load_npz, memo, resolve_cache_dir, save_npz, writable
-from .dataset import SPLITS, ImageDataset, Transform, check_digits, check_fraction, check_split, select
-from .mnist import MNIST_MEAN, MNIST_STD, MnistArrays, load_mnist_arrays
+from .dataset import SPLITS, ImageDataset, Transform, check_digits, check_fraction, check_split
+from .mnist import MnistArrays, load_mnist_arrays, mnist_split
 
 REGEN_SEED = 0  # np.random.default_rng(0) drives the regenerated rotated-MNIST recipe
 REGEN_VERSION = 1  # bump when the recipe changes; part of the cache file name
@@ -41,13 +41,11 @@ MNIST_ROT_MEMBERS = {
 
 # Not groups.rotate: this float64 numpy recipe is frozen, its output is pinned by checksums across machines.
 def rotate_images(images: np.ndarray, angles: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Rotate each [H, W] image counter-clockwise (as displayed, rows downwards) by ``angles`` degrees.
+    """Rotate each [H, W] image counter-clockwise as displayed (like torchvision's ``rotate``) by ``angles`` degrees.
 
-    Same direction as ``torchvision.transforms.functional.rotate`` and ``torch.rot90(x, 1, (-2, -1))``.
-    Rotation about the image centre ((H-1)/2, (W-1)/2) = (13.5, 13.5) for 28x28, by inverse mapping: output pixel
-    (row, col) samples the input at col' = cx + cos*(col-cx) - sin*(row-cy), row' = cy + sin*(col-cx) +
-    cos*(row-cy), bilinearly, with zeros outside. All arithmetic is float64 in a fixed order, with cos / sin from
-    Python's ``math`` module, so results are reproducible across machines. Returns float64 [N, H, W].
+    Inverse mapping about the centre (cy, cx) = ((H-1)/2, (W-1)/2): output (row, col) samples the input bilinearly
+    (zeros outside) at col' = cx + cos*(col-cx) - sin*(row-cy), row' = cy + sin*(col-cx) + cos*(row-cy). float64
+    in a fixed order with ``math`` cos / sin, so reproducible across machines. Returns float64 [N, H, W].
     """
     images = np.asarray(images)
     n, h, w = images.shape
@@ -80,11 +78,8 @@ def rotate_images(images: np.ndarray, angles: np.ndarray, chunk: int = 2048) -> 
 
 
 def regenerated_sizes(n_train: int, n_test: int) -> tuple[int, int, int]:
-    """Split sizes of the regenerated set from an MNIST with ``n_train`` / ``n_test`` images.
-
-    train ``n_train // 6``, validation ``n_train // 30``, test ``n_test + 2 * n_train // 3``: 10,000 / 2,000 /
-    50,000 for genuine MNIST (the MNIST-rot sizes), scaled down proportionally for small synthetic MNIST.
-    """
+    """Regenerated (train, validation, test) sizes: 10,000 / 2,000 / 50,000 (MNIST-rot's) for genuine MNIST,
+    proportionally fewer for a small synthetic MNIST."""
     return n_train // 6, n_train // 30, n_test + (2 * n_train) // 3
 
 
@@ -93,17 +88,13 @@ def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray,
                              sizes: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
     """The regenerated ("MNIST-rot-like") recipe, version ``REGEN_VERSION``; deterministic for a given input.
 
-    With ``rng = np.random.default_rng(seed)`` (PCG64), in this order:
-    1. ``perm = rng.permutation(n_train)``: train = ``perm[:a]``, validation = ``perm[a:a+b]``, and
-       ``perm[a+b:a+b+c]`` the ``c = test - n_test`` train-file digits that join the test split (all disjoint);
-    2. test = all MNIST test digits followed by those ``c`` digits, reordered by ``rng.permutation(test)``;
-    3. angles ``rng.uniform(0, 360, size)`` in degrees for train, then validation, then test;
-    4. each digit is TRANSPOSED (the official MNIST-rot files hold transposed MNIST digits, and the published
-       checkpoints were trained on them), then rotated counter-clockwise by its angle (``rotate_images``),
-       rounded half-to-even (``np.rint``) and clipped to uint8.
-    ``sizes`` = (train, validation, test) defaults to ``regenerated_sizes``. Returns ``{split}_images`` uint8,
-    ``{split}_labels`` int64, ``{split}_angles`` float64, ``{split}_source_index`` int64 and
-    ``{split}_source_split`` uint8 (0 = MNIST train file, 1 = MNIST test file) for each split, plus
+    With ``rng = np.random.default_rng(seed)``, in this order: ``perm = rng.permutation(n_train)`` gives train
+    ``perm[:a]``, validation ``perm[a:a+b]`` and the ``c = test - n_test`` train-file digits ``perm[a+b:a+b+c]``
+    that follow all MNIST test digits in the test split, which ``rng.permutation(test)`` reorders; then angles
+    ``rng.uniform(0, 360)`` for train, validation, test. Each digit is TRANSPOSED (as the official archive's, on
+    which the published checkpoints were trained), rotated (``rotate_images``), ``np.rint``-ed and clipped to
+    uint8. ``sizes`` defaults to ``regenerated_sizes``. Returns per split ``{split}_images`` uint8, ``_labels``,
+    ``_angles``, ``_source_index`` and ``_source_split`` (0 = MNIST train file, 1 = test file), plus
     ``recipe_version`` and ``seed``.
     """
     n_tr, n_te = len(train_labels), len(test_labels)
@@ -166,7 +157,7 @@ def regenerated_rotated_mnist_arrays(root: str | os.PathLike[str] | None = None,
                                      download: bool = True) -> tuple[dict[str, np.ndarray], MnistArrays]:
     """The regenerated splits built from the MNIST in the data dir, cached as an npz in the cache dir."""
     source = load_mnist_arrays(root, download)
-    path = (resolve_cache_dir(cache_dir, root)
+    path = (resolve_cache_dir(cache_dir)
             / f"rotated_mnist_regenerated_v{REGEN_VERSION}_seed{REGEN_SEED}_{source.fingerprint[:16]}.npz")
     arrays = _cached_arrays(path, lambda: regenerate_rotated_mnist(
         source.train_images, source.train_labels, source.test_images, source.test_labels, seed=REGEN_SEED))
@@ -220,12 +211,6 @@ def _parse_rot_archive(archive: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _archive_hint(root: Path) -> str:
-    remote = MNIST_ROT_ARCHIVE
-    return (f"The official MNIST-rot archive is {remote.filename} ({remote.algo} {remote.checksum}) from "
-            f"{remote.url}; put it in {root / 'rotated_mnist'} or {root}.")
-
-
 def official_rotated_mnist_arrays(root: str | os.PathLike[str] | None = None,
                                   cache_dir: str | os.PathLike[str] | None = None,
                                   download: bool = True) -> tuple[dict[str, np.ndarray], Path]:
@@ -243,7 +228,7 @@ def official_rotated_mnist_arrays(root: str | os.PathLike[str] | None = None,
             raise MissingFileError(f"{exc}{note}\nWithout the archive, rotated_mnist(source='regenerated') builds an "
                                    f"MNIST-rot-like set from genuine MNIST.") from None
     memo(("verified", *file_key(archive), remote.checksum), lambda: verify(archive, remote.checksum, remote.algo))
-    path = resolve_cache_dir(cache_dir, root) / f"rotated_mnist_official_{remote.checksum[:16]}.npz"
+    path = resolve_cache_dir(cache_dir) / f"rotated_mnist_official_{remote.checksum[:16]}.npz"
     return _cached_arrays(path, lambda: _parse_rot_archive(archive)), archive
 
 
@@ -253,24 +238,15 @@ def rotated_mnist(split: str, source: str = "auto", root: str | os.PathLike[str]
                   download: bool = True) -> ImageDataset:
     """Rotated MNIST: train 10,000 / validation 2,000 / test 50,000 digits at uniformly random angles.
 
-    ``source``:
-    - ``"official"``: the MNIST-rot archive ``mnist_rotation_new.zip`` (Larochelle et al. 2007; md5
-      ``0f9a947f...``) in ``<root>/`` or ``<root>/rotated_mnist/`` (downloaded there when absent, ``download``
-      and writable). Rows are reshaped row-major (not transposed), scaled by 255 (the original code used 256,
-      which overflows uint8 at 1.0) and rounded; train = the first 10,000 rows of train_valid, validation = its
-      last 2,000 (upstream GSA-Nets discarded them), test = the 50,000 test rows. ``.source_indices``: row
-      numbers in the amat file (``.angles`` is None: the archive does not record them).
-    - ``"regenerated"``: ``regenerate_rotated_mnist`` applied to the genuine MNIST of the data dir (MNIST-rot-like;
-      ``.angles``, ``.source_indices`` and ``.source_split`` record each digit's MNIST origin).
-    - ``"auto"``: official when the archive is present, else regenerated.
-    ``.indices`` are rows of the full split (before ``digits`` / ``fraction``).
-    Parsed / regenerated arrays are cached as npz in ``resolve_cache_dir(cache_dir, root)``, never in the data dir.
-    ``digits`` keeps those labels in every split, relabelled 0..k-1 in the given order (``(3, 8)``: 3 -> 0,
-    8 -> 1); then ``fraction`` (train split only, ignored for the others as in the original) keeps
-    ``int(n * fraction)`` images, ``torch.manual_seed(0); torch.randperm(n)[:n_keep]`` as the original did.
-    Pixels x / 255, then mean 0.1307 / std 0.3081 when ``normalize``. ``.source`` and ``.describe()`` record the
-    source, recipe version, sizes and checksums. Without the archive and without MNIST, MissingFileError names
-    both (files, checksums, URLs, where to put them).
+    ``source``: ``"official"``, the MNIST-rot archive in ``<root>/`` or ``<root>/rotated_mnist/`` (downloaded
+    there when absent, ``download`` and writable; rows read as in docs/mnist_rot.md, ``.source_indices`` their amat
+    row numbers, ``.angles`` None); ``"regenerated"``, ``regenerate_rotated_mnist`` of the data dir's MNIST
+    (``.angles``, ``.source_indices``, ``.source_split`` record each digit's origin); ``"auto"``, official when the
+    archive is present. Arrays are cached in ``resolve_cache_dir(cache_dir)``. ``.indices`` are rows of the full
+    split. ``digits`` keeps those labels in every split, relabelled 0..k-1 in the given order (``(3, 8)``: 3 -> 0,
+    8 -> 1); then ``fraction`` (train split only, as in the original) keeps ``int(n * fraction)`` images,
+    ``torch.manual_seed(0); torch.randperm(n)[:n_keep]`` as the original did. Pixels x / 255, then mean 0.1307 /
+    std 0.3081 when ``normalize``. Without the archive and without MNIST, MissingFileError names both.
     """
     check_split(split)
     check_fraction(fraction)
@@ -289,21 +265,21 @@ def rotated_mnist(split: str, source: str = "auto", root: str | os.PathLike[str]
         try:
             arrays, mnist_source = regenerated_rotated_mnist_arrays(root, cache_dir, download)
         except MissingFileError as exc:
+            remote = MNIST_ROT_ARCHIVE
             raise MissingFileError(f"Rotated MNIST is regenerated from genuine MNIST when the official archive is "
-                                   f"absent, and MNIST is missing too.\n{exc}\n{_archive_hint(root_dir)}") from exc
+                                   f"absent, and MNIST is missing too.\n{exc}\nThe official MNIST-rot archive is "
+                                   f"{remote.filename} ({remote.algo} {remote.checksum}) from {remote.url}; put it "
+                                   f"in {root_dir / 'rotated_mnist'} or {root_dir}.") from exc
         info = {"label": "MNIST-rot-like (regenerated)", "recipe_version": int(arrays["recipe_version"]),
                 "seed": int(arrays["seed"]), "mnist_source": mnist_source.source,
                 "mnist_fingerprint": mnist_source.fingerprint}
-    applied = fraction if split == "train" else 1.0
-    rows, labels = select(arrays[f"{split}_labels"], digits, applied)
     info.update({"split_sizes": {s: int(len(arrays[f"{s}_labels"])) for s in SPLITS},
-                 "split_checksum": str(arrays[f"{split}_checksum"]), "fraction": applied,
-                 "digits": list(digits) if digits is not None else None})
-    ds = ImageDataset(arrays[f"{split}_images"][rows], labels, name="rotated_mnist", split=split, source=source,
-                      indices=rows, num_classes=len(digits) if digits is not None else 10, mean=MNIST_MEAN,
-                      std=MNIST_STD, normalize=normalize, transform=transform, info=info)
-    ds.source_indices = arrays[f"{split}_source_index"][rows]
+                 "split_checksum": str(arrays[f"{split}_checksum"])})
+    labels = arrays[f"{split}_labels"]
+    ds = mnist_split(arrays[f"{split}_images"], labels, np.arange(len(labels)), split, digits, fraction,
+                     name="rotated_mnist", source=source, normalize=normalize, transform=transform, info=info)
+    ds.source_indices = arrays[f"{split}_source_index"][ds.indices]
     if source == "regenerated":
-        ds.angles = arrays[f"{split}_angles"][rows]
-        ds.source_split = arrays[f"{split}_source_split"][rows]
+        ds.angles = arrays[f"{split}_angles"][ds.indices]
+        ds.source_split = arrays[f"{split}_source_split"][ds.indices]
     return ds
