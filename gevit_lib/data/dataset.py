@@ -18,20 +18,23 @@ FRACTION_SEED = 0  # the original: torch.manual_seed(0); torch.randperm(n)[:int(
 
 
 class NormalizedImages(Dataset):
-    """Shared part: uint8 [H, W] or [H, W, C] pixels -> float32 [C, H, W] in [0, 1], optionally normalised."""
+    """Shared part: labels, row indices and provenance; uint8 [H, W] or [H, W, C] pixels -> float32 [C, H, W] in
+    [0, 1], optionally normalised."""
 
-    name: str
-    split: str
-    source: str
-    num_classes: int
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], normalize: bool,
-                 transform: Transform | None) -> None:
+    def __init__(self, labels: np.ndarray, indices: np.ndarray, *, name: str, split: str, source: str,
+                 num_classes: int, mean: Sequence[float], std: Sequence[float], normalize: bool,
+                 transform: Transform | None, info: dict[str, Any] | None) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.name, self.split, self.source, self.num_classes = name, split, source, num_classes
         self.mean, self.std = tuple(mean), tuple(std)
         self.normalize = normalize
         self.transform = transform
-        self._info: dict[str, Any] = {}
+        self._info = dict(info or {})
         self._described: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
     def _to_float(self, pixels: np.ndarray) -> Tensor:
         """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W], the same float32 ops as ToTensor + Normalize."""
@@ -62,33 +65,24 @@ class NormalizedImages(Dataset):
 
 
 class ImageDataset(NormalizedImages):
-    """An in-memory split: ``images`` uint8 [N, H, W] (or [N, H, W, C]) and ``labels`` int64 [N].
-
-    Items are ``(float32 [C, H, W], int64 label)``: pixels / 255, then ``(x - mean) / std`` when ``normalize``,
-    then ``transform`` (a function of the float tensor). ``indices`` [N] gives each item's row in the array the
-    split was taken from (documented per loader); ``source`` names the data source.
-    """
+    """An in-memory split: ``images`` uint8 [N, H, W] (or [N, H, W, C]) and ``labels`` int64 [N]; ``indices`` [N]
+    gives each item's row in the array the split was taken from. Items: pixels / 255, then ``(x - mean) / std``
+    when ``normalize``, then ``transform`` (a function of the float tensor)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, name: str, split: str, source: str,
                  indices: np.ndarray, num_classes: int, mean: Sequence[float], std: Sequence[float],
                  normalize: bool = True, transform: Transform | None = None,
                  info: dict[str, Any] | None = None) -> None:
-        super().__init__(mean, std, normalize, transform)
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
             raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
         if len(labels) != len(images) or len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels and {len(indices)} indices")
+        super().__init__(labels, indices, name=name, split=split, source=source, num_classes=num_classes, mean=mean,
+                         std=std, normalize=normalize, transform=transform, info=info)
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.name, self.split, self.source, self.num_classes = name, split, source, num_classes
         self.angles: np.ndarray | None = None  # degrees, counter-clockwise (regenerated rotated MNIST only)
         self.source_indices: np.ndarray | None = None  # row in the source file (rotated MNIST)
         self.source_split: np.ndarray | None = None  # 0 = MNIST train file, 1 = MNIST test file (regenerated)
-        self._info = dict(info or {})
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self._item(self.images[index], self.labels[index])

@@ -31,17 +31,11 @@ class PCamDataset(NormalizedImages):
 
     def __init__(self, images_file: Path, labels: np.ndarray, indices: np.ndarray, *, split: str,
                  normalize: bool, transform: Transform | None, info: dict[str, Any]) -> None:
-        super().__init__(PCAM_MEAN, PCAM_STD, normalize, transform)
+        super().__init__(labels, indices, name="pcam", split=split, source="torchvision-h5", num_classes=2,
+                         mean=PCAM_MEAN, std=PCAM_STD, normalize=normalize, transform=transform, info=info)
         self.images_file = images_file
-        self.labels = labels.astype(np.int64)
-        self.indices = indices.astype(np.int64)
-        self.name, self.split, self.source, self.num_classes = "pcam", split, "torchvision-h5", 2
-        self._info = info
         self._handle: Any = None
         self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def _images(self) -> Any:
         import h5py
@@ -81,14 +75,11 @@ def pcam(split: str, root: str | os.PathLike[str] | None = None, fraction: float
          download: bool = False, *, transform: Transform | None = None) -> PCamDataset:
     """PatchCamelyon from torchvision's h5 files ``<root>/pcam/camelyonpatch_level_2_split_{split}_{x,y}.h5``.
 
-    ``{split}`` is ``train``, ``valid`` or ``test`` in the file names.
-    Full splits (262,144 / 32,768 / 32,768 for the real data); ``fraction`` < 1 keeps a seeded subset of the
-    requested split (any split): ``int(n * fraction)`` rows of ``torch.randperm(n)`` under seed 0, as for rotated
-    MNIST (the original used an unseeded ``random.sample``). Images (x: uint8 [N, 96, 96, 3]) are read lazily
-    from the h5 file per item; labels (y: uint8 [N, 1, 1, 1]) are read at construction. Pixels x / 255, then
-    mean (0.701, 0.538, 0.692) / std (0.235, 0.277, 0.213) when ``normalize``. The files' layout and shapes are
-    checked (the multi-GB files are not hashed). Missing files raise MissingFileError naming all six; with
-    ``download`` torchvision fetches the split (needs ``gdown`` and network; socket timeout and bounded retries).
+    Full splits (262,144 / 32,768 / 32,768); ``fraction`` < 1 keeps a seeded subset of any split, as for rotated
+    MNIST (the original used an unseeded ``random.sample``). Images (x: uint8 [N, 96, 96, 3]) are read lazily per
+    item, labels (y: uint8 [N, 1, 1, 1]) at construction; pixels x / 255, then ``PCAM_MEAN`` / ``PCAM_STD`` when
+    ``normalize``. Layout and shapes are checked, not hashed. Missing files raise MissingFileError naming all six;
+    with ``download`` torchvision fetches the split (needs ``gdown``; socket timeout and bounded retries).
     """
     import h5py
 
