@@ -30,12 +30,10 @@ def write_idx(path: str | os.PathLike[str], arr: np.ndarray, header_dims: tuple[
 
 def make_synthetic_mnist(root: str | os.PathLike[str], n_train: int = 600, n_test: int = 100,
                          seed: int = 0) -> Path:
-    """Write fake MNIST (``<root>/mnist/*-idx?-ubyte.gz``, genuine IDX format) for tests without real data.
+    """Write fake MNIST (``<root>/mnist/*-idx?-ubyte.gz``, genuine IDX format) and return that folder.
 
-    Each class is a fixed random stroke pattern, shifted by up to 2 pixels and scaled in intensity per image, so
-    the classes are learnable but not rotation symmetric. The counts must differ from the official 60,000 /
-    10,000: files of official size are checked against the official md5s (see ``load_mnist_arrays``).
-    Returns the folder written.
+    Each class is a fixed random stroke pattern, shifted by up to 2 pixels and scaled in intensity per image:
+    learnable, not rotation symmetric. The counts must differ from the official ones (those files are md5-checked).
     """
     if n_train == MNIST_FILES["train-images-idx3-ubyte"].count or n_test == MNIST_FILES["t10k-images-idx3-ubyte"].count:
         raise ValueError("synthetic MNIST cannot have the official sizes 60,000 / 10,000 (they are md5-checked)")
@@ -66,11 +64,9 @@ def make_synthetic_mnist(root: str | os.PathLike[str], n_train: int = 600, n_tes
 
 
 def write_fake_pcam(root: str | os.PathLike[str], n_per_split: int = 16, seed: int = 0) -> Path:
-    """Write small h5 files in the exact PCam format (``x`` uint8 [N, 96, 96, 3], ``y`` uint8 [N, 1, 1, 1]).
-
-    Pinkish noise; label-1 patches get a dark purple blob in the centre 32x32 region (where the PCam label is
-    defined), so the classes are learnable. Labels alternate 0/1 in a seeded order. Returns ``<root>/pcam``.
-    """
+    """Write small h5 files in the exact PCam format (``x`` uint8 [N, 96, 96, 3], ``y`` uint8 [N, 1, 1, 1]) into
+    ``<root>/pcam`` (returned): pinkish noise, label-1 patches with a dark purple blob in the centre 32x32 region
+    (where the PCam label is defined). Labels alternate 0/1 in a seeded order."""
     import h5py
 
     rng = np.random.default_rng(seed)

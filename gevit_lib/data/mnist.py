@@ -111,9 +111,8 @@ def _mnist_missing_error(root: Path, missing: list[str], reason: str) -> Missing
     lines = [f"MNIST files missing: {', '.join(missing)}{reason}.",
              f"Looked in {' and '.join(str(f) for f in _mnist_folders(root))} for each name, plain or with '.gz'.",
              "Needed files (md5 of the decompressed file; md5 of the official .gz; URL):"]
-    for name, spec in MNIST_FILES.items():
-        lines.append(f"  {name}  {spec.md5}  {spec.gz_md5}  {MNIST_MIRRORS[0]}{name}.gz "
-                     f"(mirror {MNIST_MIRRORS[1]}{name}.gz)")
+    lines += [f"  {name}  {spec.md5}  {spec.gz_md5}  {MNIST_MIRRORS[0]}{name}.gz (mirror {MNIST_MIRRORS[1]}{name}.gz)"
+              for name, spec in MNIST_FILES.items()]
     lines.append(f"Put them (gzipped or not) in {root / 'mnist'} or {root / 'MNIST' / 'raw'}, or point "
                  f"GEVIT_DATA_DIR at a folder holding them; download=True fetches the .gz files into "
                  f"{root / 'mnist'}.")
