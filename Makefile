@@ -19,14 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[notebooks,test]'
 	touch $@
 
-# Data: $GEVIT_DATA_DIR, else ../shared/data beside the checkout when present, else ./data.
+# Data: $GEVIT_DATA_DIR when set, else ./data (downloaded on first use); checkpoints: $GEVIT_CHECKPOINT_DIR, else
+# downloaded from the authors' repository.
 reproduce: install
-	GEVIT_DATA_DIR="$${GEVIT_DATA_DIR:-$$(cd ../shared/data 2>/dev/null && pwd)}" \
 	$(PY) -m gevit_lib.reproduce --profile $(PROFILE) --device $(DEVICE)
 
 # JupyterLab on notebooks/ with this environment's Python as the kernel (installed on first use).
 lab: install
-	GEVIT_DATA_DIR="$${GEVIT_DATA_DIR:-$$(cd ../shared/data 2>/dev/null && pwd)}" \
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 test: install

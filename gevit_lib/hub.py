@@ -2,7 +2,7 @@
 
 A :class:`PublishedWeights` entry names one file of the original repository at a fixed commit and its sha256. The
 file is looked for in the folders of :func:`checkpoint_dirs` (``$GEVIT_CHECKPOINT_DIR``, the data directory's
-``checkpoints/`` folder, the data directory, and a reference folder beside the checkout when it exists) and
+``checkpoints/`` folder and the data directory) and
 otherwise downloaded into the first of them. :func:`load_into` loads a converted state dict with an error that
 names every key that does not fit. Each model module owns its entries and its converter and registers them in
 :mod:`gevit_lib.models`; this module imports no model.
@@ -21,7 +21,7 @@ from torch import nn
 
 from .files import RemoteFile, data_dir, fetch
 
-__all__ = ["ORIGINAL_REPO", "ORIGINAL_COMMIT", "REFERENCE_DIR", "IncompatibleCheckpointError", "PublishedWeights",
+__all__ = ["ORIGINAL_REPO", "ORIGINAL_COMMIT", "IncompatibleCheckpointError", "PublishedWeights",
            "checkpoint_dirs", "checkpoint_file", "load_original_state_dict", "load_into"]
 
 ORIGINAL_REPO = "WouterBant/GEVit-DL2-Project"
@@ -29,7 +29,6 @@ ORIGINAL_COMMIT = "1cee23428b19af200e497e81bb47ddf2265482b4"
 _RAW = f"https://raw.githubusercontent.com/{ORIGINAL_REPO}/{ORIGINAL_COMMIT}/"
 
 # A reference folder beside the checkout (searched last, only when it exists).
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -64,7 +63,7 @@ def checkpoint_dirs() -> list[Path]:
     """Folders searched for checkpoint files, in order; the first one is where downloads go."""
     env = os.environ.get("GEVIT_CHECKPOINT_DIR")
     base = data_dir()
-    return ([Path(env).expanduser()] if env else []) + [base / "checkpoints", base, REFERENCE_DIR]
+    return ([Path(env).expanduser()] if env else []) + [base / "checkpoints", base]
 
 
 def checkpoint_file(weights: PublishedWeights | RemoteFile, download: bool = True) -> Path:

@@ -12,6 +12,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GEVIT_SHARED_DIR", REPO.parent / "shared"))
+# The published checkpoints of the reference folder, for every test and the notebooks they execute (the library
+# itself only knows $GEVIT_CHECKPOINT_DIR, the data folder and the authors' URLs).
+if (SHARED / "reference" / "checkpoints").is_dir():
+    os.environ.setdefault("GEVIT_CHECKPOINT_DIR", str(SHARED / "reference" / "checkpoints"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -38,7 +38,6 @@ def test_published_urls_point_at_the_pinned_commit() -> None:
 def test_offline_missing_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GEVIT_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     monkeypatch.setenv("GEVIT_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(hub, "REFERENCE_DIR", tmp_path / "none")
     with pytest.raises(MissingFileError, match="vit_mnist.pt.*b9f2f9e0"):
         hub.checkpoint_file(PUBLISHED["vit_mnist"], download=False)
 
@@ -60,8 +59,7 @@ def test_load_into_names_missing_unexpected_and_shapes() -> None:
 
 
 def test_reference_checkpoints_verify(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GEVIT_CHECKPOINT_DIR", raising=False)
-    monkeypatch.setattr(hub, "REFERENCE_DIR", shared_dir / "reference" / "checkpoints")
+    monkeypatch.setenv("GEVIT_CHECKPOINT_DIR", str(shared_dir / "reference" / "checkpoints"))
     for entry in PUBLISHED.values():
         assert hub.checkpoint_file(entry, download=False).is_file()
     state = hub.load_original_state_dict(PUBLISHED["gevit_p4sa_patch5_rotmnist"], download=False)

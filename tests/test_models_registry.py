@@ -128,9 +128,7 @@ def test_gevit_classifier_head_adds_no_state() -> None:
 # ---- with the published checkpoints (skipped without the reference folder) ------------------------------------------
 @pytest.mark.parametrize("name", LOADABLE)
 def test_pretrained_matches_load_published(name: str, shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gevit_lib import hub
-
-    monkeypatch.setattr(hub, "REFERENCE_DIR", shared_dir / "reference" / "checkpoints")
+    monkeypatch.setenv("GEVIT_CHECKPOINT_DIR", str(shared_dir / "reference" / "checkpoints"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         created = create_model(name, pretrained=True, download=False)
@@ -146,8 +144,6 @@ def test_pretrained_matches_load_published(name: str, shared_dir: Path, monkeypa
 
 @pytest.mark.parametrize("name", HYBRIDS)
 def test_published_hybrid_cannot_load(name: str, shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gevit_lib import hub
-
-    monkeypatch.setattr(hub, "REFERENCE_DIR", shared_dir / "reference" / "checkpoints")
+    monkeypatch.setenv("GEVIT_CHECKPOINT_DIR", str(shared_dir / "reference" / "checkpoints"))
     with pytest.raises(IncompatibleCheckpointError, match="interpolating the stored filter"):
         create_model(name, pretrained=True, download=False)
