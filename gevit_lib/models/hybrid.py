@@ -22,8 +22,7 @@ rot90-invariant: here the patch group and G-CNN group default to the GE-ViT grou
 :func:`from_original_state_dict`); their names are registered with the post's architecture, so
 ``create_model("modern_eq_vit")`` builds it untrained and ``pretrained=True`` explains why it cannot load.
 
-Both models have the interface of every model of :mod:`gevit_lib.models`: ``forward_features`` /
-``forward_head`` / ``get_classifier`` / ``forward_intermediates`` are the GE-ViT's, applied to the artificial image.
+Both models have the interface of every model of :mod:`gevit_lib.models`: the GE-ViT's, on the artificial image.
 """
 
 from __future__ import annotations
@@ -117,6 +116,52 @@ def _build_grid_gevit(group: str, in_channels: int, grid: int, attention_patch: 
                         group_index="corrected", **opts)
     check_exact_pooling(model.config, grid)
     return model
+
+
+def _check_contains(big: Group, group: Group, what: str) -> None:
+    """Raise unless ``big`` contains (as matrices) every exact element of ``group``."""
+    for g in group.exact_elements:
+        if not bool(((big.matrices - group.matrices[g]).abs().flatten(1).amax(1) < 1e-9).any()):
+            raise ValueError(f"{what} {big.name} must contain the exact elements of group {group.name}, otherwise "
+                             f"its features are not invariant to them")
+
+
+class _GridGEViT(nn.Module):
+    """GE-ViT on an artificial image made by :meth:`artificial_image`; the interface of every model."""
+
+    gevit: GEViT
+
+    def artificial_image(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def group(self) -> Group:
+        return self.gevit.group
+
+    @property
+    def num_features(self) -> int:
+        return self.gevit.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.gevit.num_classes
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """GE-ViT's last feature map before its classifier, on the artificial image."""
+        return self.gevit.forward_features(self.artificial_image(x))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.gevit.forward_head(features, pre_logits)
+
+    def get_classifier(self) -> GroupMaxHead:
+        return self.gevit.get_classifier()
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """GE-ViT's intermediate features on the artificial image."""
+        return self.gevit.forward_intermediates(self.artificial_image(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 # ---- approach 1: invariant patch embeddings ---------------------------------------------------------------------
@@ -233,7 +278,7 @@ class PatchGEViTConfig:
         return self.image_size // self.patch_size
 
 
-class PatchGEViT(nn.Module):
+class PatchGEViT(_GridGEViT):
     """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. Logits ``[B, classes]``."""
 
     def __init__(self, config: PatchGEViTConfig) -> None:
@@ -241,11 +286,7 @@ class PatchGEViT(nn.Module):
         if config.image_size % config.patch_size:
             raise ValueError(f"patch size {config.patch_size} must divide the image size {config.image_size}")
         patch_group = get_group(config.patch_group or config.group)
-        group = get_group(config.group)
-        missing = [g for g in group.exact_elements if not _contains(patch_group, group, g)]
-        if missing:
-            raise ValueError(f"patch_group {patch_group.name} must contain the exact elements of group {group.name}, "
-                             f"otherwise the patch embeddings are not invariant to them")
+        _check_contains(patch_group, get_group(config.group), "patch_group")
         self.config = config
         self.embed = InvariantPatchEmbedding(config.in_channels, config.patch_size, config.embed_dim, patch_group,
                                              config.embed_method, config.embed_hidden, config.gcnn_channels,
@@ -253,40 +294,11 @@ class PatchGEViT(nn.Module):
         self.gevit = _build_grid_gevit(config.group, config.embed_dim, config.grid, config.attention_patch,
                                        config.num_classes, config.gevit)
 
-    @property
-    def group(self) -> Group:
-        return self.gevit.group
-
     def artificial_image(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
             raise ValueError(f"this model was built for {self.config.image_size}x{self.config.image_size} images, got "
                              f"{tuple(x.shape[-2:])}")
         return self.embed(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """GE-ViT's last feature map before its classifier, on the artificial image."""
-        return self.gevit.forward_features(self.artificial_image(x))
-
-    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.gevit.forward_head(features, pre_logits)
-
-    def get_classifier(self) -> GroupMaxHead:
-        return self.gevit.get_classifier()
-
-    @property
-    def num_features(self) -> int:
-        return self.gevit.num_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.gevit.num_classes
-
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """GE-ViT's intermediate features on the artificial image."""
-        return self.gevit.forward_intermediates(self.artificial_image(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def set_impl(self, impl: str) -> PatchGEViT:
         """"fast" / "plain" for the embedding (and its G-CNN) and every GE-ViT attention layer."""
@@ -297,12 +309,6 @@ class PatchGEViT(nn.Module):
             self.embed.gcnn.set_impl(impl)
         self.gevit.set_impl(impl)
         return self
-
-
-def _contains(big: Group, small: Group, g: int) -> bool:
-    """Whether element g of ``small`` (as a matrix) is an element of ``big``."""
-    mat = small.matrices[g]
-    return bool(((big.matrices - mat).abs().flatten(1).amax(1) < 1e-9).any())
 
 
 # ---- approach 2: G-CNN front end ---------------------------------------------------------------------------------
@@ -326,16 +332,13 @@ class HybridConfig:
     gevit: Mapping[str, Any] = field(default_factory=lambda: {"maxpool_after_last_block": True})
 
 
-class HybridGEViT(nn.Module):
+class HybridGEViT(_GridGEViT):
     """Approach 2: exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size`` -> GE-ViT."""
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
-        group = get_group(config.group)
         gcnn_group = check_exact_group(config.gcnn_group or config.group)
-        missing = [g for g in group.exact_elements if not _contains(gcnn_group, group, g)]
-        if missing:
-            raise ValueError(f"gcnn_group {gcnn_group.name} must contain the exact elements of group {group.name}")
+        _check_contains(gcnn_group, get_group(config.group), "gcnn_group")
         self.config = config
         self.gcnn = GCNN(gcnn_group, config.in_channels, config.gcnn_channels, num_layers=config.gcnn_layers,
                          kernel_size=config.gcnn_kernel, padding=config.gcnn_padding, bias=config.gcnn_bias,
@@ -349,41 +352,12 @@ class HybridGEViT(nn.Module):
         self.gevit = _build_grid_gevit(config.group, config.gcnn_channels, config.pooled_size, config.attention_patch,
                                        config.num_classes, config.gevit)
 
-    @property
-    def group(self) -> Group:
-        return self.gevit.group
-
-    def features(self, x: Tensor) -> Tensor:
+    def artificial_image(self, x: Tensor) -> Tensor:
         """The artificial image ``[B, gcnn_channels, pooled_size, pooled_size]`` (invariant G-CNN features)."""
         if x.dim() != 4 or x.shape[-2:] != (self.config.image_size, self.config.image_size):
             raise ValueError(f"this model was built for images [B, {self.config.in_channels}, {self.config.image_size},"
                              f" {self.config.image_size}], got {tuple(x.shape)}")
         return self.spatial_pool(self.group_pool(self.gcnn(x)))
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """GE-ViT's last feature map before its classifier, on the artificial image."""
-        return self.gevit.forward_features(self.features(x))
-
-    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.gevit.forward_head(features, pre_logits)
-
-    def get_classifier(self) -> GroupMaxHead:
-        return self.gevit.get_classifier()
-
-    @property
-    def num_features(self) -> int:
-        return self.gevit.num_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.gevit.num_classes
-
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """GE-ViT's intermediate features on the artificial image."""
-        return self.gevit.forward_intermediates(self.features(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def set_impl(self, impl: str) -> HybridGEViT:
         self.gcnn.set_impl(impl)
@@ -407,10 +381,18 @@ HYBRID_PRESETS: dict[str, HybridConfig] = {
 }
 
 
-def _merge_gevit(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    gevit = dict(base)
-    gevit.update(overrides)
-    return gevit
+def _config(presets: Mapping[str, Any], preset: str, kind: str, group: str, num_classes: int | None,
+            gevit: Mapping[str, Any] | None, overrides: Mapping[str, Any], **fixed: Any) -> Any:
+    """``presets[preset]`` with ``fixed`` and the checked ``overrides`` replaced, ``gevit`` merged into its own."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    base = presets[preset]
+    fields = set(base.__dataclass_fields__) - {"gevit"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown {kind} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    return replace(base, group=get_group(group).name, num_classes=base.num_classes if num_classes is None else int(num_classes),
+                   gevit={**base.gevit, **(gevit or {})}, **fixed, **overrides)
 
 
 def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = None, embed_method: str = "mean",
@@ -418,35 +400,16 @@ def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = N
                       **overrides: Any) -> PatchGEViT:
     """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace :class:`PatchGEViTConfig`
     fields and ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
-    if preset not in PATCH_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PATCH_PRESETS)}")
-    fields = set(PatchGEViTConfig.__dataclass_fields__) - {"gevit"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown PatchGEViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    base = PATCH_PRESETS[preset]
-    cfg = replace(base, group=get_group(group).name, embed_method=embed_method,
-                  patch_size=base.patch_size if patch_size is None else int(patch_size),
-                  num_classes=base.num_classes if num_classes is None else int(num_classes),
-                  gevit=_merge_gevit(base.gevit, gevit or {}), **overrides)
-    return PatchGEViT(cfg)
+    fixed: dict[str, Any] = {} if patch_size is None else {"patch_size": int(patch_size)}
+    return PatchGEViT(_config(PATCH_PRESETS, preset, "PatchGEViT", group, num_classes, gevit, overrides,
+                              embed_method=embed_method, **fixed))
 
 
 def build_hybrid(preset: str, group: str = "p4", num_classes: int | None = None,
                  gevit: Mapping[str, Any] | None = None, **overrides: Any) -> HybridGEViT:
     """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace
     :class:`HybridConfig` fields and ``gevit`` GE-ViT fields."""
-    if preset not in HYBRID_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HYBRID_PRESETS)}")
-    fields = set(HybridConfig.__dataclass_fields__) - {"gevit"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown HybridGEViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    base = HYBRID_PRESETS[preset]
-    cfg = replace(base, group=get_group(group).name,
-                  num_classes=base.num_classes if num_classes is None else int(num_classes),
-                  gevit=_merge_gevit(base.gevit, gevit or {}), **overrides)
-    return HybridGEViT(cfg)
+    return HybridGEViT(_config(HYBRID_PRESETS, preset, "HybridGEViT", group, num_classes, gevit, overrides))
 
 
 # ---- the published hybrid checkpoint ------------------------------------------------------------------------------
