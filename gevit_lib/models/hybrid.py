@@ -41,22 +41,9 @@ from ..nn.gconv import GCNN, GroupPool, check_exact_group
 from ._registry import register_model
 from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
 
-__all__ = [
-    "EMBED_METHODS",
-    "InvariantPatchEmbedding",
-    "PatchGEViTConfig",
-    "PatchGEViT",
-    "HybridConfig",
-    "HybridGEViT",
-    "PATCH_PRESETS",
-    "HYBRID_PRESETS",
-    "build_patch_gevit",
-    "build_hybrid",
-    "grid_layout",
-    "check_exact_pooling",
-    "from_original_state_dict",
-    "PUBLISHED_WEIGHTS",
-]
+__all__ = ["EMBED_METHODS", "InvariantPatchEmbedding", "PatchGEViTConfig", "PatchGEViT", "HybridConfig", "HybridGEViT",
+           "PATCH_PRESETS", "HYBRID_PRESETS", "build_patch_gevit", "build_hybrid", "grid_layout", "check_exact_pooling",
+           "from_original_state_dict", "PUBLISHED_WEIGHTS"]
 
 EMBED_METHODS: tuple[str, ...] = ("mean", "gcnn")
 
@@ -391,8 +378,9 @@ def _config(presets: Mapping[str, Any], preset: str, kind: str, group: str, num_
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f"unknown {kind} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    return replace(base, group=get_group(group).name, num_classes=base.num_classes if num_classes is None else int(num_classes),
-                   gevit={**base.gevit, **(gevit or {})}, **fixed, **overrides)
+    num_classes = base.num_classes if num_classes is None else int(num_classes)
+    return replace(base, group=get_group(group).name, num_classes=num_classes, gevit={**base.gevit, **(gevit or {})},
+                   **fixed, **overrides)
 
 
 def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = None, embed_method: str = "mean",
