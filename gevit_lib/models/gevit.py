@@ -434,6 +434,10 @@ def convert_original_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, 
     return weights, derived
 
 
+def _same_table(value: Tensor, table: Tensor) -> bool:
+    return value.shape == table.shape and torch.equal(value.long(), table)
+
+
 def _check_derived(model: GEViT, derived: Mapping[str, Tensor]) -> None:
     """Compare the checkpoint's coordinate grids and group-index tables with the ones this model derives."""
     cfg = model.config
@@ -441,26 +445,22 @@ def _check_derived(model: GEViT, derived: Mapping[str, Tensor]) -> None:
     for key, value in derived.items():
         name = key.rsplit(".", 1)[-1]
         if name in ("row_indices", "col_indices") and cfg.patch_size is not None:
-            coords = relative_coordinates(model.group, cfg.patch_size, cfg.positional)
-            coords = coords[..., 0 if name == "row_indices" else 1]
-            if tuple(value.shape) != tuple(coords.shape) or (value.double() - coords).abs().max() > 1e-5:
+            coords = relative_coordinates(model.group, cfg.patch_size, cfg.positional)[..., int(name == "col_indices")]
+            if value.shape != coords.shape or (value.double() - coords).abs().max() > 1e-5:
                 raise IncompatibleCheckpointError(
                     f"{key}: the checkpoint's transformed offset grid differs from the {cfg.positional!r} encoding of "
                     f"group {model.group.name} with patch size {cfg.patch_size} (wrong positional, group or patch?)")
         if name == "g_indices":
-            chosen = group_index_table(model.group, cfg.group_index, cfg.positional)
-            if tuple(value.shape) == tuple(chosen.shape) and torch.equal(value.long(), chosen):
+            if _same_table(value, group_index_table(model.group, cfg.group_index, cfg.positional)):
                 continue
-            reference = group_index_table(model.group, "reference", cfg.positional)
-            if cfg.group_index == "corrected" and tuple(value.shape) == tuple(reference.shape) and \
-                    torch.equal(value.long(), reference):
-                if warned:
-                    continue
+            if cfg.group_index == "corrected" and _same_table(value, group_index_table(model.group, "reference",
+                                                                                        cfg.positional)):
+                if not warned:
+                    warnings.warn(
+                        f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table "
+                        f"of {model.group.name}; with group_index='corrected' the model is exactly equivariant but "
+                        "does not reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
                 warned = True
-                warnings.warn(
-                    f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table of "
-                    f"{model.group.name}; with group_index='corrected' the model is exactly equivariant but does not "
-                    "reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
                 continue
             raise IncompatibleCheckpointError(
                 f"{key}: the checkpoint's group-index table matches neither the {cfg.group_index!r} nor the "

@@ -204,12 +204,6 @@ class InvariantPatchEmbedding(nn.Module):
         w = self.phi.weight.view(self.embed_dim, self.in_channels, p, p)
         return torch.stack([self.group.act_on_image(w, g) for g in range(len(self.group))]).mean(0)
 
-    def patches(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, n, n, C, p, p]`` (patch grid in image layout)."""
-        b, c, h, w = x.shape
-        p = self.patch_size
-        return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-
     def check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -225,7 +219,7 @@ class InvariantPatchEmbedding(nn.Module):
         if self.linear and self.impl == "fast":
             e = F.conv2d(x, self.symmetrized_weight(), self.phi.bias, stride=p).permute(0, 2, 3, 1)  # [B, n, n, D]
         else:
-            patches = self.patches(x).reshape(b * n * n, self.in_channels, p, p)
+            patches = x.view(b, -1, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * n, self.in_channels, p, p)
             if self.method == "mean":
                 copies = torch.stack([self.group.act_on_image(patches, g) for g in range(len(self.group))], 1)
                 e = self.phi(copies.flatten(2)).mean(1)
@@ -405,15 +399,14 @@ _ORIGINAL_GCNN_KEYS = ("gcnn.lifting_conv.kernel.weight", "gcnn.gconvs.0.kernel.
 
 
 def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> HybridGEViT:
-    """The post's hybrid checkpoints (``modern_eq_vit``, ``modern_eq_vit_finetuned``) do not map onto this model.
+    """The post's hybrid checkpoints (``modern_eq_vit``, ``modern_eq_vit_finetuned``) do not map onto this model:
+    always raises :class:`IncompatibleCheckpointError`.
 
-    Their G-CNN stores one filter per layer and builds the filters of the other group elements by resampling it on
-    the grids in ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``. For group convolutions those grids put the group
-    coordinate between the 8 stored elements (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3 for
-    pairs of a rotation and a mirrored element), so each transformed filter is an interpolated blend -- partly
-    zero -- of the stored ones, not a permutation (the reason that G-CNN is not equivariant). An exact
-    group convolution given the same weights computes a different function, so loading them here would give a
-    model that looks trained but is not. Always raises :class:`IncompatibleCheckpointError` with that explanation.
+    Their G-CNN builds the filters of the other group elements by resampling the stored one on the grids in
+    ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``, which put the group coordinate between the 8 stored elements
+    (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3): each filter is an interpolated, partly zero
+    blend, not a permutation (why that G-CNN is not equivariant), so an exact group convolution with the same weights
+    computes a different function -- a model that looks trained but is not.
     """
     del options
     keys = set(state)

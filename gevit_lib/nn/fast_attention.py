@@ -14,8 +14,7 @@ The logits of a group self-attention layer (derived in :mod:`gevit_lib.nn.attent
 - Blocks are formed chunk by chunk (about 4 MiB at a time, cache-sized) and summed over g before the value
   product, one batched matmul. Only q, k, v, the embedding tables, the log-sum-exp and the three maxima per
   (x, v, g) are kept for the backward pass, which recomputes the block per chunk: no 9-D tensor for the whole batch.
-- On CPU the chunks run on a small thread pool whose ops are single-threaded (groups of whole images, so gradient
-  scatters never collide): thousands of small multi-threaded ops collapse when the machine is oversubscribed.
+- On CPU the chunks run on a small thread pool of single-threaded ops (see ``_cpu_pool``).
 - Attention dropout draws its masks from (seed, chunk) with a cheap 15-bit generator and redraws them backwards.
 - The lifting layer is the special case G_query = G_key = 1 without group term; global attention is local attention
   with a (2S-1) x (2S-1) neighbourhood (the same normalised offsets, the outside masked).
@@ -193,7 +192,8 @@ def _keep_scale(p: float, dtype: torch.dtype) -> float:
 
 # ---- CPU worker pool: chunks run in parallel threads with single-threaded ops ---------------------------------
 # Many small ops with OpenMP inside each of them collapse when the CPU is oversubscribed (measured: 11x slower
-# than one thread on a loaded 2-core machine); parallelising over chunks instead keeps every op serial.
+# than one thread on a loaded 2-core machine); parallelising over chunks instead keeps every op serial. Each thread
+# takes whole images, so gradient scatters never collide.
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1
 _POOL_LOCK = threading.Lock()
