@@ -66,14 +66,6 @@ class Group:
     def __len__(self) -> int:
         return len(self.elements)
 
-    @property
-    def order(self) -> int:
-        return len(self.elements)
-
-    @property
-    def identity(self) -> int:
-        return 0
-
     def index(self, k: int, s: int = 0) -> int:
         """Index of the element with k of n rotation steps and mirror bit s."""
         if s and not self.mirror:
@@ -81,21 +73,13 @@ class Group:
         return k % self.n_rotations + self.n_rotations * int(s)
 
     @cached_property
-    def angles(self) -> Tensor:
-        """Rotation angle of each element in radians, float64 [G]."""
-        return torch.tensor([2 * math.pi * k / self.n_rotations for k, _ in self.elements], dtype=torch.float64)
-
-    @cached_property
-    def mirrors(self) -> Tensor:
-        """Mirror bit of each element, int64 [G]."""
-        return torch.tensor([s for _, s in self.elements], dtype=torch.int64)
-
-    @cached_property
     def matrices(self) -> Tensor:
         """``M^s R(theta)`` for every element, float64 [G, 2, 2], acting on (x = column, y = row down)."""
-        c, s = torch.cos(self.angles), torch.sin(self.angles)
+        angles = torch.tensor([2 * math.pi * k / self.n_rotations for k, _ in self.elements], dtype=torch.float64)
+        mirrors = torch.tensor([s for _, s in self.elements], dtype=torch.int64)
+        c, s = torch.cos(angles), torch.sin(angles)
         rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
-        mirror = torch.diag_embed(torch.stack([1.0 - 2.0 * self.mirrors.double(), torch.ones(len(self))], -1))
+        mirror = torch.diag_embed(torch.stack([1.0 - 2.0 * mirrors.double(), torch.ones(len(self))], -1))
         return mirror @ rot
 
     @cached_property
@@ -112,7 +96,7 @@ class Group:
     @cached_property
     def inverses(self) -> Tensor:
         """Index of each element's inverse, int64 [G]."""
-        return (self.cayley == self.identity).int().argmax(-1)
+        return (self.cayley == 0).int().argmax(-1)  # index 0 is the identity
 
     def mul(self, a: int, b: int) -> int:
         return int(self.cayley[a, b])

@@ -4,13 +4,9 @@ Network: input dropout -> lifting self-attention -> norm -> activation -> ``bloc
 norm + activation after every layer, max-pool (1, 2, 2) between blocks, optional dropout after pooling, 1x1
 classifier without bias) -> sum over (H, W) -> max over the group axis. ``blocks`` has the same modules in the
 same order as the original's ``transformer`` Sequential, so ``forward_intermediates`` returns what the original's
-``forward(x, show_features=True)`` returned (7 tensors for rotMNIST).
-
-The interface shared by every model of :mod:`gevit_lib.models`: ``forward_features(x)`` is the last feature map
-before the classifier ``[B, C, G, H, W]``; ``forward_head(features)`` applies the 1x1 classifier, sums over (H, W)
-and takes the max over G; ``forward_head(features, pre_logits=True)`` is the embedding ``[B, C * G]`` (features
-summed over (H, W)) that ``get_classifier()`` maps to the same logits (the classifier has no bias, so it commutes
-with the sum).
+``forward(x, show_features=True)`` returned (7 tensors for rotMNIST). ``forward_head(features, pre_logits=True)``
+is the embedding ``[B, C * G]`` (features summed over (H, W)) that ``get_classifier()`` maps to the same logits
+(the classifier has no bias, so it commutes with the sum).
 
 ``build_gevit(preset, group, ...)`` builds the rotMNIST, PCam and CIFAR-10 architectures of the GE-ViT paper for
 any group (z2, p4, p8, p12, p16, mz2, p4m, p8m); ``from_original_state_dict`` loads the authors' state dicts, and
@@ -34,20 +30,11 @@ from torch import Tensor, nn
 from ..groups import GROUP_NAMES, Group, get_group
 from ..nn.attention import IMPLS, GroupSelfAttention, LiftingSelfAttention, Pointwise
 from ..hub import IncompatibleCheckpointError, PublishedWeights, load_into
-from ..nn.positional import GROUP_INDEX, POSITIONAL, group_index_table, relative_coordinates
+from ..nn.positional import GROUP_INDEX, group_index_table, relative_coordinates
 from ._registry import register_model
 
-__all__ = [
-    "GEViTConfig",
-    "PRESETS",
-    "GEViT",
-    "GroupMaxHead",
-    "TransformerBlock",
-    "build_gevit",
-    "from_original_state_dict",
-    "convert_original_state_dict",
-    "PUBLISHED_WEIGHTS",
-]
+__all__ = ["GEViTConfig", "PRESETS", "GEViT", "GroupMaxHead", "TransformerBlock", "build_gevit",
+           "from_original_state_dict", "convert_original_state_dict", "PUBLISHED_WEIGHTS"]
 
 
 @dataclass(frozen=True)
@@ -176,12 +163,8 @@ class GEViT(nn.Module):
 
     def __init__(self, config: GEViTConfig) -> None:
         super().__init__()
-        if config.positional not in POSITIONAL:
-            raise ValueError(f"positional must be one of {POSITIONAL}, got {config.positional!r}")
-        if config.group_index not in GROUP_INDEX:
+        if config.group_index not in GROUP_INDEX:  # (positional and impl: checked by the attention layers)
             raise ValueError(f"group_index must be one of {GROUP_INDEX}, got {config.group_index!r}")
-        if config.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {config.impl!r}")
         self.config = config
         self.group: Group = get_group(config.group)
         c = config.num_channels
@@ -395,6 +378,7 @@ def build_gevit(preset: str, group: str | Group, patch_size: int | None = 5, num
 _DERIVED = re.compile(r"(^|\.)(row_indices|col_indices|g_indices)$"
                       r"|(^|\.)group\._(identity|elements|relative_positions)$")
 _MLP = {"0": "inp", "1.layer_norm": "norm", "3": "out"}
+_NORM_PARAM = r"(?:layer_norm\.)?(weight|bias|running_mean|running_var|num_batches_tracked)"
 
 
 def _rename(key: str) -> str | None:
@@ -412,10 +396,7 @@ def _rename(key: str) -> str | None:
 
     if key.startswith("lifting_self_attention."):
         return attn("lift", key.removeprefix("lifting_self_attention."))
-    m = re.fullmatch(r"lifting_normalization\.layer_norm\.(weight|bias)", key)
-    if m:
-        return f"lift_norm.{m.group(1)}"
-    m = re.fullmatch(r"lifting_normalization\.(weight|bias|running_mean|running_var|num_batches_tracked)", key)
+    m = re.fullmatch(r"lifting_normalization\." + _NORM_PARAM, key)
     if m:
         return f"lift_norm.{m.group(1)}"
     m = re.fullmatch(r"transformer\.(\d+)\.(.+)", key)
@@ -429,7 +410,7 @@ def _rename(key: str) -> str | None:
     m2 = re.fullmatch(r"(attention\.[03]|mlp\.[0134]|shortcut\.0)\.(?:layer_norm\.)?(\w+)", rest)
     if m2:
         return f"blocks.{i}.{table[m2.group(1)]}.{m2.group(2)}"
-    m2 = re.fullmatch(r"(?:layer_norm\.)?(weight|bias|running_mean|running_var|num_batches_tracked)", rest)
+    m2 = re.fullmatch(_NORM_PARAM, rest)
     if m2:
         return f"blocks.{i}.{m2.group(1)}"
     return None
@@ -453,6 +434,10 @@ def convert_original_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, 
     return weights, derived
 
 
+def _same_table(value: Tensor, table: Tensor) -> bool:
+    return value.shape == table.shape and torch.equal(value.long(), table)
+
+
 def _check_derived(model: GEViT, derived: Mapping[str, Tensor]) -> None:
     """Compare the checkpoint's coordinate grids and group-index tables with the ones this model derives."""
     cfg = model.config
@@ -460,26 +445,22 @@ def _check_derived(model: GEViT, derived: Mapping[str, Tensor]) -> None:
     for key, value in derived.items():
         name = key.rsplit(".", 1)[-1]
         if name in ("row_indices", "col_indices") and cfg.patch_size is not None:
-            coords = relative_coordinates(model.group, cfg.patch_size, cfg.positional)
-            coords = coords[..., 0 if name == "row_indices" else 1]
-            if tuple(value.shape) != tuple(coords.shape) or (value.double() - coords).abs().max() > 1e-5:
+            coords = relative_coordinates(model.group, cfg.patch_size, cfg.positional)[..., int(name == "col_indices")]
+            if value.shape != coords.shape or (value.double() - coords).abs().max() > 1e-5:
                 raise IncompatibleCheckpointError(
                     f"{key}: the checkpoint's transformed offset grid differs from the {cfg.positional!r} encoding of "
                     f"group {model.group.name} with patch size {cfg.patch_size} (wrong positional, group or patch?)")
         if name == "g_indices":
-            chosen = group_index_table(model.group, cfg.group_index, cfg.positional)
-            if tuple(value.shape) == tuple(chosen.shape) and torch.equal(value.long(), chosen):
+            if _same_table(value, group_index_table(model.group, cfg.group_index, cfg.positional)):
                 continue
-            reference = group_index_table(model.group, "reference", cfg.positional)
-            if cfg.group_index == "corrected" and tuple(value.shape) == tuple(reference.shape) and \
-                    torch.equal(value.long(), reference):
-                if warned:
-                    continue
+            if cfg.group_index == "corrected" and _same_table(value, group_index_table(model.group, "reference",
+                                                                                        cfg.positional)):
+                if not warned:
+                    warnings.warn(
+                        f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table "
+                        f"of {model.group.name}; with group_index='corrected' the model is exactly equivariant but "
+                        "does not reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
                 warned = True
-                warnings.warn(
-                    f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table of "
-                    f"{model.group.name}; with group_index='corrected' the model is exactly equivariant but does not "
-                    "reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
                 continue
             raise IncompatibleCheckpointError(
                 f"{key}: the checkpoint's group-index table matches neither the {cfg.group_index!r} nor the "
@@ -506,7 +487,6 @@ def from_original_state_dict(state: Mapping[str, Tensor], preset: str, group: st
     load_into(model, weights, source=f"original GE-ViT state dict ({preset}, {model.group.name})")
     _check_derived(model, derived)
     return model
-
 
 
 # ---- registry: families and the published checkpoints ------------------------------------------------------------

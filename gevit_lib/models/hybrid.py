@@ -22,8 +22,7 @@ rot90-invariant: here the patch group and G-CNN group default to the GE-ViT grou
 :func:`from_original_state_dict`); their names are registered with the post's architecture, so
 ``create_model("modern_eq_vit")`` builds it untrained and ``pretrained=True`` explains why it cannot load.
 
-Both models have the interface of every model of :mod:`gevit_lib.models`: ``forward_features`` /
-``forward_head`` / ``get_classifier`` / ``forward_intermediates`` are the GE-ViT's, applied to the artificial image.
+Both models have the interface of every model of :mod:`gevit_lib.models`: the GE-ViT's, on the artificial image.
 """
 
 from __future__ import annotations
@@ -42,22 +41,9 @@ from ..nn.gconv import GCNN, GroupPool, check_exact_group
 from ._registry import register_model
 from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
 
-__all__ = [
-    "EMBED_METHODS",
-    "InvariantPatchEmbedding",
-    "PatchGEViTConfig",
-    "PatchGEViT",
-    "HybridConfig",
-    "HybridGEViT",
-    "PATCH_PRESETS",
-    "HYBRID_PRESETS",
-    "build_patch_gevit",
-    "build_hybrid",
-    "grid_layout",
-    "check_exact_pooling",
-    "from_original_state_dict",
-    "PUBLISHED_WEIGHTS",
-]
+__all__ = ["EMBED_METHODS", "InvariantPatchEmbedding", "PatchGEViTConfig", "PatchGEViT", "HybridConfig", "HybridGEViT",
+           "PATCH_PRESETS", "HYBRID_PRESETS", "build_patch_gevit", "build_hybrid", "grid_layout", "check_exact_pooling",
+           "from_original_state_dict", "PUBLISHED_WEIGHTS"]
 
 EMBED_METHODS: tuple[str, ...] = ("mean", "gcnn")
 
@@ -119,6 +105,52 @@ def _build_grid_gevit(group: str, in_channels: int, grid: int, attention_patch: 
     return model
 
 
+def _check_contains(big: Group, group: Group, what: str) -> None:
+    """Raise unless ``big`` contains (as matrices) every exact element of ``group``."""
+    for g in group.exact_elements:
+        if not bool(((big.matrices - group.matrices[g]).abs().flatten(1).amax(1) < 1e-9).any()):
+            raise ValueError(f"{what} {big.name} must contain the exact elements of group {group.name}, otherwise "
+                             f"its features are not invariant to them")
+
+
+class _GridGEViT(nn.Module):
+    """GE-ViT on an artificial image made by :meth:`artificial_image`; the interface of every model."""
+
+    gevit: GEViT
+
+    def artificial_image(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def group(self) -> Group:
+        return self.gevit.group
+
+    @property
+    def num_features(self) -> int:
+        return self.gevit.num_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.gevit.num_classes
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """GE-ViT's last feature map before its classifier, on the artificial image."""
+        return self.gevit.forward_features(self.artificial_image(x))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.gevit.forward_head(features, pre_logits)
+
+    def get_classifier(self) -> GroupMaxHead:
+        return self.gevit.get_classifier()
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """GE-ViT's intermediate features on the artificial image."""
+        return self.gevit.forward_intermediates(self.artificial_image(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 # ---- approach 1: invariant patch embeddings ---------------------------------------------------------------------
 class InvariantPatchEmbedding(nn.Module):
     """Images ``[B, C, H, W]`` -> artificial image ``[B, D, H/p, W/p]`` of group-invariant patch embeddings.
@@ -172,12 +204,6 @@ class InvariantPatchEmbedding(nn.Module):
         w = self.phi.weight.view(self.embed_dim, self.in_channels, p, p)
         return torch.stack([self.group.act_on_image(w, g) for g in range(len(self.group))]).mean(0)
 
-    def patches(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, n, n, C, p, p]`` (patch grid in image layout)."""
-        b, c, h, w = x.shape
-        p = self.patch_size
-        return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-
     def check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -193,7 +219,7 @@ class InvariantPatchEmbedding(nn.Module):
         if self.linear and self.impl == "fast":
             e = F.conv2d(x, self.symmetrized_weight(), self.phi.bias, stride=p).permute(0, 2, 3, 1)  # [B, n, n, D]
         else:
-            patches = self.patches(x).reshape(b * n * n, self.in_channels, p, p)
+            patches = x.view(b, -1, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * n, self.in_channels, p, p)
             if self.method == "mean":
                 copies = torch.stack([self.group.act_on_image(patches, g) for g in range(len(self.group))], 1)
                 e = self.phi(copies.flatten(2)).mean(1)
@@ -233,7 +259,7 @@ class PatchGEViTConfig:
         return self.image_size // self.patch_size
 
 
-class PatchGEViT(nn.Module):
+class PatchGEViT(_GridGEViT):
     """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. Logits ``[B, classes]``."""
 
     def __init__(self, config: PatchGEViTConfig) -> None:
@@ -241,11 +267,7 @@ class PatchGEViT(nn.Module):
         if config.image_size % config.patch_size:
             raise ValueError(f"patch size {config.patch_size} must divide the image size {config.image_size}")
         patch_group = get_group(config.patch_group or config.group)
-        group = get_group(config.group)
-        missing = [g for g in group.exact_elements if not _contains(patch_group, group, g)]
-        if missing:
-            raise ValueError(f"patch_group {patch_group.name} must contain the exact elements of group {group.name}, "
-                             f"otherwise the patch embeddings are not invariant to them")
+        _check_contains(patch_group, get_group(config.group), "patch_group")
         self.config = config
         self.embed = InvariantPatchEmbedding(config.in_channels, config.patch_size, config.embed_dim, patch_group,
                                              config.embed_method, config.embed_hidden, config.gcnn_channels,
@@ -253,40 +275,11 @@ class PatchGEViT(nn.Module):
         self.gevit = _build_grid_gevit(config.group, config.embed_dim, config.grid, config.attention_patch,
                                        config.num_classes, config.gevit)
 
-    @property
-    def group(self) -> Group:
-        return self.gevit.group
-
     def artificial_image(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
             raise ValueError(f"this model was built for {self.config.image_size}x{self.config.image_size} images, got "
                              f"{tuple(x.shape[-2:])}")
         return self.embed(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """GE-ViT's last feature map before its classifier, on the artificial image."""
-        return self.gevit.forward_features(self.artificial_image(x))
-
-    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.gevit.forward_head(features, pre_logits)
-
-    def get_classifier(self) -> GroupMaxHead:
-        return self.gevit.get_classifier()
-
-    @property
-    def num_features(self) -> int:
-        return self.gevit.num_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.gevit.num_classes
-
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """GE-ViT's intermediate features on the artificial image."""
-        return self.gevit.forward_intermediates(self.artificial_image(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def set_impl(self, impl: str) -> PatchGEViT:
         """"fast" / "plain" for the embedding (and its G-CNN) and every GE-ViT attention layer."""
@@ -297,12 +290,6 @@ class PatchGEViT(nn.Module):
             self.embed.gcnn.set_impl(impl)
         self.gevit.set_impl(impl)
         return self
-
-
-def _contains(big: Group, small: Group, g: int) -> bool:
-    """Whether element g of ``small`` (as a matrix) is an element of ``big``."""
-    mat = small.matrices[g]
-    return bool(((big.matrices - mat).abs().flatten(1).amax(1) < 1e-9).any())
 
 
 # ---- approach 2: G-CNN front end ---------------------------------------------------------------------------------
@@ -326,16 +313,13 @@ class HybridConfig:
     gevit: Mapping[str, Any] = field(default_factory=lambda: {"maxpool_after_last_block": True})
 
 
-class HybridGEViT(nn.Module):
+class HybridGEViT(_GridGEViT):
     """Approach 2: exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size`` -> GE-ViT."""
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
-        group = get_group(config.group)
         gcnn_group = check_exact_group(config.gcnn_group or config.group)
-        missing = [g for g in group.exact_elements if not _contains(gcnn_group, group, g)]
-        if missing:
-            raise ValueError(f"gcnn_group {gcnn_group.name} must contain the exact elements of group {group.name}")
+        _check_contains(gcnn_group, get_group(config.group), "gcnn_group")
         self.config = config
         self.gcnn = GCNN(gcnn_group, config.in_channels, config.gcnn_channels, num_layers=config.gcnn_layers,
                          kernel_size=config.gcnn_kernel, padding=config.gcnn_padding, bias=config.gcnn_bias,
@@ -349,41 +333,12 @@ class HybridGEViT(nn.Module):
         self.gevit = _build_grid_gevit(config.group, config.gcnn_channels, config.pooled_size, config.attention_patch,
                                        config.num_classes, config.gevit)
 
-    @property
-    def group(self) -> Group:
-        return self.gevit.group
-
-    def features(self, x: Tensor) -> Tensor:
+    def artificial_image(self, x: Tensor) -> Tensor:
         """The artificial image ``[B, gcnn_channels, pooled_size, pooled_size]`` (invariant G-CNN features)."""
         if x.dim() != 4 or x.shape[-2:] != (self.config.image_size, self.config.image_size):
             raise ValueError(f"this model was built for images [B, {self.config.in_channels}, {self.config.image_size},"
                              f" {self.config.image_size}], got {tuple(x.shape)}")
         return self.spatial_pool(self.group_pool(self.gcnn(x)))
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """GE-ViT's last feature map before its classifier, on the artificial image."""
-        return self.gevit.forward_features(self.features(x))
-
-    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.gevit.forward_head(features, pre_logits)
-
-    def get_classifier(self) -> GroupMaxHead:
-        return self.gevit.get_classifier()
-
-    @property
-    def num_features(self) -> int:
-        return self.gevit.num_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.gevit.num_classes
-
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """GE-ViT's intermediate features on the artificial image."""
-        return self.gevit.forward_intermediates(self.features(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def set_impl(self, impl: str) -> HybridGEViT:
         self.gcnn.set_impl(impl)
@@ -407,10 +362,19 @@ HYBRID_PRESETS: dict[str, HybridConfig] = {
 }
 
 
-def _merge_gevit(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    gevit = dict(base)
-    gevit.update(overrides)
-    return gevit
+def _config(presets: Mapping[str, Any], preset: str, kind: str, group: str, num_classes: int | None,
+            gevit: Mapping[str, Any] | None, overrides: Mapping[str, Any], **fixed: Any) -> Any:
+    """``presets[preset]`` with ``fixed`` and the checked ``overrides`` replaced, ``gevit`` merged into its own."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    base = presets[preset]
+    fields = set(base.__dataclass_fields__) - {"gevit"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown {kind} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    num_classes = base.num_classes if num_classes is None else int(num_classes)
+    return replace(base, group=get_group(group).name, num_classes=num_classes, gevit={**base.gevit, **(gevit or {})},
+                   **fixed, **overrides)
 
 
 def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = None, embed_method: str = "mean",
@@ -418,35 +382,16 @@ def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = N
                       **overrides: Any) -> PatchGEViT:
     """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace :class:`PatchGEViTConfig`
     fields and ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
-    if preset not in PATCH_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PATCH_PRESETS)}")
-    fields = set(PatchGEViTConfig.__dataclass_fields__) - {"gevit"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown PatchGEViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    base = PATCH_PRESETS[preset]
-    cfg = replace(base, group=get_group(group).name, embed_method=embed_method,
-                  patch_size=base.patch_size if patch_size is None else int(patch_size),
-                  num_classes=base.num_classes if num_classes is None else int(num_classes),
-                  gevit=_merge_gevit(base.gevit, gevit or {}), **overrides)
-    return PatchGEViT(cfg)
+    fixed: dict[str, Any] = {} if patch_size is None else {"patch_size": int(patch_size)}
+    return PatchGEViT(_config(PATCH_PRESETS, preset, "PatchGEViT", group, num_classes, gevit, overrides,
+                              embed_method=embed_method, **fixed))
 
 
 def build_hybrid(preset: str, group: str = "p4", num_classes: int | None = None,
                  gevit: Mapping[str, Any] | None = None, **overrides: Any) -> HybridGEViT:
     """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace
     :class:`HybridConfig` fields and ``gevit`` GE-ViT fields."""
-    if preset not in HYBRID_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HYBRID_PRESETS)}")
-    fields = set(HybridConfig.__dataclass_fields__) - {"gevit"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown HybridGEViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    base = HYBRID_PRESETS[preset]
-    cfg = replace(base, group=get_group(group).name,
-                  num_classes=base.num_classes if num_classes is None else int(num_classes),
-                  gevit=_merge_gevit(base.gevit, gevit or {}), **overrides)
-    return HybridGEViT(cfg)
+    return HybridGEViT(_config(HYBRID_PRESETS, preset, "HybridGEViT", group, num_classes, gevit, overrides))
 
 
 # ---- the published hybrid checkpoint ------------------------------------------------------------------------------
@@ -454,15 +399,14 @@ _ORIGINAL_GCNN_KEYS = ("gcnn.lifting_conv.kernel.weight", "gcnn.gconvs.0.kernel.
 
 
 def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> HybridGEViT:
-    """The post's hybrid checkpoints (``modern_eq_vit``, ``modern_eq_vit_finetuned``) do not map onto this model.
+    """The post's hybrid checkpoints (``modern_eq_vit``, ``modern_eq_vit_finetuned``) do not map onto this model:
+    always raises :class:`IncompatibleCheckpointError`.
 
-    Their G-CNN stores one filter per layer and builds the filters of the other group elements by resampling it on
-    the grids in ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``. For group convolutions those grids put the group
-    coordinate between the 8 stored elements (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3 for
-    pairs of a rotation and a mirrored element), so each transformed filter is an interpolated blend -- partly
-    zero -- of the stored ones, not a permutation (the reason that G-CNN is not equivariant). An exact
-    group convolution given the same weights computes a different function, so loading them here would give a
-    model that looks trained but is not. Always raises :class:`IncompatibleCheckpointError` with that explanation.
+    Their G-CNN builds the filters of the other group elements by resampling the stored one on the grids in
+    ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``, which put the group coordinate between the 8 stored elements
+    (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3): each filter is an interpolated, partly zero
+    blend, not a permutation (why that G-CNN is not equivariant), so an exact group convolution with the same weights
+    computes a different function -- a model that looks trained but is not.
     """
     del options
     keys = set(state)

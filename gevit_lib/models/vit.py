@@ -9,16 +9,10 @@ as they are (:func:`from_original_state_dict`); the three published ViTs are reg
 (``create_model("vit_rotmnist", pretrained=True)``). Attention is ``nn.MultiheadAttention`` with ``batch_first=True``
 (same parameters as the original's sequence-first layout; it dispatches to PyTorch's fused / SDPA kernels).
 
-The interface shared by every model of :mod:`gevit_lib.models` (as in timm), which :mod:`gevit_lib.posthoc`
-relies on:
-
-- ``forward_features(x)``: tokens ``[B, 1 + N, D]`` after the last block (there is no final norm: the norm is the
-  first layer of the head, as in the original);
-- ``forward_head(tokens, pre_logits=False)``: logits, or with ``pre_logits=True`` the CLS vector *before* the
-  head's LayerNorm -- the embedding every post-hoc method pools (the original's ``forward(x, output_cls=True)``);
-- ``forward_intermediates(x)``: the tokens after every block;
-- ``get_classifier()``: the head ``mlp_head`` (LayerNorm + Linear);
-- ``embed(x)`` = ``forward_head(forward_features(x), pre_logits=True)``.
+Model interface (:mod:`gevit_lib.models`): ``forward_features`` gives the tokens ``[B, 1 + N, D]`` after the last
+block (no final norm: the norm is the head's first layer, as in the original); ``forward_head(tokens,
+pre_logits=True)`` is the CLS vector *before* that LayerNorm, the embedding every post-hoc method pools (the
+original's ``forward(x, output_cls=True)``); ``get_classifier()`` is the head ``mlp_head``.
 """
 
 from __future__ import annotations

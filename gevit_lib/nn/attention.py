@@ -66,16 +66,8 @@ from ..groups import Group, get_group
 from .fast_attention import fast_local_attention
 from .positional import RelativePositionalEncoding, feature_action_side
 
-__all__ = [
-    "IMPLS",
-    "Pointwise",
-    "reference_logits",
-    "reference_attention",
-    "local_attention",
-    "global_attention",
-    "LiftingSelfAttention",
-    "GroupSelfAttention",
-]
+__all__ = ["IMPLS", "Pointwise", "reference_logits", "reference_attention", "local_attention", "global_attention",
+           "LiftingSelfAttention", "GroupSelfAttention"]
 
 IMPLS: tuple[str, ...] = ("fast", "plain")
 
@@ -155,6 +147,11 @@ def reference_logits(q: Tensor, k: Tensor, pos: Tensor, grp: Tensor | None = Non
     return scores
 
 
+def _joint_softmax(scores: Tensor) -> Tensor:
+    """Softmax of ``[..., m, k, l]`` over (m, k, l) together."""
+    return torch.softmax(scores.flatten(-3), -1).view(scores.shape)
+
+
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
                         gidx: Tensor | None = None, *, scale: float, patch_size: int | None, dropout: float = 0.0,
                         training: bool = False) -> Tensor:
@@ -164,9 +161,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tenso
     dropout on the probabilities when ``training``, then the sum over (g, m, k, l) of probability times value.
     """
     scores = reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch_size)  # [b, v, g, i, j, m, k, l]
-    shape = scores.shape
-    probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape)  # softmax over (m, k, l) together
-    probs = F.dropout(probs, dropout, training)
+    probs = F.dropout(_joint_softmax(scores), dropout, training)  # softmax over (m, k, l) together
     vo = rearrange(v, "b i j m c -> b c m i j")
     if patch_size is not None:
         out = torch.einsum("bvgijmkl,bcmklij->bcvij", probs, _neighbourhoods(vo, patch_size))
@@ -293,13 +288,28 @@ class _SelfAttention(nn.Module):
             raise ValueError(f"global {type(self).__name__} was built for {self.image_size}x{self.image_size} "
                              f"inputs, got {h}x{w}")
 
+    def _channels_last(self, x: Tensor) -> Tensor:
+        """Check the input and return it as ``[B, H, W, G, C_in]`` (G = 1 for the lifting layer)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
+        path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
+        q, k, v = self._heads(self._channels_last(x))
+        out = self._merge(self._attend(q, k, v), x.shape[0])
+        return (out, self.attention_probabilities(x)) if return_attention else out
+
+    @torch.no_grad()
+    def attention_probabilities(self, x: Tensor) -> Tensor:
+        """Softmax probabilities (no dropout), ``[B, heads, G(v), G(g), H, W, G(m), P, P]`` (global: ``..., H, W``)."""
+        q, k, _ = self._heads(self._channels_last(x))
+        return self._probabilities(q, k, x.shape[0])
+
     def _probabilities(self, q: Tensor, k: Tensor, bsz: int) -> Tensor:
         grp, gidx = self._group_term()
         scores = reference_logits(q, k, self.pos.spatial(), grp, gidx, scale=1.0 / math.sqrt(self.in_channels),
                                   patch_size=self.patch_size)  # [B*heads, v, g, i, j, m, k, l]
-        shape = scores.shape
-        probs = torch.softmax(scores.reshape(*shape[:-3], -1), -1).view(shape)  # softmax over (m, k, l) together
-        return probs.view(bsz, self.num_heads, *shape[1:])  # [B, heads, v, g, i, j, m, k, l]
+        return _joint_softmax(scores).view(bsz, self.num_heads, *scores.shape[1:])  # [B, heads, v, g, i, j, m, k, l]
 
     def extra_repr(self) -> str:
         hood = f"patch_size={self.patch_size}" if self.patch_size else f"global, image_size={self.image_size}"
@@ -322,27 +332,17 @@ class LiftingSelfAttention(_SelfAttention):
         super().__init__(group, in_channels, out_channels, num_heads, mid_channels, patch_size, image_size,
                          attention_dropout, positional, "corrected", impl)
 
-    def _check(self, x: Tensor) -> None:
+    def _channels_last(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LiftingSelfAttention expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         self._check_spatial(x.shape[-2], x.shape[-1])
-
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
-        path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
-        self._check(x)
-        q, k, v = self._heads(x.permute(0, 2, 3, 1).unsqueeze(3))
-        out = self._merge(self._attend(q, k, v), x.shape[0])
-        return (out, self.attention_probabilities(x)) if return_attention else out
+        return x.permute(0, 2, 3, 1).unsqueeze(3)
 
     @torch.no_grad()
     def attention_probabilities(self, x: Tensor) -> Tensor:
         """Softmax probabilities (no dropout), ``[B, heads, G, H, W, P, P]`` (global: ``[B, heads, G, H, W, H, W]``);
         the last two axes are (row offset + P//2, column offset + P//2); 0 outside the image."""
-        self._check(x)
-        q, k, _ = self._heads(x.permute(0, 2, 3, 1).unsqueeze(3))
-        probs = self._probabilities(q, k, x.shape[0])  # [B, nh, Gv, 1, H, W, 1, ., .]
-        return probs[:, :, :, 0, :, :, 0]
+        return super().attention_probabilities(x)[:, :, :, 0, :, :, 0]  # drop the query and key group axes (size 1)
 
 
 class GroupSelfAttention(_SelfAttention):
@@ -363,23 +363,9 @@ class GroupSelfAttention(_SelfAttention):
     def group_index(self) -> str:
         return self.pos.group_index_kind
 
-    def _check(self, x: Tensor) -> None:
+    def _channels_last(self, x: Tensor) -> Tensor:
         if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != len(self.group):
             raise ValueError(f"GroupSelfAttention expects group signals [B, {self.in_channels}, {len(self.group)}, H, "
                              f"W] (group {self.group.name}), got {tuple(x.shape)}")
         self._check_spatial(x.shape[-2], x.shape[-1])
-
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
-        path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
-        self._check(x)
-        q, k, v = self._heads(x.permute(0, 3, 4, 2, 1))
-        out = self._merge(self._attend(q, k, v), x.shape[0])
-        return (out, self.attention_probabilities(x)) if return_attention else out
-
-    @torch.no_grad()
-    def attention_probabilities(self, x: Tensor) -> Tensor:
-        """Softmax probabilities (no dropout), ``[B, heads, G(v), G(g), H, W, G(m), P, P]`` (global: ``..., H, W``)."""
-        self._check(x)
-        q, k, _ = self._heads(x.permute(0, 3, 4, 2, 1))
-        return self._probabilities(q, k, x.shape[0])
+        return x.permute(0, 3, 4, 2, 1)

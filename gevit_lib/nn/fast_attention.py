@@ -14,8 +14,7 @@ The logits of a group self-attention layer (derived in :mod:`gevit_lib.nn.attent
 - Blocks are formed chunk by chunk (about 4 MiB at a time, cache-sized) and summed over g before the value
   product, one batched matmul. Only q, k, v, the embedding tables, the log-sum-exp and the three maxima per
   (x, v, g) are kept for the backward pass, which recomputes the block per chunk: no 9-D tensor for the whole batch.
-- On CPU the chunks run on a small thread pool whose ops are single-threaded (groups of whole images, so gradient
-  scatters never collide): thousands of small multi-threaded ops collapse when the machine is oversubscribed.
+- On CPU the chunks run on a small thread pool of single-threaded ops (see ``_cpu_pool``).
 - Attention dropout draws its masks from (seed, chunk) with a cheap 15-bit generator and redraws them backwards.
 - The lifting layer is the special case G_query = G_key = 1 without group term; global attention is local attention
   with a (2S-1) x (2S-1) neighbourhood (the same normalised offsets, the outside masked).
@@ -32,6 +31,7 @@ laid out (m, delta) so that every broadcast keeps a contiguous inner loop.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -174,9 +174,7 @@ def _keep_mask(seed: int, chunk: int, shape: tuple[int, ...], p: float, like: Te
     """
     gen = torch.Generator(device=like.device)
     gen.manual_seed(seed + 7919 * chunk)
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=like.device).random_(generator=gen)
     lanes = torch.bitwise_and(words.view(torch.int16)[:numel], (1 << _DROP_BITS) - 1).to(like.dtype)
     return lanes.mul_(1.0 / (1 << _DROP_BITS)).add_(1.0 - p).floor_().view(shape)
@@ -194,7 +192,8 @@ def _keep_scale(p: float, dtype: torch.dtype) -> float:
 
 # ---- CPU worker pool: chunks run in parallel threads with single-threaded ops ---------------------------------
 # Many small ops with OpenMP inside each of them collapse when the CPU is oversubscribed (measured: 11x slower
-# than one thread on a loaded 2-core machine); parallelising over chunks instead keeps every op serial.
+# than one thread on a loaded 2-core machine); parallelising over chunks instead keeps every op serial. Each thread
+# takes whole images, so gradient scatters never collide.
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1
 _POOL_LOCK = threading.Lock()
@@ -250,6 +249,17 @@ def _n_groups(device: torch.device, elements: int) -> int:
     return torch.get_num_threads()
 
 
+def _setup(q: Tensor, k: Tensor, v: Tensor, n_gv: int, p2: int, patch: int,
+           budget: int) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, int, int, int]]]:
+    """Zero-padded keys and values, the border bias and the chunks (the same in the forward and backward pass)."""
+    n_img, height, width, gq, _ = q.shape
+    r = patch // 2
+    kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
+    vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
+    bias = _border_bias(height, width, patch, q.dtype, q.device)
+    return kp, vp, bias, list(_chunks(n_img, height, width * n_gv * gq * p2 * k.shape[3], budget))
+
+
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None,
@@ -257,10 +267,7 @@ class _LocalAttention(torch.autograd.Function):
         n_img, height, width, gq, _ = q.shape
         gk, dv = k.shape[3], v.shape[4]
         n_gv, p2 = pos.shape[:2]
-        r = patch // 2
-        kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
-        vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
-        bias = _border_bias(height, width, patch, q.dtype, q.device)
+        kp, vp, bias, chunks = _setup(q, k, v, n_gv, p2, patch, budget)
         flat_index = None
         if grp is not None and gidx is not None:
             flat_index = (torch.arange(gq, device=q.device).view(1, -1, 1) * grp.shape[0] + gidx).reshape(-1)
@@ -270,7 +277,6 @@ class _LocalAttention(torch.autograd.Function):
         c_max = q.new_empty(n_img, height, width, gq)  # the three per-term maxima (the shift of _Scores)
         s_max = q.new_empty(n_img, height, width, n_gv, gq)
         g_max = q.new_zeros(n_img, height, width, n_gv, gq)
-        chunks = list(_chunks(n_img, height, width * n_gv * gq * p2 * gk, budget))
 
         def run(ids: list[int]) -> list[int]:
             exact: list[int] = []
@@ -324,15 +330,11 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, gr
     n_img, height, width, gq, d = q.shape
     gk, dv = k.shape[3], v.shape[4]
     n_gv, p2, dpos = pos.shape
-    r = patch // 2
-    kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
-    vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
-    bias = _border_bias(height, width, patch, q.dtype, q.device)
+    kp, vp, bias, chunks = _setup(q, k, v, n_gv, p2, patch, budget)
     grad_out = grad_out.contiguous()
     dq = torch.empty_like(q)
     dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
     keep_scale = _keep_scale(dropout, q.dtype) if dropout > 0 else 1.0
-    chunks = list(_chunks(n_img, height, width * n_gv * gq * p2 * gk, budget))
 
     def run(ids: list[int]) -> tuple[Tensor, Tensor | None]:
         dpos_tab = torch.zeros_like(pos)
@@ -388,9 +390,8 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, gr
     partials = _run_groups([partial(run, ids) for ids in _chunk_groups(chunks, n_groups)], q.device)
     dpos_tab = torch.stack([p[0] for p in partials]).sum(0)
     dgrp = torch.stack([p[1] for p in partials]).sum(0) if grp is not None else None
-    dk = dkp[:, r:r + height, r:r + width]
-    dv_ = dvp[:, r:r + height, r:r + width]
-    return dq, dk, dv_, dpos_tab, dgrp
+    r = patch // 2
+    return dq, dkp[:, r:r + height, r:r + width], dvp[:, r:r + height, r:r + width], dpos_tab, dgrp
 
 
 def _planar_padded(x: Tensor, r: int) -> Tensor:
@@ -437,8 +438,6 @@ BACKENDS: tuple[str, ...] = ("auto", "kernel", "chunked", "triton")
 
 
 def _use_kernel(backend: str, device: torch.device) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("chunked", "triton") or (backend == "auto" and device.type != "cpu"):
         return False
     if device.type != "cpu":
@@ -467,13 +466,11 @@ def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tens
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
-    # ---- CUDA: the Triton kernels (gevit_lib.nn.triton_attention; GEVIT_CUDA_KERNEL=triton|chunked chooses) ----
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if triton_attention.selected(backend, q.device):
+    if triton_attention.selected(backend, q.device):  # CUDA: the Triton kernels (GEVIT_CUDA_KERNEL chooses)
         return triton_attention.triton_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
                                                        dropout=dropout, seed=seed)
-    # ---- end of the Triton hunk ----
     args = [t.to(work).contiguous() if t is not None else None for t in (q, k, v, pos, grp)]
     with torch.autocast(q.device.type, enabled=False):
         if _use_kernel(backend, q.device):

@@ -33,15 +33,7 @@ from torch import Tensor, nn
 
 from ..groups import Group, get_group
 
-__all__ = [
-    "GCONV_IMPLS",
-    "check_exact_group",
-    "LiftingConv",
-    "GroupConv",
-    "GroupPool",
-    "GroupSignalNorm",
-    "GCNN",
-]
+__all__ = ["GCONV_IMPLS", "check_exact_group", "LiftingConv", "GroupConv", "GroupPool", "GroupSignalNorm", "GCNN"]
 
 GCONV_IMPLS: tuple[str, ...] = ("fast", "plain")
 
@@ -79,8 +71,8 @@ def _bank_index(group: Group, shape: tuple[int, ...], group_filter: bool) -> Ten
 class _GConvBase(nn.Module):
     lifted_input: bool = False
 
-    def __init__(self, group: Group | str, in_channels: int, out_channels: int, kernel_size: int, padding: int,
-                 bias: bool, impl: str) -> None:
+    def __init__(self, group: Group | str, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 padding: int = 0, bias: bool = True, impl: str = "fast") -> None:
         super().__init__()
         self.group = check_exact_group(group)
         if min(in_channels, out_channels, kernel_size) < 1 or padding < 0:
@@ -126,12 +118,6 @@ class LiftingConv(_GConvBase):
     """Lifting convolution: images ``[B, C_in, H, W]`` -> group signals ``[B, C_out, G, H', W']``,
     ``out[h] = (T_h W) * x`` (H' = H + 2 padding - k + 1)."""
 
-    lifted_input = False
-
-    def __init__(self, group: Group | str, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 padding: int = 0, bias: bool = True, impl: str = "fast") -> None:
-        super().__init__(group, in_channels, out_channels, kernel_size, padding, bias, impl)
-
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LiftingConv expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -153,10 +139,6 @@ class GroupConv(_GConvBase):
     ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]``; weight ``[C_out, C_in, G, k, k]``."""
 
     lifted_input = True
-
-    def __init__(self, group: Group | str, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 padding: int = 0, bias: bool = True, impl: str = "fast") -> None:
-        super().__init__(group, in_channels, out_channels, kernel_size, padding, bias, impl)
 
     def forward(self, x: Tensor) -> Tensor:
         g = len(self.group)

@@ -30,14 +30,9 @@ For rotations that are not multiples of 90 degrees the moved offsets fall betwee
 takes them as real numbers, but the pixel grid itself is not rotated, so such equivariance is only approximate.
 
 Group-axis index tables ``gidx[v, g, m]`` (which group embedding the query at g uses for the key at m when producing
-output element v), ``group_index=``; docs/group_table.md tells the whole story:
-
-- ``"corrected"``: exactly equivariant for every group. GE-ViT (right action): ``index(g v^-1 g m^-1)``, unchanged
-  under ``(v, g, m) -> (v t, g t, m t)``; for cyclic groups it is the original ``(2g - m - v) mod n``, so the
-  published p4 checkpoint computes the same function. GSA (left action): ``index(g^-1 v g^-1 m)``.
-- ``"reference"``: the original code's table, rebuilt by re-implementing its construction (its ``left_action_on_H``
-  applied to an index vector; :func:`reference_relative_positions`); needed to reproduce the published p4m
-  checkpoint. Not equivariant for D_n, n > 1.
+output element v), ``group_index=`` (docs/group_table.md tells the whole story): ``"corrected"`` is exactly
+equivariant for every group (for cyclic groups the original table); ``"reference"`` re-implements the original
+code's construction, needed to reproduce the published p4m checkpoint, and is not equivariant for D_n, n > 1.
 
 Coordinates are computed in float64 from the group's matrices; the original rounded them to float32 (differences
 ~1e-16 for 90-degree groups).
@@ -52,17 +47,8 @@ from torch import Tensor, nn
 
 from ..groups import Group, get_group
 
-__all__ = [
-    "POSITIONAL",
-    "GROUP_INDEX",
-    "normalised_offsets",
-    "relative_coordinates",
-    "reference_relative_positions",
-    "group_index_table",
-    "feature_action_side",
-    "CoordinateMLP",
-    "RelativePositionalEncoding",
-]
+__all__ = ["POSITIONAL", "GROUP_INDEX", "normalised_offsets", "relative_coordinates", "reference_relative_positions",
+           "group_index_table", "feature_action_side", "CoordinateMLP", "RelativePositionalEncoding"]
 
 POSITIONAL: tuple[str, ...] = ("gevit", "gsa")
 GROUP_INDEX: tuple[str, ...] = ("corrected", "reference")
