@@ -62,21 +62,8 @@ from gevit_lib.checkpointing import (
 )
 from gevit_lib.distributed import ShardedBatchSampler, shard_bounds
 
-__all__ = [
-    "TrainConfig",
-    "FitResult",
-    "NonFiniteLossError",
-    "fit",
-    "evaluate",
-    "build_optimizer",
-    "build_scheduler",
-    "lr_factor",
-    "seed_everything",
-    "resolve_device",
-    "resolve_precision",
-    "autocast",
-    "train_loader",
-]
+__all__ = ["TrainConfig", "FitResult", "NonFiniteLossError", "fit", "evaluate", "build_optimizer", "build_scheduler",
+           "lr_factor", "seed_everything", "resolve_device", "resolve_precision", "autocast", "train_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -493,13 +480,6 @@ def _cpu_copy(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def _is_better(val: dict[str, float], best: dict[str, float] | None) -> bool:
-    """Higher accuracy wins; equal accuracy is decided by lower loss."""
-    if best is None:
-        return True
-    return val["accuracy"] > best["accuracy"] or (val["accuracy"] == best["accuracy"] and val["loss"] < best["loss"])
-
-
 def _select(state: RunState, record: dict[str, Any], val: dict[str, float] | None, model: nn.Module,
             patience: int | None) -> bool:
     """Add the epoch's record; keep the weights if they are the best so far; decide early stopping."""
@@ -507,7 +487,8 @@ def _select(state: RunState, record: dict[str, Any], val: dict[str, float] | Non
     state.epoch = record["epoch"]
     if val is None:
         return False
-    if _is_better(val, state.best_val):
+    best, acc = state.best_val, val["accuracy"]  # higher accuracy wins; equal accuracy: lower loss
+    if best is None or acc > best["accuracy"] or (acc == best["accuracy"] and val["loss"] < best["loss"]):
         state.best_epoch, state.best_val, state.since_best = state.epoch, val, 0
         state.best_weights = _cpu_copy(model.state_dict())
         return True
@@ -575,32 +556,19 @@ def _train_epoch(loop: _Loop, epoch: int, state: RunState) -> dict[str, float]:
 
 def _step(loop: _Loop, loss: Tensor, params: list[nn.Parameter]) -> None:
     """Backward, optional gradient clipping (after unscaling fp16 gradients), optimizer and schedule step."""
-    loop.optimizer.zero_grad(set_to_none=True)
-    clip = loop.config.grad_clip
-    if loop.scaler is not None:
-        loop.scaler.scale(loss).backward()
-        if clip is not None:
-            loop.scaler.unscale_(loop.optimizer)
-            nn.utils.clip_grad_norm_(params, clip)
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
+    optimizer, scaler, clip = loop.optimizer, loop.scaler, loop.config.grad_clip
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, clip)
+    if scaler is None:
+        optimizer.step()
     else:
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(params, clip)
-        loop.optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
     loop.scheduler.step()
-
-
-def _save_epoch(run: RunFolder, loop: _Loop, state: RunState, save_best: bool, summary: dict[str, Any],
-                model_config: dict[str, Any] | None) -> None:
-    if save_best:
-        run.save_best(loop.model)
-    save_checkpoint(run.last, config=loop.config.to_dict(), model_config=model_config, model=loop.model,
-                    optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
-                    loader_generator=loop.loader_generator, augment_generator=loop.augment_generator, state=state)
-    run.write_history(state.history)
-    run.write_summary(summary)
 
 
 def _count(model: nn.Module, trainable: bool) -> int:
@@ -675,25 +643,19 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         model_config: Mapping[str, Any] | None = None) -> FitResult:
     """Train ``model`` (only parameters with ``requires_grad``) and load the best validation weights into it.
 
-    ``train_data``/``val_data``/``test_data``: Datasets of (input, label) or tuples (inputs, labels); ``model``
-    maps a batch to logits ``[B, classes]``. ``val_data=None``: no selection, the final weights are kept.
-    ``augment(x, generator)`` transforms each training batch on the device, drawing randomness only from
-    ``generator`` (seeded, checkpointed). ``loss_fn(logits, labels)`` -> mean loss (default cross-entropy; also
-    used for the validation/test loss). ``test_data`` is evaluated once at the end, never for selection.
-    ``run_dir``: folder for config.json, metrics.csv, metrics.json, best.pt (model state_dict) and last.pt (full
-    state), written atomically after every epoch. ``model_config``: a JSON-serialisable description of the model
-    (e.g. its builder and arguments), recorded in config.json and last.pt. ``resume=True`` continues from
-    ``run_dir/last.pt`` when it exists; another ``model_config``, training settings outside
-    ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs than already run are refused. A finished run is not
-    retrained and its files are left as they are: the best weights are loaded and the test set evaluated. Without
-    ``resume`` an existing checkpoint is an error. ``on_epoch_end(record, model)`` is called after each epoch's
-    files are written. A NaN/inf training or validation loss raises ``NonFiniteLossError``.
+    Data: Datasets of (input, label) or tuples (inputs, labels); ``val_data=None`` keeps the final weights;
+    ``test_data`` is evaluated once at the end. ``augment(x, generator)`` transforms each training batch on the
+    device, drawing randomness only from ``generator``. ``loss_fn(logits, labels)`` -> mean loss (default
+    cross-entropy; also for validation/test). ``run_dir``: config.json, metrics.csv, metrics.json, best.pt (state
+    dict) and last.pt (full state), written atomically every epoch. ``model_config``: a JSON-serialisable
+    description of the model, recorded there. ``resume=True`` continues from ``run_dir/last.pt``, refusing another
+    ``model_config``, settings outside ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs; a finished run is not
+    retrained or rewritten (its best weights are loaded, the test set evaluated). Without ``resume`` an existing
+    checkpoint is an error. ``on_epoch_end(record, model)`` runs after each epoch's files are written.
 
-    Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself (gloo on CPU, NCCL on
-    ``cuda:LOCAL_RANK``) and trains with DistributedDataParallel; ``config.batch_size`` stays the global batch, so
-    the result equals a single-process run up to float rounding (see the module docstring). Only rank 0 touches
-    ``run_dir`` and shows progress; every rank returns the same ``FitResult`` and ends with the same weights in
-    ``model``; ``on_epoch_end`` runs on every rank once rank 0 has written the epoch's files.
+    Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself and trains with DDP on the same
+    global batches (see the module docstring); only rank 0 touches ``run_dir`` and shows progress, and every rank
+    returns the same ``FitResult`` and weights.
     """
     distributed = dist_utils.setup(resolve_device(config.device).type)
     main = dist_utils.is_main_process()
@@ -734,8 +696,14 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         improved = _select(state, record, val, model, config.early_stopping_patience)
         if run is not None:
             if main:
-                _save_epoch(run, loop, state, improved or val is None, _summary(loop, state, splits, None),
-                            model_record)
+                if improved or val is None:
+                    run.save_best(model)
+                save_checkpoint(run.last, config=config.to_dict(), model_config=model_record, model=model,
+                                optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
+                                loader_generator=loop.loader_generator, augment_generator=loop.augment_generator,
+                                state=state)
+                run.write_history(state.history)
+                run.write_summary(_summary(loop, state, splits, None))
             dist_utils.barrier()  # the epoch's files are complete before any rank goes on (or is stopped)
         _report_epoch(loop, state, record, improved, epoch_seconds)
         if on_epoch_end is not None:
