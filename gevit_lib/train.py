@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from gevit_lib import __version__
 from gevit_lib import distributed as dist_utils
+from gevit_lib.augment import Augment
 from gevit_lib.checkpointing import (
     RunFolder,
     RunState,
@@ -73,7 +74,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # A dataset of (input, label) pairs, or a pair of tensors (inputs, labels).
 Data = Union[Dataset, tuple[Tensor, Tensor]]
-Augment = Callable[[Tensor, torch.Generator], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -426,10 +426,6 @@ class _Loop:
     progress: bool
     distributed: bool
 
-    @property
-    def eval_batch_size(self) -> int:
-        return self.config.eval_batch_size or self.config.batch_size
-
 
 def _splits(train_data: Data, val_data: Data | None, test_data: Data | None, config: TrainConfig) -> _Splits:
     splits = _Splits(_as_dataset(train_data, "train_data"),
@@ -467,12 +463,13 @@ def _validate(loop: _Loop, data: Dataset, desc: str, epoch: int | None = None, g
               ) -> dict[str, float]:
     """Metrics on ``data`` (split over the processes under torchrun). With ``epoch`` (a selection pass) a
     non-finite loss stops the run."""
-    loader, shard = _eval_loader(data, loop.eval_batch_size, loop.device, loop.config.num_workers,
+    config = loop.config
+    loader, shard = _eval_loader(data, config.eval_batch_size or config.batch_size, loop.device, config.num_workers,
                                  dist_utils.rank(), dist_utils.world_size())
     metrics = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, loop.progress, desc,
                          shard if loop.distributed else None)
     if epoch is not None and not math.isfinite(metrics["loss"]):
-        raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, loop.config.label, split="validation")
+        raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, config.label, split="validation")
     return metrics
 
 
