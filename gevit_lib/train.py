@@ -604,7 +604,7 @@ def _report_epoch(loop: _Loop, state: RunState, record: dict[str, Any], improved
              f"lr {record['lr']:.2e}",
              f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
     if record["val_loss"] is not None:
-        parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" + (" *" if improved else ""))
+        parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%{' *' if improved else ''}")
     parts += [f"{record['seconds']:.1f} s/epoch",
               f"ETA {_format_seconds(remaining * sum(epoch_seconds) / len(epoch_seconds))}"]
     line = " | ".join(parts)
