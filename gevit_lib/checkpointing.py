@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from gevit_lib import __version__
 from gevit_lib.files import atomic_torch_save, atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "RunState", "RunFolder", "read_checkpoint",
-           "check_resume", "save_checkpoint", "restore_checkpoint", "rng_state", "set_rng_state", "json_record"]
+__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "RunState", "RunFolder",
+           "read_checkpoint", "check_resume", "save_checkpoint", "restore_checkpoint", "rng_state", "set_rng_state",
+           "json_record"]
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,14 @@ class RunState:
                                               "initial_val", "since_best", "stopped_early")}
 
 
-def json_record(obj: Mapping[str, Any] | None, what: str = "model_config") -> dict[str, Any] | None:
+def json_record(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``obj`` as it reads back from JSON (tuples become lists), so that records compare equal after a round trip."""
     if obj is None:
         return None
     try:
         return json.loads(json.dumps(dict(obj)))
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be a JSON-serialisable mapping (names, numbers, lists): {exc}") from None
+        raise TypeError(f"model_config must be a JSON-serialisable mapping (names, numbers, lists): {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

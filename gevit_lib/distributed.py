@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -23,22 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-__all__ = [
-    "env_world_size",
-    "is_distributed",
-    "rank",
-    "local_rank",
-    "world_size",
-    "is_main_process",
-    "setup",
-    "teardown",
-    "device_for_rank",
-    "barrier",
-    "all_reduce_sum",
-    "on_main_then_broadcast",
-    "shard_bounds",
-    "ShardedBatchSampler",
-]
+__all__ = ["env_world_size", "is_distributed", "rank", "local_rank", "world_size", "is_main_process", "setup",
+           "teardown", "device_for_rank", "barrier", "all_reduce_sum", "on_main_then_broadcast", "shard_bounds",
+           "ShardedBatchSampler"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,7 +59,7 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def setup(device_type: str = "cpu", timeout: timedelta | None = None) -> bool:
+def setup(device_type: str = "cpu") -> bool:
     """Join the process group described by torchrun's environment, if any; return whether this run is distributed.
 
     Backend: NCCL for ``device_type="cuda"`` (after selecting ``cuda:LOCAL_RANK``), gloo for CPU. An already
@@ -102,8 +88,7 @@ def setup(device_type: str = "cpu", timeout: timedelta | None = None) -> bool:
                                f"visible; start at most that many processes per node")
         torch.cuda.set_device(local_rank())
     backend = "nccl" if device_type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
-    dist.init_process_group(backend=backend, **kwargs)
+    dist.init_process_group(backend=backend)
     atexit.register(teardown)
     log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return is_distributed()
@@ -137,13 +122,9 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def on_main_then_broadcast(fn: Callable[[], T], device: torch.device | None = None) -> T:
-    """Run ``fn`` on rank 0 only and return its result (any picklable object) on every rank.
-
-    An exception raised by ``fn`` is re-raised on every rank, so the other processes fail with the same error
-    instead of waiting for a collective that rank 0 never joins. ``device``: where the pickled bytes travel
-    (this process's GPU with NCCL; CPU with gloo).
-    """
+def on_main_then_broadcast(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and return its result (any picklable object) on every rank. An exception raised
+    by ``fn`` is re-raised on every rank, so the others do not wait for a collective that rank 0 never joins."""
     if not is_distributed():
         return fn()
     box: list[Any] = [None]
@@ -154,7 +135,7 @@ def on_main_then_broadcast(fn: Callable[[], T], device: torch.device | None = No
         except Exception as exc:  # noqa: BLE001 (forwarded to every rank and re-raised)
             error = exc
             box[0] = ("error", _picklable(exc))
-    dist.broadcast_object_list(box, src=0, device=device)
+    dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if error is not None:
         raise error

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -68,10 +68,6 @@ class Recipe:
     n_val: int | None = None
     n_test: int | None = None
     options: tuple[str, ...] = ()
-    notebook: str | None = None  # where a trained model of this recipe is studied post hoc
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _GEVIT_ROTMNIST = dict(family="gevit_rotmnist", model="build_gevit", dataset="rotated_mnist", optimizer="adam",
@@ -92,11 +88,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            momentum=0.9, weight_decay=1e-4, schedule="warmup_cosine", warmup_epochs=10.0, epochs=100,
            batch_size=16, options=("group", "patch_size")),
     Recipe("vit_rotmnist", "the post's ViT on rotated MNIST (random rotations and flips)", **_VIT_MNIST,
-           dataset="rotated_mnist", augmentation="rotations_and_flips", notebook="06"),
+           dataset="rotated_mnist", augmentation="rotations_and_flips"),
     Recipe("vit_mnist", "the post's ViT on upright MNIST (no augmentation, batch 1024)",
-           **{**_VIT_MNIST, "batch_size": 1024}, dataset="mnist", notebook="07"),
+           **{**_VIT_MNIST, "batch_size": 1024}, dataset="mnist"),
     Recipe("vit_rotmnist_10pct", "the post's ViT on 10% of rotated MNIST", **_VIT_MNIST, dataset="rotated_mnist",
-           data_args={"fraction": 0.1}, augmentation="rotations_and_flips", notebook="08"),
+           data_args={"fraction": 0.1}, augmentation="rotations_and_flips"),
 ]}
 
 

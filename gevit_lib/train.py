@@ -1,43 +1,32 @@
-"""Training and evaluation loop shared by every experiment: ``fit``, ``evaluate``, ``predict``.
+"""Training and evaluation loop shared by every experiment: ``fit`` and ``evaluate``.
 
 One small loop (nanoGPT style) for GE-ViT, the post's ViT, post-hoc finetuning and the hybrids:
 
-- seeded and deterministic on CPU (python / numpy / torch seeds, an explicit generator for shuffling, another for
+- seeded and deterministic on CPU (python / numpy / torch seeds, one generator for shuffling, another for
   augmentation, seeded workers);
-- optimizers and schedules the post uses (Adam, AdamW, SGD + momentum (+ Nesterov); constant, linear warm-up +
-  cosine, multistep), all stepped per batch through one ``LambdaLR``;
-- optional mixed precision on CUDA (bf16 preferred, fp16 with a GradScaler as fallback; always fp32 on CPU);
+- Adam, AdamW or SGD (+ Nesterov) with a constant, linear warm-up + cosine or multistep schedule, stepped per batch;
+- mixed precision on CUDA (bf16 preferred, else fp16 with a GradScaler; always fp32 on CPU);
 - best-on-validation selection (highest accuracy, ties broken by lower loss); the test set, if given, is evaluated
   once at the end with the selected weights and never used for selection (the original code selected on it);
-- a run folder (:mod:`gevit_lib.checkpointing`) with ``config.json``, ``metrics.csv``, ``metrics.json``,
-  ``best.pt`` and a resumable ``last.pt``, all written atomically every epoch; ``resume=True`` continues an
+- a run folder (:mod:`gevit_lib.checkpointing`) written atomically every epoch; ``resume=True`` continues an
   interrupted run bit-identically on CPU and refuses a changed model or changed training settings;
-- a non-finite training or validation loss stops the run with ``NonFiniteLossError`` (the original code skipped
-  such batches).
+- a non-finite training or validation loss raises ``NonFiniteLossError`` (the original code skipped such batches).
 
-Multi-process training: the same ``fit`` runs unchanged under ``torchrun --nproc-per-node N`` (one process per
-GPU, NCCL; or CPU processes, gloo), using ``gevit_lib.distributed``. A run with N processes computes the same
-optimizer steps as a single process, up to float rounding:
+Under ``torchrun --nproc-per-node N`` the same ``fit`` trains with DistributedDataParallel (NCCL on GPUs, gloo on
+CPU) and computes the same optimizer steps as a single process, up to float rounding:
 
-- ``config.batch_size`` is the *global* batch (one optimizer step); each process takes a contiguous part of it.
-  ``ShardedBatchSampler`` cuts the single-process loader's own batches (same seeded generator on every rank, same
-  permutation per epoch), so every step sees exactly the samples it would see in one process.
-- the model is wrapped in ``DistributedDataParallel``; each rank's mean loss is weighted by
-  ``rank_count * N / global_count`` so that DDP's gradient average equals the mean over the global batch, also for
-  uneven splits and the last, smaller batch (nothing is dropped or padded; a rank left with no sample of a tiny
-  last batch runs one sample with weight 0 to join the gradient all-reduce).
-- validation/test: each rank evaluates whole batches of the single-process evaluation (no padding, no
-  duplicates); per-batch loss sums are gathered and added in the single-process order, so the metrics (and hence
-  best-epoch selection and early stopping) are exactly the single-process values, identical on every rank.
-- training metrics are reduced over ranks (sum of loss * n, correct, n); BatchNorm-style buffers are broadcast
-  from rank 0 after every epoch so every rank evaluates and keeps the weights rank 0 saves.
-- only rank 0 reads and writes ``run_dir`` (the checkpoint is broadcast to the others; errors reach every rank)
-  and shows progress and logs; the others wait at a barrier after every epoch's files are written.
-- checkpoints hold global state (epoch, global step, loader generator, rank 0's RNG), never per-rank state, so a
-  run resumes with any number of processes and continues the same global sequence of batches. Randomness inside a
-  step (dropout, ``augment``) comes from per-rank streams: rank 0 uses the single-process stream, rank r > 0
-  reseeds from (seed, r, epoch) each epoch. Those draws differ from a single-process run, so the equivalence above
-  is for the data order and the maths of each step; BatchNorm statistics are per rank (as usual with DDP).
+- ``config.batch_size`` is the global batch: ``ShardedBatchSampler`` gives each rank a contiguous part of every
+  batch of the single-process loader (same seeded generator on every rank).
+- each rank's mean loss is weighted by ``rank_count * N / global_count``, so DDP's gradient average is the mean
+  over the global batch, also for uneven splits (nothing is dropped or padded; a rank left with no sample of a
+  tiny last batch runs one sample with weight 0 to join the all-reduce).
+- validation/test: each rank evaluates whole single-process batches and the per-batch loss sums are added in the
+  single-process order, so metrics, selection and early stopping are exactly the single-process ones.
+- training metrics are reduced over ranks; BatchNorm-style buffers are broadcast from rank 0 after every epoch.
+- only rank 0 touches ``run_dir`` and shows progress (the checkpoint is broadcast; errors reach every rank).
+- checkpoints hold global state only (epoch, global step, loader generator, rank 0's RNG), so a run resumes with
+  any number of processes. Dropout and ``augment`` draw from per-rank streams (rank r > 0 reseeds from
+  (seed, r, epoch) each epoch), so those draws differ from a single process; BatchNorm statistics are per rank.
 """
 
 from __future__ import annotations
@@ -63,6 +52,7 @@ from tqdm import tqdm
 
 from gevit_lib import __version__
 from gevit_lib import distributed as dist_utils
+from gevit_lib.augment import Augment
 from gevit_lib.checkpointing import (
     RunFolder,
     RunState,
@@ -73,23 +63,8 @@ from gevit_lib.checkpointing import (
 )
 from gevit_lib.distributed import ShardedBatchSampler, shard_bounds
 
-__all__ = [
-    "TrainConfig",
-    "FitResult",
-    "NonFiniteLossError",
-    "fit",
-    "evaluate",
-    "predict",
-    "build_optimizer",
-    "build_scheduler",
-    "lr_factor",
-    "seed_everything",
-    "resolve_device",
-    "resolve_precision",
-    "autocast",
-    "train_loader",
-    "eval_loader",
-]
+__all__ = ["TrainConfig", "FitResult", "NonFiniteLossError", "fit", "evaluate", "build_optimizer", "build_scheduler",
+           "lr_factor", "seed_everything", "resolve_device", "resolve_precision", "autocast", "train_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +74,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # A dataset of (input, label) pairs, or a pair of tensors (inputs, labels).
 Data = Union[Dataset, tuple[Tensor, Tensor]]
-Augment = Callable[[Tensor, torch.Generator], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -295,8 +269,6 @@ def _seed_worker(worker_id: int, rank: int = 0) -> None:
     random.seed(seed % 2**32)
 
 
-
-
 def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generator, device: torch.device, *,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
     """Shuffled training batches, all randomness drawn from ``generator``. With ``world_size > 1`` this rank's
@@ -311,14 +283,17 @@ def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generat
     return DataLoader(dataset, batch_sampler=sampler, **common)  # type: ignore[arg-type]
 
 
-def eval_loader(data: Data | DataLoader, batch_size: int, device: torch.device, num_workers: int = 0,
-                what: str = "data") -> DataLoader:
-    """Batches in dataset order. A private generator keeps evaluation from consuming the global torch RNG."""
-    if isinstance(data, DataLoader):
-        return data
-    return DataLoader(_as_dataset(data, what), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(0), worker_init_fn=_seed_worker,
-                      pin_memory=device.type == "cuda")
+def _eval_loader(dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1) -> tuple[DataLoader, tuple[int, int]]:
+    """Rank ``rank``'s contiguous block of whole dataset-order batches, and (its first batch, number of batches).
+    A private generator keeps evaluation from consuming the global torch RNG."""
+    n = len(dataset)  # type: ignore[arg-type]
+    total = math.ceil(n / batch_size)
+    lo, hi = shard_bounds(total, rank, world_size)
+    batches = [list(range(j * batch_size, min(n, (j + 1) * batch_size))) for j in range(lo, hi)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
+    return loader, (lo, total)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,10 +339,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
 
-    def factor(step: int) -> float:
-        return lr_factor(step, config, steps_per_epoch)
-
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,8 +348,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 
 @torch.no_grad()
 def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, loss_fn: LossFn,
-               keep_logits: bool, progress: bool, desc: str, shard: tuple[int, int] | None = None
-               ) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
+               progress: bool, desc: str, shard: tuple[int, int] | None = None) -> dict[str, float]:
     """Metrics over ``loader``. ``shard=(first, total)``: ``loader`` holds batches ``first, first+1, ...`` of
     ``total`` batches split over the processes; the result is reduced over them, adding the per-batch loss sums
     in batch order, so it is bit-identical to one process going through all ``total`` batches."""
@@ -387,7 +358,6 @@ def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, preci
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
     batch_sums = torch.zeros(shard[1] if shard else 0, dtype=torch.float64, device=device)
-    all_logits, all_labels = [], []
     try:
         for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -400,9 +370,6 @@ def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, preci
                 batch_sums[shard[0] + i] = loss_fn(logits, y).double() * len(y)
             correct += (logits.argmax(dim=-1) == y).sum()
             n += len(y)
-            if keep_logits:
-                all_logits.append(logits.cpu())
-                all_labels.append(y.cpu())
     finally:
         model.train(was_training)
     if shard is not None:  # each slot has exactly one non-zero contributor, so the sum over ranks is exact
@@ -411,10 +378,7 @@ def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, preci
         correct, n = counts[0], int(counts[1].item())
         for value in batch_sums:
             loss_sum += value
-    metrics = {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
-    if keep_logits:
-        return metrics, torch.cat(all_logits), torch.cat(all_labels)
-    return metrics, None, None
+    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
 
 
 def evaluate(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256, device: str = "cpu",
@@ -427,38 +391,9 @@ def evaluate(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    loader = eval_loader(data, batch_size, dev, num_workers)
-    metrics, _, _ = _eval_pass(model, loader, dev, prec, loss_fn or nn.CrossEntropyLoss(), False, progress,
-                               "eval")
-    return metrics
-
-
-def predict(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256, device: str = "cpu",
-            precision: str = "fp32", progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Logits (float32, on CPU, dataset order) and labels for ``data``, in eval mode."""
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    model.to(dev)
-    loader = eval_loader(data, batch_size, dev)
-    _, logits, labels = _eval_pass(model, loader, dev, prec, nn.CrossEntropyLoss(), True, progress, "predict")
-    assert logits is not None and labels is not None
-    return logits, labels
-
-
-def _sharded_eval(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, precision: str,
-                  loss_fn: LossFn, num_workers: int, progress: bool, desc: str) -> dict[str, float]:
-    """Metrics of ``eval_loader(dataset, batch_size)`` with its batches split over the processes in contiguous
-    blocks (whole batches: the same batch compositions, hence the same logits as a single process)."""
-    n = len(dataset)  # type: ignore[arg-type]
-    total = math.ceil(n / batch_size)
-    lo, hi = shard_bounds(total, dist_utils.rank(), dist_utils.world_size())
-    batches = [list(range(j * batch_size, min(n, (j + 1) * batch_size))) for j in range(lo, hi)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
-                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
-    metrics, _, _ = _eval_pass(model, loader, device, precision, loss_fn, False, progress, desc, shard=(lo, total))
-    return metrics
-
-
+    if not isinstance(data, DataLoader):
+        data, _ = _eval_loader(_as_dataset(data, "data"), batch_size, dev, num_workers)
+    return _eval_pass(model, data, dev, prec, loss_fn or nn.CrossEntropyLoss(), progress, "eval")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,10 +425,6 @@ class _Loop:
     augment_generator: torch.Generator
     progress: bool
     distributed: bool
-
-    @property
-    def eval_batch_size(self) -> int:
-        return self.config.eval_batch_size or self.config.batch_size
 
 
 def _splits(train_data: Data, val_data: Data | None, test_data: Data | None, config: TrainConfig) -> _Splits:
@@ -532,27 +463,18 @@ def _validate(loop: _Loop, data: Dataset, desc: str, epoch: int | None = None, g
               ) -> dict[str, float]:
     """Metrics on ``data`` (split over the processes under torchrun). With ``epoch`` (a selection pass) a
     non-finite loss stops the run."""
-    if loop.distributed:
-        metrics = _sharded_eval(loop.model, data, loop.eval_batch_size, loop.device, loop.precision, loop.loss_fn,
-                                loop.config.num_workers, loop.progress, desc)
-    else:
-        loader = eval_loader(data, loop.eval_batch_size, loop.device, loop.config.num_workers)
-        metrics, _, _ = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, False,
-                                   loop.progress, desc)
+    config = loop.config
+    loader, shard = _eval_loader(data, config.eval_batch_size or config.batch_size, loop.device, config.num_workers,
+                                 dist_utils.rank(), dist_utils.world_size())
+    metrics = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, loop.progress, desc,
+                         shard if loop.distributed else None)
     if epoch is not None and not math.isfinite(metrics["loss"]):
-        raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, loop.config.label, split="validation")
+        raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, config.label, split="validation")
     return metrics
 
 
 def _cpu_copy(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-
-
-def _is_better(val: dict[str, float], best: dict[str, float] | None) -> bool:
-    """Higher accuracy wins; equal accuracy is decided by lower loss."""
-    if best is None:
-        return True
-    return val["accuracy"] > best["accuracy"] or (val["accuracy"] == best["accuracy"] and val["loss"] < best["loss"])
 
 
 def _select(state: RunState, record: dict[str, Any], val: dict[str, float] | None, model: nn.Module,
@@ -562,7 +484,8 @@ def _select(state: RunState, record: dict[str, Any], val: dict[str, float] | Non
     state.epoch = record["epoch"]
     if val is None:
         return False
-    if _is_better(val, state.best_val):
+    best, acc = state.best_val, val["accuracy"]  # higher accuracy wins; equal accuracy: lower loss
+    if best is None or acc > best["accuracy"] or (acc == best["accuracy"] and val["loss"] < best["loss"]):
         state.best_epoch, state.best_val, state.since_best = state.epoch, val, 0
         state.best_weights = _cpu_copy(model.state_dict())
         return True
@@ -630,32 +553,19 @@ def _train_epoch(loop: _Loop, epoch: int, state: RunState) -> dict[str, float]:
 
 def _step(loop: _Loop, loss: Tensor, params: list[nn.Parameter]) -> None:
     """Backward, optional gradient clipping (after unscaling fp16 gradients), optimizer and schedule step."""
-    loop.optimizer.zero_grad(set_to_none=True)
-    clip = loop.config.grad_clip
-    if loop.scaler is not None:
-        loop.scaler.scale(loss).backward()
-        if clip is not None:
-            loop.scaler.unscale_(loop.optimizer)
-            nn.utils.clip_grad_norm_(params, clip)
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
+    optimizer, scaler, clip = loop.optimizer, loop.scaler, loop.config.grad_clip
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, clip)
+    if scaler is None:
+        optimizer.step()
     else:
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(params, clip)
-        loop.optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
     loop.scheduler.step()
-
-
-def _save_epoch(run: RunFolder, loop: _Loop, state: RunState, save_best: bool, summary: dict[str, Any],
-                model_config: dict[str, Any] | None) -> None:
-    if save_best:
-        run.save_best(loop.model)
-    save_checkpoint(run.last, config=loop.config.to_dict(), model_config=model_config, model=loop.model,
-                    optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
-                    loader_generator=loop.loader_generator, augment_generator=loop.augment_generator, state=state)
-    run.write_history(state.history)
-    run.write_summary(summary)
 
 
 def _count(model: nn.Module, trainable: bool) -> int:
@@ -694,7 +604,7 @@ def _report_epoch(loop: _Loop, state: RunState, record: dict[str, Any], improved
              f"lr {record['lr']:.2e}",
              f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
     if record["val_loss"] is not None:
-        parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" + (" *" if improved else ""))
+        parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%{' *' if improved else ''}")
     parts += [f"{record['seconds']:.1f} s/epoch",
               f"ETA {_format_seconds(remaining * sum(epoch_seconds) / len(epoch_seconds))}"]
     line = " | ".join(parts)
@@ -730,25 +640,19 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         model_config: Mapping[str, Any] | None = None) -> FitResult:
     """Train ``model`` (only parameters with ``requires_grad``) and load the best validation weights into it.
 
-    ``train_data``/``val_data``/``test_data``: Datasets of (input, label) or tuples (inputs, labels); ``model``
-    maps a batch to logits ``[B, classes]``. ``val_data=None``: no selection, the final weights are kept.
-    ``augment(x, generator)`` transforms each training batch on the device, drawing randomness only from
-    ``generator`` (seeded, checkpointed). ``loss_fn(logits, labels)`` -> mean loss (default cross-entropy; also
-    used for the validation/test loss). ``test_data`` is evaluated once at the end, never for selection.
-    ``run_dir``: folder for config.json, metrics.csv, metrics.json, best.pt (model state_dict) and last.pt (full
-    state), written atomically after every epoch. ``model_config``: a JSON-serialisable description of the model
-    (e.g. its builder and arguments), recorded in config.json and last.pt. ``resume=True`` continues from
-    ``run_dir/last.pt`` when it exists; another ``model_config``, training settings outside
-    ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs than already run are refused. A finished run is not
-    retrained and its files are left as they are: the best weights are loaded and the test set evaluated. Without
-    ``resume`` an existing checkpoint is an error. ``on_epoch_end(record, model)`` is called after each epoch's
-    files are written. A NaN/inf training or validation loss raises ``NonFiniteLossError``.
+    Data: Datasets of (input, label) or tuples (inputs, labels); ``val_data=None`` keeps the final weights;
+    ``test_data`` is evaluated once at the end. ``augment(x, generator)`` transforms each training batch on the
+    device, drawing randomness only from ``generator``. ``loss_fn(logits, labels)`` -> mean loss (default
+    cross-entropy; also for validation/test). ``run_dir``: config.json, metrics.csv, metrics.json, best.pt (state
+    dict) and last.pt (full state), written atomically every epoch. ``model_config``: a JSON-serialisable
+    description of the model, recorded there. ``resume=True`` continues from ``run_dir/last.pt``, refusing another
+    ``model_config``, settings outside ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs; a finished run is not
+    retrained or rewritten (its best weights are loaded, the test set evaluated). Without ``resume`` an existing
+    checkpoint is an error. ``on_epoch_end(record, model)`` runs after each epoch's files are written.
 
-    Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself (gloo on CPU, NCCL on
-    ``cuda:LOCAL_RANK``) and trains with DistributedDataParallel; ``config.batch_size`` stays the global batch, so
-    the result equals a single-process run up to float rounding (see the module docstring). Only rank 0 touches
-    ``run_dir`` and shows progress; every rank returns the same ``FitResult`` and ends with the same weights in
-    ``model``; ``on_epoch_end`` runs on every rank once rank 0 has written the epoch's files.
+    Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself and trains with DDP on the same
+    global batches (see the module docstring); only rank 0 touches ``run_dir`` and shows progress, and every rank
+    returns the same ``FitResult`` and weights.
     """
     distributed = dist_utils.setup(resolve_device(config.device).type)
     main = dist_utils.is_main_process()
@@ -789,8 +693,14 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         improved = _select(state, record, val, model, config.early_stopping_patience)
         if run is not None:
             if main:
-                _save_epoch(run, loop, state, improved or val is None, _summary(loop, state, splits, None),
-                            model_record)
+                if improved or val is None:
+                    run.save_best(model)
+                save_checkpoint(run.last, config=config.to_dict(), model_config=model_record, model=model,
+                                optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
+                                loader_generator=loop.loader_generator, augment_generator=loop.augment_generator,
+                                state=state)
+                run.write_history(state.history)
+                run.write_summary(_summary(loop, state, splits, None))
             dist_utils.barrier()  # the epoch's files are complete before any rank goes on (or is stopped)
         _report_epoch(loop, state, record, improved, epoch_seconds)
         if on_epoch_end is not None:

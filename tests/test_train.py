@@ -25,7 +25,6 @@ from gevit_lib.train import (
     evaluate,
     fit,
     lr_factor,
-    predict,
     resolve_precision,
 )
 
@@ -104,20 +103,16 @@ def test_fit_learns_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     assert "blobs epoch 8/8" in out and "s/epoch" in out and "ETA" in out and "test acc" in out
 
 
-def test_evaluate_and_predict_agree_with_plain_forward() -> None:
+def test_evaluate_agrees_with_plain_forward() -> None:
     model = make_mlp()
     model.train()
     rng = torch.get_rng_state()
-    logits, labels = predict(model, TEST, batch_size=50)
     metrics = evaluate(model, TEST, batch_size=17)
     assert model.training  # mode restored
     assert torch.equal(torch.get_rng_state(), rng)  # evaluation leaves the global RNG alone
     model.eval()
     with torch.no_grad():
         expected = model(TEST[0])
-    assert logits.dtype == torch.float32 and logits.shape == (128, CLASSES)
-    torch.testing.assert_close(logits, expected)
-    assert torch.equal(labels, TEST[1])
     assert metrics["n"] == 128
     assert metrics["accuracy"] == (expected.argmax(1) == TEST[1]).float().mean().item()
     assert math.isclose(metrics["loss"], F.cross_entropy(expected, TEST[1]).item(), rel_tol=1e-5)
