@@ -135,14 +135,12 @@ class PeakMemory:
 def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int, device: str | torch.device,
                   batch_size: int, steps: int = 3, budget_s: float | None = None, train: bool = True,
                   seed: int = 0) -> dict[str, Any]:
-    """Inference and training images/s and training peak memory of ``model`` on ``device`` (random inputs).
+    """Inference and training (cross-entropy, Adam) images/s and peak memory of a deep copy of ``model``.
 
-    Works on a deep copy (the model's weights are untouched). A warm-up on one image (pays one-time costs: lazy
-    initialisation, caches, kernel selection), then up to ``steps`` timed batches of ``batch_size`` within
-    ``budget_s`` (:func:`time_calls`). Training (forward, cross-entropy, backward, Adam step) is not timed when one
-    step is expected (3 x one inference batch) to exceed ``budget_s``. Returns ``infer_img_s``, ``train_img_s``
-    (None when not timed), ``peak_mem_mib`` (during training; during inference when training was not timed),
-    ``timed_batches`` (inference, training) and ``note``.
+    A warm-up on one image, then up to ``steps`` timed batches within ``budget_s`` (:func:`time_calls`); training
+    is not timed when one step (~3 inference batches) would exceed ``budget_s``. Returns ``infer_img_s``,
+    ``train_img_s`` (None when not timed), ``peak_mem_mib`` (of training, else inference), ``timed_batches``
+    (inference, training) and ``note``.
     """
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)

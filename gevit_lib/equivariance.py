@@ -30,7 +30,7 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 def invariance_errors(model: Callable[[Tensor], Tensor], x: Tensor, group: Group | str,
                       elements: Iterable[int] | None = None) -> dict[int, float]:
     """Relative change of ``model(x)`` when the input is transformed by each element (default: the exact ones)."""
-    group = get_group(group) if isinstance(group, str) else group
+    group = get_group(group)
     ref = model(x)
     elems = group.exact_elements if elements is None else list(elements)
     return {g: relative_error(model(group.act_on_image(x, g)), ref) for g in elems}
@@ -44,7 +44,7 @@ def equivariance_errors(fn: Callable[[Tensor], Tensor], x: Tensor, group: Group 
 
     ``lifted_input=False`` means ``x`` is an image ``[B, C, H, W]`` (a lifting layer); otherwise a group signal.
     """
-    group = get_group(group) if isinstance(group, str) else group
+    group = get_group(group)
     out = fn(x)
     elems = group.exact_elements if elements is None else list(elements)
     errors = {}
@@ -62,9 +62,7 @@ def rotation_sweep(model: Callable[[Tensor], Tensor], x: Tensor, angles: Iterabl
     Multiples of 90 degrees use ``torch.rot90`` (exact); other angles are interpolated, zero fill.
     """
     ref = model(x)
-    errs = []
-    for angle in angles:
-        errs.append(relative_error(model(rotate(x, float(angle), interpolation)), ref))
+    errs = [relative_error(model(rotate(x, float(angle), interpolation)), ref) for angle in angles]
     return torch.tensor(errs, dtype=torch.float64)
 
 
@@ -90,7 +88,7 @@ def rotate_lifting_attention(maps: Tensor, group: Group | str, k: int = 1, side:
     """What lifting attention maps ``[B, heads, G, H, W, P, P]`` of an image must become when the image is turned
     by ``k`` quarter turns (``torch.rot90(x, k)``): the group axis permuted by the regular action (``side``:
     "right" for GE-ViT, "left" for GSA-Nets) of the rotation, the pixel axes and the neighbourhood axes turned."""
-    group = get_group(group) if isinstance(group, str) else group
+    group = get_group(group)
     t = group.rot90_element(k)
     perm = group.right_regular(t) if side == "right" else group.left_regular(t)
     moved = maps.index_select(2, perm.to(maps.device))  # group axis permuted

@@ -25,7 +25,8 @@ from .files import ChecksumError, MissingFileError
 from .models import create_model, load_published
 from .profiles import check_profile
 
-__all__ = ["published_model", "rotated_digits", "upright_digits", "smoke_mnist_root", "digits_root"]
+__all__ = ["published_model", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize", "pick_digits",
+           "Digits", "load_digits", "predict"]
 
 
 def published_model(name: str, profile: str, **options: Any) -> tuple[nn.Module, str]:
@@ -51,39 +52,22 @@ def smoke_mnist_root() -> Path:
     return base
 
 
-def _with_fallback(loader: Any, split: str, profile: str, data_dir: str | os.PathLike[str] | None,
-                   **kwargs: Any) -> tuple[Dataset, str]:
-    check_profile(profile)
-    try:  # smoke never reaches for the network: it falls back instead
-        ds = loader(split, root=data_dir, download=profile != "smoke", **kwargs)
-    except MissingFileError:
-        if profile != "smoke":
-            raise
-        from .data import UnverifiedDataWarning
-
-        with warnings.catch_warnings():  # the stand-in is small by design and labelled as synthetic below
-            warnings.simplefilter("ignore", UnverifiedDataWarning)
-            ds = loader(split, root=smoke_mnist_root(), download=False, **kwargs)
-        return ds, f"synthetic MNIST stand-in ({getattr(ds, 'source', '?')}; real MNIST unavailable)"
-    return ds, str(getattr(ds, "source", "unknown"))
-
-
 def rotated_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None,
                    **kwargs: Any) -> tuple[Dataset, str]:
     """``(rotated MNIST split, data-source label)``: official archive, else regenerated; smoke falls back."""
-    from .data import rotated_mnist
+    from .data import UnverifiedDataWarning, rotated_mnist
 
-    ds, label = _with_fallback(rotated_mnist, split, profile, data_dir, **kwargs)
-    return ds, (f"rotated MNIST ({label})" if "stand-in" not in label else label)
-
-
-def upright_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None,
-                   **kwargs: Any) -> tuple[Dataset, str]:
-    """``(MNIST split, data-source label)``; smoke falls back to synthetic digits."""
-    from .data import mnist
-
-    ds, label = _with_fallback(mnist, split, profile, data_dir, **kwargs)
-    return ds, (f"MNIST ({label})" if "stand-in" not in label else label)
+    check_profile(profile)
+    try:  # smoke never reaches for the network: it falls back instead
+        ds = rotated_mnist(split, root=data_dir, download=profile != "smoke", **kwargs)
+    except MissingFileError:
+        if profile != "smoke":
+            raise
+        with warnings.catch_warnings():  # the stand-in is small by design and labelled as synthetic below
+            warnings.simplefilter("ignore", UnverifiedDataWarning)
+            ds = rotated_mnist(split, root=smoke_mnist_root(), download=False, **kwargs)
+        return ds, f"synthetic MNIST stand-in ({getattr(ds, 'source', '?')}; real MNIST unavailable)"
+    return ds, f"rotated MNIST ({getattr(ds, 'source', 'unknown')})"
 
 
 def digits_root(profile: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[str | None, str]:
@@ -94,7 +78,6 @@ def digits_root(profile: str, data_dir: str | os.PathLike[str] | None = None) ->
 
 
 # ---- digits and predictions of the figure notebooks (01-05) -----------------------------------------------------
-__all__ += ["normalize", "pick_digits", "Digits", "load_digits", "predict"]
 
 
 def normalize(raw: Tensor) -> Tensor:

@@ -1,16 +1,13 @@
 """The post's reported post-hoc accuracies (experiments 1-4), as data, so every table can show them beside ours.
 
-Source: the blog post "E(2) Equivariant Vision Transformer" (Bant, Bot, Eppink, Feng, Six Dijkstra, 2024) and the
-authors' result files behind its post-hoc tables, ``results/*.csv`` in the original repository
-WouterBant/GEVit-DL2-Project at commit 1cee23428b19af200e497e81bb47ddf2265482b4 (one file per experiment and
-finetuning mode, one row per model, validation and test accuracy in percent). The numbers below are transcribed
-from those files unchanged; :data:`SOURCE_FILES` names the file of each (experiment, mode).
+Source: the blog post "E(2) Equivariant Vision Transformer" (Bant, Bot, Eppink, Feng, Six Dijkstra, 2024); the
+numbers are transcribed unchanged from the authors' ``results/*.csv`` (repository WouterBant/GEVit-DL2-Project,
+commit 1cee23428b19af200e497e81bb47ddf2265482b4; one file per experiment and mode, :data:`SOURCE_FILES`).
 
-Experiments: "rotmnist" (a ViT trained and tested on rotated MNIST), "mnist_to_rotmnist" (trained on upright
-MNIST, tested on rotated MNIST), "low_data" (trained on 10% of rotated MNIST), "pcam" (a pretrained CNN on
-PatchCamelyon). Modes: "none" (no finetuning), "head" (the head finetuned), "model" (everything finetuned).
-Methods: the keys of :data:`gevit_lib.posthoc.METHODS`, and "base" for the backbone alone. The authors' files have
-no row for the test-time-augmentation baseline ("tta"), and PCam has no learned aggregators and no "model" mode.
+Experiments: "rotmnist" (ViT trained and tested on rotated MNIST), "mnist_to_rotmnist" (trained on upright MNIST),
+"low_data" (10% of rotated MNIST), "pcam" (a pretrained CNN on PatchCamelyon). Modes: "none", "head", "model"
+(what was finetuned). Methods: the keys of :data:`gevit_lib.posthoc.METHODS` and "base" (the backbone alone); no
+"tta" rows, and PCam has no learned aggregators and no "model" mode.
 """
 
 from __future__ import annotations

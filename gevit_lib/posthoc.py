@@ -1,56 +1,21 @@
 """Post-hoc invariance for any image classifier: run it on every transformed copy of the input, then aggregate.
 
-``PostHoc(backbone, method, group)`` wraps a classifier that exposes an embedding and a head:
+``PostHoc(backbone, method, group)`` wraps a classifier that exposes an embedding and a head: timm-style models
+(``forward_head(forward_features(x), pre_logits=True)`` and ``get_classifier()``; for the post's ViT the CLS
+vector *before* the head's LayerNorm, as in the original code), torchvision ResNets (pooled features and ``fc``),
+or anything else through :class:`SplitBackbone` ``(features, head)``.
 
-- timm-style models (this library's :class:`~gevit_lib.models.vit.VisionTransformer`, any ``timm`` model):
-  embedding = ``forward_head(forward_features(x), pre_logits=True)``, head = ``get_classifier()``;
-- torchvision ResNets: embedding = everything before ``fc`` (pooled, flattened), head = ``fc``;
-- anything else through :class:`SplitBackbone` ``(features, head)``.
+:class:`TransformStack` builds the copies as the original ``get_transforms`` did (identity, counter-clockwise
+rotations by ``i * 360 / n`` degrees, nearest neighbour, corners filled with 0, then their horizontal flips for
+dihedral groups) with one gather from an index map cached per image size; all copies go through the backbone in
+one batched forward. Multiples of 90 degrees and flips are exact pixel permutations, so the wrapper is exactly
+invariant to C4 / D4; other angles are interpolated and only approximately so.
 
-For the post's ViT the embedding is the CLS vector *before* the head's LayerNorm, as in the original code.
-
-The transformed copies (:class:`TransformStack`) follow the original ``get_transforms``: index 0 is the input,
-index i < n the input rotated counter-clockwise by ``i * 360 / n`` degrees (nearest neighbour, no expansion,
-corners filled with 0 -- in normalised space, i.e. the data mean, as in the original), and for dihedral groups
-index n + i the horizontal flip of index i. Multiples of 90 degrees and flips are exact pixel permutations
-(``torch.rot90`` / ``torch.flip``; torchvision's nearest rotation gives the same pixels there), so the wrapper is
-exactly invariant to C4 / D4. Other angles (C_n, D_n with n not in {1, 2, 4}) are interpolated and the wrapper is
-only approximately invariant to them; with the original's stack not even exactly to the rot90 inside C16 (each
-angle has its own sampling grid, which breaks near-ties differently), unless ``subgroup_exact=True``.
-
-All copies are built on the input's device with one gather from a cached index map (computed once per image size
-with torchvision's float32 sampling grid, which is what the original's float32 stack used; values are gathered at
-the input's own precision) and go through the backbone in one batched forward (on the CPU in chunks of 128
-copies by default, see ``PostHoc(max_batch=...)``).
-
-Methods -- key: the post's name (original class): computation. ``e_t`` is the embedding of copy t and
-``z_t = head(e_t)`` its logits. Where the original code and the post's formulas differ, the default
-``variant="original"`` is the code's behaviour (what produced the published numbers) and ``variant="post"`` the
-formula as the post writes it:
-
-- ``mean``: PH Mean Pooling (PostHocEquivariantMean): ``head(mean_t e_t)``.
-- ``max``: PH Max Pooling (PostHocEquivariantMax): ``head(max_t e_t)``, element-wise.
-- ``sum``: PH Sum Pooling (PostHocEquivariantSum): original ``head(sum_t e_t)`` on embeddings (a head that starts
-  with LayerNorm makes this equal to ``mean``); post ``sum_t z_t``, on logits.
-- ``most_probable``: PH Most Likely (PostHocEquivariantMostProbable): original ``P = prod_t softmax(z_t / (T // 2))``
-  normalised over classes, output ``log((P + 1e-8) / (1 - P + 1e-8))``; post ``sum_t log softmax(z_t)`` (the log of
-  the product of probabilities, no temperature).
-- ``most_certain``: PH Most Certain (PostHocMostCertain): original, per class c, ``z_{t*(c), c}`` with ``t*(c) =
-  argmax_t softmax(z_t)_c`` (copies mixed per class); post: all logits of the single copy holding the highest
-  probability of any class.
-- ``learned_score``: PH Learned Weighted Average (PostHocLearnedScoreAggregation): ``w_t = MLP(e_t)``,
-  ``head(sum_t w_t e_t / sum_t w_t)``; original: raw weights divided by their sum (may be negative); post: softmax.
-- ``learned_attention``: PH Learned Attention Aggregation (PostHocLearnedAggregation): a 2-block attention-only
-  transformer with its own CLS token over the T embeddings, ``head(CLS output)``.
-- ``tta``: Normal ViT + TTA (NormalMeanPool): ``mean_t z_t``, the test-time-augmentation baseline.
-
-The product of probabilities is computed in log space: it equals the
-original's product wherever that does not underflow, and stays finite where the original's became 0 / 0 = NaN.
-(docs/posthoc_formulas.md derives these formulas and where the code and the post differ.)
-
-For the post-hoc notebooks, which evaluate every method on one backbone: :class:`EmbeddingCache` computes the
-per-copy embeddings of the evaluation images once per group while the backbone stays frozen
-(:func:`shares_embeddings` says when), and :func:`load_pcam_cnn` loads the pretrained PCam CNN of experiment 4.
+The methods (:data:`METHODS`) and where the original code and the post's formulas differ (``variant="original"``,
+the default, is the code that produced the published numbers; ``variant="post"`` the formula as written) are
+derived in docs/posthoc_formulas.md. For the post-hoc notebooks, :class:`EmbeddingCache` computes the per-copy
+embeddings of the evaluation images once per group while the backbone stays frozen (:func:`shares_embeddings`
+says when), and :func:`load_pcam_cnn` loads the pretrained PCam CNN of experiment 4.
 """
 
 from __future__ import annotations
@@ -66,27 +31,9 @@ from torch import Tensor, nn
 
 from gevit_lib.groups import Group, get_group, rotate
 
-__all__ = [
-    "METHODS",
-    "MethodInfo",
-    "FINETUNE_MODES",
-    "VARIANTS",
-    "TransformStack",
-    "SplitBackbone",
-    "ScoreAggregator",
-    "AttentionAggregator",
-    "PostHoc",
-    "resolve_method",
-    "backbone_interface",
-    "backbone_embed",
-    "backbone_head",
-    "aggregate",
-    "has_batchnorm",
-    "shares_embeddings",
-    "EmbeddingCache",
-    "PCAM_BACKBONES",
-    "load_pcam_cnn",
-]
+__all__ = ["METHODS", "MethodInfo", "FINETUNE_MODES", "VARIANTS", "TransformStack", "SplitBackbone", "ScoreAggregator",
+           "AttentionAggregator", "PostHoc", "resolve_method", "aggregate", "has_batchnorm", "shares_embeddings",
+           "EmbeddingCache", "PCAM_BACKBONES", "load_pcam_cnn"]
 
 FINETUNE_MODES = ("none", "head", "model")
 CPU_CHUNK = 128  # images per backbone forward on the CPU when max_batch="auto"
@@ -96,26 +43,23 @@ INTERPOLATIONS = ("nearest", "bilinear")
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A post-hoc method: its key, the post's name, the original class, what it aggregates, whether it learns."""
+    """A post-hoc method: its key, the post's name, the original class, whether it learns."""
 
     key: str
     post_name: str
     original_class: str
-    uses: str  # "embeddings" | "logits"
     learned: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {m.key: m for m in [
-    MethodInfo("mean", "PH Mean Pooling", "PostHocEquivariantMean", "embeddings"),
-    MethodInfo("max", "PH Max Pooling", "PostHocEquivariantMax", "embeddings"),
-    MethodInfo("sum", "PH Sum Pooling", "PostHocEquivariantSum", "embeddings"),
-    MethodInfo("most_probable", "PH Most Likely", "PostHocEquivariantMostProbable", "logits"),
-    MethodInfo("most_certain", "PH Most Certain", "PostHocMostCertain", "logits"),
-    MethodInfo("learned_score", "PH Learned Weighted Average", "PostHocLearnedScoreAggregation", "embeddings",
-               learned=True),
-    MethodInfo("learned_attention", "PH Learned Attention Aggregation", "PostHocLearnedAggregation", "embeddings",
-               learned=True),
-    MethodInfo("tta", "Normal ViT + TTA", "NormalMeanPool", "logits"),
+    MethodInfo("mean", "PH Mean Pooling", "PostHocEquivariantMean"),
+    MethodInfo("max", "PH Max Pooling", "PostHocEquivariantMax"),
+    MethodInfo("sum", "PH Sum Pooling", "PostHocEquivariantSum"),
+    MethodInfo("most_probable", "PH Most Likely", "PostHocEquivariantMostProbable"),
+    MethodInfo("most_certain", "PH Most Certain", "PostHocMostCertain"),
+    MethodInfo("learned_score", "PH Learned Weighted Average", "PostHocLearnedScoreAggregation", learned=True),
+    MethodInfo("learned_attention", "PH Learned Attention Aggregation", "PostHocLearnedAggregation", learned=True),
+    MethodInfo("tta", "Normal ViT + TTA", "NormalMeanPool"),
 ]}
 
 
@@ -144,49 +88,30 @@ def resolve_method(name: str) -> str:
 # Transformed copies
 
 
-def _rotation_matrix_inverse(degrees_ccw: float, dtype: torch.dtype) -> Tensor:
-    """Output-to-input map of a counter-clockwise rotation in (x right, y down) pixel coordinates."""
-    a = torch.deg2rad(torch.tensor(degrees_ccw, dtype=torch.float64))
-    c, s = torch.cos(a), torch.sin(a)
-    return torch.stack([torch.stack([c, -s]), torch.stack([s, c])]).to(dtype)
-
-
 def _commute_with_rot90(sources: Tensor) -> Tensor:
     """Make a nearest-neighbour source map (image of 1-based source pixel numbers, 0 = outside) commute with
     rot90: the value at each output pixel is taken from its rot90-orbit's first pixel and rotated along."""
     h, w = sources.shape[-2:]
-    ids = torch.arange(h * w).reshape(h, w)
-    perm = [ids.reshape(-1)]  # perm[k][p]: pixel that rot90^k puts at p
+    perm = [torch.arange(h * w)]  # perm[k][p]: pixel that rot90^k puts at p
     for _ in range(3):
         perm.append(torch.rot90(perm[-1].reshape(h, w), 1, dims=(0, 1)).reshape(-1))
-    powers = torch.stack(perm)  # [4, H*W]
-    orbit = torch.stack([powers[k][ids.reshape(-1)] for k in range(4)])
-    k = orbit.argmin(0)
-    rep = orbit.min(0).values
-    src = sources.reshape(-1).round().long() - 1
-    src_rep = src[rep]
-    inv = (4 - k) % 4
-    out = torch.where(src_rep < 0, src_rep, powers[inv, src_rep.clamp(min=0)])
+    powers = torch.stack(perm)  # [4, H*W]: the orbit of each pixel
+    k, rep = powers.argmin(0), powers.min(0).values
+    src_rep = (sources.reshape(-1).round().long() - 1)[rep]
+    out = torch.where(src_rep < 0, src_rep, powers[(4 - k) % 4, src_rep.clamp(min=0)])
     return (out + 1).to(sources.dtype).reshape(sources.shape)
 
 
-# Why index maps instead of calling groups.rotate on every batch: the copies must reproduce the original code's
-# nearest-neighbour rotations pixel for pixel (the published numbers depend on them), and rotating an image of pixel
-# numbers once per image size gives exactly those source pixels; afterwards every batch needs only one gather for
-# all T copies, at the input's own dtype and device.
+# Index maps, not groups.rotate per batch: rotating an image of pixel numbers once per size gives exactly the
+# original's nearest-neighbour source pixels; afterwards a batch needs one gather for all T copies.
 class TransformStack:
     """The copies ``[B, T, C, H, W]`` of a batch under a group: identity, CCW rotations, then flipped (see module doc).
 
-    ``interpolation="nearest"`` (the original's) or ``"bilinear"`` for the non-exact angles; exact elements
-    (multiples of 90 degrees, flips) are always pixel permutations. ``fill`` is the value of the corners that a
-    non-exact rotation exposes (0 = the mean of normalised data, as in the original).
-
-    ``subgroup_exact``: with the original's stack (False, default) every angle is sampled on its own grid, so at
-    near-tie pixels the copy at ``a + 90`` is not exactly ``rot90`` of the copy at ``a``, and a C16 wrapper is not
-    exactly invariant even to rot90 (the parity README measures 0.21 on logits). With True, for groups whose
-    rotations include 90 degrees, the copy at ``a + 90 k`` is built as ``rot90(copy at a, k)``: the wrapper is then
-    exactly invariant to the C4 subgroup (the copies differ from the original's only at such tie pixels);
-    implemented for cyclic groups C_4m.
+    ``interpolation``: "nearest" (the original's) or "bilinear" for the non-exact angles (multiples of 90 degrees
+    and flips are always pixel permutations); ``fill``: the value of the exposed corners (0 = the normalised mean).
+    ``subgroup_exact``: the original's stack samples each angle on its own grid, so a C16 wrapper is not exactly
+    invariant even to rot90 (the parity README measures 0.21 on logits); True builds the copy at ``a + 90 k`` as
+    ``rot90(copy at a, k)``, exactly invariant to C4 (implemented for cyclic groups C_4m).
     """
 
     def __init__(self, group: str | Group, interpolation: str = "nearest", fill: float = 0.0,
@@ -213,17 +138,9 @@ class TransformStack:
         return len(self.steps)
 
     @property
-    def angles(self) -> list[float]:
-        """Counter-clockwise rotation of each copy in degrees (before its flip)."""
-        return [i * 360.0 / self.group.n_rotations for i, _ in self.steps]
-
-    def is_exact(self, t: int) -> bool:
-        return (4 * self.steps[t][0]) % self.group.n_rotations == 0
-
-    @property
     def exact(self) -> bool:
         """True when every copy is an exact pixel permutation (C1, C2, C4, D1, D2, D4)."""
-        return all(self.is_exact(t) for t in range(len(self)))
+        return all(4 * i % self.group.n_rotations == 0 for i, _ in self.steps)
 
     def _split(self, i: int) -> tuple[int, int]:
         """Rotation step i -> (quarter turns done by rot90, remaining steps sampled on a grid)."""
@@ -234,29 +151,23 @@ class TransformStack:
             return divmod(i, n // 4)
         return 0, i
 
-    def index_map(self, h: int, w: int, method: str = "exact+torchvision") -> Tensor:
+    def index_map(self, h: int, w: int) -> Tensor:
         """int64 ``[T, H*W]``: source pixel of each output pixel of each copy (``H*W`` = the fill value).
 
         Exact copies come from ``torch.rot90`` / ``torch.flip``, the others from torchvision's nearest ``rotate``
-        (float32 grid, as in the original) of an image of pixel numbers. ``method="torchvision"`` uses torchvision
-        for every rotation (to check that both agree at multiples of 90 degrees).
+        (float32 grid, as in the original) of an image of pixel numbers.
         """
-        from torchvision.transforms.functional import InterpolationMode
-        from torchvision.transforms.functional import rotate as tv_rotate
-
         if h * w + 1 >= 2**24:
             raise ValueError(f"image {h}x{w} too large for a float32 index map")
         n = self.group.n_rotations
         numbers = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)  # 0 = outside
         maps = []
         for i, flipped in self.steps:
-            quarter, rest = self._split(i) if method != "torchvision" else (0, i)
+            quarter, rest = self._split(i)
             if quarter % 2 and h != w:
                 raise ValueError(f"a 90-degree rotation of a non-square {h}x{w} image is not a symmetry")
             img = numbers
-            if method == "torchvision" and rest:
-                img = tv_rotate(img, rest * 360.0 / n, interpolation=InterpolationMode.NEAREST)
-            elif rest:
+            if rest:
                 img = rotate(img, rest * 360.0 / n, interpolation="nearest")
                 if self.subgroup_exact:
                     img = _commute_with_rot90(img)
@@ -276,7 +187,9 @@ class TransformStack:
         grids = []
         for t in self._bilinear_copies():
             rest = self._split(self.steps[t][0])[1]
-            src = pts @ _rotation_matrix_inverse(rest * 360.0 / self.group.n_rotations, torch.float64).T
+            a = torch.deg2rad(torch.tensor(rest * 360.0 / self.group.n_rotations, dtype=torch.float64))
+            c, s = torch.cos(a), torch.sin(a)  # output-to-input map of the CCW rotation (x right, y down):
+            src = pts @ torch.stack([torch.stack([c, -s]), torch.stack([s, c])]).T
             grids.append(src / torch.tensor([w / 2, h / 2], dtype=torch.float64))
         return torch.stack(grids) if grids else torch.empty(0, h, w, 2, dtype=torch.float64)
 
@@ -344,22 +257,16 @@ class SplitBackbone(nn.Module):
         return self.head(self.features(x))
 
 
-def _is_torchvision_resnet(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("conv1", "bn1", "layer1", "layer4", "avgpool", "fc")) and isinstance(
-        model.fc, nn.Linear)
-
-
 def backbone_interface(model: nn.Module) -> str:
     """"timm" (forward_features / forward_head(pre_logits=True) / get_classifier) or "torchvision_resnet"."""
     if all(callable(getattr(model, a, None)) for a in ("forward_features", "forward_head", "get_classifier")):
         return "timm"
-    if _is_torchvision_resnet(model):
+    if all(hasattr(model, a) for a in ("conv1", "bn1", "layer1", "layer4", "avgpool", "fc")) and isinstance(
+            model.fc, nn.Linear):
         return "torchvision_resnet"
-    raise TypeError(
-        f"{type(model).__name__} exposes neither the timm interface (forward_features, forward_head(pre_logits=True), "
-        f"get_classifier) nor a torchvision ResNet's (conv1 ... layer4, avgpool, fc); wrap it as "
-        f"SplitBackbone(features, head)"
-    )
+    raise TypeError(f"{type(model).__name__} exposes neither the timm interface (forward_features, "
+                    f"forward_head(pre_logits=True), get_classifier) nor a torchvision ResNet's (conv1 ... layer4, "
+                    f"avgpool, fc); wrap it as SplitBackbone(features, head)")
 
 
 def backbone_embed(model: nn.Module, x: Tensor) -> Tensor:
@@ -414,18 +321,12 @@ class _AttentionOnlyBlock(nn.Module):
         self.act = nn.ReLU()
         self.attn2 = nn.MultiheadAttention(dim, num_heads, batch_first=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor | None]]:
+        """The block's output and (with ``need_weights``) both layers' head-averaged attention ``[B, L, L]``."""
         h = self.layer_norm_1(x)
-        x = x + self.attn1(h, h, h, need_weights=False)[0]
-        x = self.act(self.layer_norm_2(x))
-        return x + self.attn2(x, x, x, need_weights=False)[0]
-
-    def attention_maps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Same as forward, also returning both layers' head-averaged attention weights ``[B, L, L]``."""
-        h = self.layer_norm_1(x)
-        a, w1 = self.attn1(h, h, h)
+        a, w1 = self.attn1(h, h, h, need_weights=need_weights)
         x = self.act(self.layer_norm_2(x + a))
-        a, w2 = self.attn2(x, x, x)
+        a, w2 = self.attn2(x, x, x, need_weights=need_weights)
         return x + a, [w1, w2]
 
 
@@ -438,21 +339,21 @@ class AttentionAggregator(nn.Module):
         if dim % num_heads:
             raise ValueError(f"embedding dim {dim} must be divisible by num_heads={num_heads}")
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.transformer = nn.Sequential(*(_AttentionOnlyBlock(dim, num_heads) for _ in range(num_layers)))
+        self.transformer = nn.ModuleList(_AttentionOnlyBlock(dim, num_heads) for _ in range(num_layers))
 
-    def _tokens(self, e: Tensor) -> Tensor:
-        return torch.cat([self.cls_token.expand(e.shape[0], -1, -1).to(e.dtype), e], dim=1)
+    def _run(self, e: Tensor, need_weights: bool) -> tuple[Tensor, list[Tensor]]:
+        x, maps = torch.cat([self.cls_token.expand(e.shape[0], -1, -1).to(e.dtype), e], dim=1), []
+        for block in self.transformer:
+            x, w = block(x, need_weights)
+            maps += w
+        return x, maps
 
     def forward(self, e: Tensor) -> Tensor:
-        return self.transformer(self._tokens(e))[:, 0]
+        return self._run(e, False)[0][:, 0]
 
     def attention_maps(self, e: Tensor) -> list[Tensor]:
         """Attention weights of every layer, ``[B, 1 + T, 1 + T]`` each (token 0 = CLS), for visualisation."""
-        x, maps = self._tokens(e), []
-        for block in self.transformer:
-            x, w = block.attention_maps(x)
-            maps += w
-        return maps
+        return self._run(e, True)[1]
 
 
 def aggregate(method: str, embeddings: Tensor, head: nn.Module, variant: str = "original",
@@ -502,21 +403,13 @@ def aggregate(method: str, embeddings: Tensor, head: nn.Module, variant: str = "
 class PostHoc(nn.Module):
     """Invariant classifier from ``backbone``: aggregate its outputs over the group's transformed copies.
 
-    ``method``: a key of :data:`METHODS` (or the post's / original class name). ``group``: "C4", "D4" (exact),
-    "C16" / any "C<n>", "D<n>" (approximate for angles that are not multiples of 90 degrees), or a
-    :class:`~gevit_lib.groups.Group`. ``variant``: "original" (the code, default) or "post" (the formulas as
-    written in the post). ``interpolation``: "nearest" (original) or "bilinear" for non-exact angles;
-    ``fill``, ``subgroup_exact``: see :class:`TransformStack` (``subgroup_exact=True`` makes e.g. a C16 wrapper
-    exactly invariant to rot90, which the original's C16 stack is not).
-    ``max_batch``: split the ``B*T`` backbone batch into chunks of at most this many images; None: one forward;
-    "auto" (default): one forward on accelerators, chunks of :data:`CPU_CHUNK` on the CPU (the post's ViT runs a
-    third slower per image in CPU batches of 256-512 than of <= 128, measured on 1 thread).
-    Learned methods build their aggregator from the embedding size (``aggregator_options`` go to it).
-
-    ``finetune`` / :meth:`set_finetune`: "none" (backbone and head frozen), "head" (head trainable), "model"
-    (everything trainable); the learned aggregators are always trainable. Freezing sets ``requires_grad``;
-    ``train()`` puts the whole wrapper, backbone included, in training mode as the original did (so the frozen
-    backbone's dropout is active while finetuning).
+    ``method``: a key of :data:`METHODS` (or the post's / original class name); ``group``: "C4", "D4" (exact),
+    any "C<n>" / "D<n>" or a :class:`~gevit_lib.groups.Group`; ``variant``: "original" (the code) or "post";
+    ``interpolation``, ``fill``, ``subgroup_exact``: see :class:`TransformStack`. ``max_batch``: chunk size of
+    the ``B*T`` backbone batch; None: one forward; "auto": one forward on accelerators, chunks of
+    :data:`CPU_CHUNK` on the CPU (the post's ViT runs a third slower per image in CPU batches of 256-512).
+    ``aggregator_options`` go to a learned method's aggregator. ``finetune``: see :meth:`set_finetune`;
+    ``train()`` puts the whole wrapper in training mode as the original did (a frozen backbone's dropout is on).
     """
 
     def __init__(self, backbone: nn.Module, method: str, group: str | Group = "C16", *, variant: str = "original",
@@ -536,28 +429,21 @@ class PostHoc(nn.Module):
                                          subgroup_exact=subgroup_exact)
         self.group = self.transforms.group
         self.max_batch = max_batch
-        info = METHODS[self.method]
         try:
             self.embed_dim: int | None = embed_dim or _embedding_dim(backbone, self.head)
         except ValueError:
             self.embed_dim = None
-        if info.learned:
+        self.aggregator: nn.Module | None = None
+        if METHODS[self.method].learned:
             dim = embed_dim or _embedding_dim(backbone, self.head)
             opts = aggregator_options or {}
-            self.aggregator: nn.Module | None = (
-                ScoreAggregator(dim, variant=variant, **opts) if self.method == "learned_score"
-                else AttentionAggregator(dim, **opts))
+            self.aggregator = (ScoreAggregator(dim, variant=variant, **opts) if self.method == "learned_score"
+                               else AttentionAggregator(dim, **opts))
             ref = next(backbone.parameters(), None)
             if ref is not None:
                 self.aggregator.to(device=ref.device, dtype=ref.dtype)
-        else:
-            self.aggregator = None
         self.finetune = "none"
         self.set_finetune(finetune)
-
-    @property
-    def info(self) -> MethodInfo:
-        return METHODS[self.method]
 
     @property
     def head(self) -> nn.Module:
@@ -569,7 +455,8 @@ class PostHoc(nn.Module):
         return len(self.transforms)
 
     def set_finetune(self, mode: str) -> PostHoc:
-        """Freeze / unfreeze by ``requires_grad``: "none", "head" or "model"; aggregators always train."""
+        """Freeze by ``requires_grad``: "none" (backbone and head), "head" (head trains), "model" (nothing
+        frozen); the learned aggregators always train."""
         if mode not in FINETUNE_MODES:
             raise ValueError(f"unknown finetune mode {mode!r}; choose one of {FINETUNE_MODES}")
         self.finetune = mode
@@ -582,10 +469,6 @@ class PostHoc(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def embed(self, x: Tensor) -> Tensor:
-        """The backbone's embedding of untransformed images ``[B, D]``."""
-        return backbone_embed(self.backbone, x)
 
     def base_logits(self, x: Tensor) -> Tensor:
         """The backbone's own logits (no transforms)."""
@@ -626,10 +509,8 @@ class PostHoc(nn.Module):
         return aggregate(self.method, embeddings, self.head, self.variant, self.aggregator)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, K]`` from images ``[B, C, H, W]``, or from precomputed per-copy embeddings ``[B, T, D]``
-        (:meth:`transformed_embeddings`; lets evaluations with a frozen backbone share one backbone pass).
-        A 3-d tensor is read as embeddings only when its shape is ``[B, T, D]`` of this wrapper; an unbatched
-        image ``[C, H, W]`` is an error asking for the batch dimension."""
+        """Logits ``[B, K]`` from images ``[B, C, H, W]`` or from this wrapper's per-copy embeddings ``[B, T, D]``
+        (:meth:`transformed_embeddings`); an unbatched image ``[C, H, W]`` is an error."""
         if x.dim() == 3:
             if x.shape[1] != self.num_transforms or (self.embed_dim is not None and x.shape[2] != self.embed_dim):
                 raise ValueError(
@@ -669,20 +550,17 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def shares_embeddings(wrapper: PostHoc, trains: bool) -> bool:
-    """True when the per-copy embeddings of ``wrapper``'s backbone stay those of the untouched backbone, so an
-    :class:`EmbeddingCache` may stand in for the images: nothing is trained, or only the head / aggregator is and
-    the backbone has no BatchNorm statistics that training mode would update."""
+    """True when an :class:`EmbeddingCache` may stand in for the images: nothing trains, or only the head /
+    aggregator does and the backbone has no BatchNorm statistics that training mode would update."""
     return not trains or (wrapper.finetune != "model" and not has_batchnorm(wrapper.backbone))
 
 
 class EmbeddingCache:
-    """Per-copy embeddings ``[N, T, D]`` and labels of fixed datasets under a frozen backbone, once per group.
+    """Per-copy embeddings ``[N, T, D]`` (CPU, float32) and labels of fixed datasets, once per group.
 
-    Evaluating a method whose backbone does not change needs only the embeddings of the transformed images, and
-    every method with the same group shares them: ``evaluate(wrapper, cache(wrapper, "test"))`` gives the same
-    accuracy as ``evaluate(wrapper, test_images)`` at a fraction of the cost (:class:`PostHoc` accepts
-    embeddings in place of images). ``data``: split name -> Dataset or ``(inputs, labels)``; embeddings are kept
-    on the CPU in float32. Use it only where :func:`shares_embeddings` is true.
+    ``evaluate(wrapper, cache(wrapper, "test"))`` equals ``evaluate(wrapper, test_images)`` at a fraction of the
+    cost (:class:`PostHoc` accepts embeddings in place of images) where :func:`shares_embeddings` is true.
+    ``data``: split name -> Dataset or ``(inputs, labels)``.
     """
 
     def __init__(self, data: dict[str, Any], batch_size: int = 128, device: str | torch.device = "cpu",

@@ -12,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 from gevit_lib.profiles import PROFILES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def find_notebooks(folder: Path, only: list[str] | None = None) -> list[Path]:
     """Numbered notebooks ``NN_*.ipynb`` in order, optionally filtered by name prefixes."""
-    books = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    books = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
     if only:
         books = [p for p in books if any(p.stem.startswith(o) for o in only)]
     return books
@@ -61,8 +62,7 @@ def failure_message(exc: BaseException) -> str:
 
 
 def default_cell_timeout(profile: str) -> int | None:
-    """Seconds one cell may run before the notebook fails: an hour at smoke / quick, unlimited at full (GPU
-    trainings run for hours in one cell)."""
+    """Seconds one cell may run: an hour at smoke / quick, unlimited at full (GPU trainings run for hours)."""
     return None if profile == "full" else 3600
 
 

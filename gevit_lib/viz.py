@@ -23,8 +23,8 @@ import numpy as np
 from . import __version__
 from .files import atomic_write
 
-__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table", "plot_accuracy_vs_time",
-           "new_figure", "plot_group_panels"]
+__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table",
+           "plot_accuracy_vs_time", "new_figure", "plot_group_panels"]
 
 
 def write_sidecar(path: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], **meta: Any) -> Path:
@@ -134,11 +134,8 @@ def save_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
 
 def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str, label: str = "patch_size",
                           reference: tuple[str, float] | None = None, ax: Any = None) -> Any:
-    """Scatter of test accuracy against epoch time, one labelled point per row (notebook 10's patch-size ablation).
-
-    ``points``: rows with ``epoch_s``, ``test_acc``, ``n_train`` and the ``label`` column; ``reference``: (name,
-    epoch seconds) of a model drawn as a dashed vertical line (then the time axis is logarithmic). Returns the
-    figure."""
+    """Scatter of test accuracy against epoch time, one labelled point per row of ``points`` (``epoch_s``,
+    ``test_acc``, ``n_train``, ``label``); ``reference``: (name, epoch seconds) drawn as a dashed line on a log axis."""
     import matplotlib.pyplot as plt
 
     if ax is None:
