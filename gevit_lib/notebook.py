@@ -29,9 +29,21 @@ __all__ = ["published_model", "rotated_digits", "smoke_mnist_root", "digits_root
            "Digits", "load_digits", "predict"]
 
 
-def published_model(name: str, profile: str, **options: Any) -> tuple[nn.Module, str]:
-    """``(model in eval mode, provenance label)``; in ``smoke`` an untrained stand-in when the file is unavailable."""
+def published_model(name: str, profile: str, weights: str | os.PathLike[str] | None = None,
+                    **options: Any) -> tuple[nn.Module, str]:
+    """``(model in eval mode, provenance label)``; in ``smoke`` an untrained stand-in when the file is unavailable.
+
+    ``weights``: a state-dict file of the same architecture instead of the published file, e.g. the ``best.pt`` of
+    ``python -m gevit_lib.run --experiment vit_rotmnist``."""
     check_profile(profile)
+    if weights is not None:
+        import torch
+
+        from .hub import load_into
+
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model = load_into(create_model(name, **options), state, source=str(weights))
+        return model.eval(), f"{name} architecture, weights {Path(weights).resolve()}"
     try:
         return load_published(name, download=profile != "smoke", **options), name
     except (MissingFileError, ChecksumError) as exc:

@@ -41,6 +41,7 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/06_posthoc_rotmnist"
 seed = 42
+weights = None  # None: the published vit_rotmnist; or a best.pt of `python -m gevit_lib.run --experiment vit_rotmnist`
 
 # %%
 import copy
@@ -60,7 +61,7 @@ from gevit_lib.train import TrainConfig, evaluate, fit, seed_everything
 from gevit_lib.viz import save_figure, save_table
 
 out_dir, run_dir = Path(out_dir), Path(run_dir) / profile
-backbone, checkpoint = published_model("vit_rotmnist", profile)
+backbone, checkpoint = published_model("vit_rotmnist", profile, weights)
 settings = posthoc_profile("rotmnist", profile)  # subset sizes, epochs, groups of this profile
 (train_ds, _), (val_ds, _), (test_ds, data_source) = (rotated_digits(s, profile, data_dir)
                                                        for s in ("train", "validation", "test"))

@@ -30,6 +30,7 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/07_posthoc_mnist_to_rotmnist"
 seed = 42
+weights = None  # None: the published vit_mnist; or a best.pt of `python -m gevit_lib.run --experiment vit_mnist`
 
 # %%
 import copy
@@ -49,7 +50,7 @@ from gevit_lib.train import TrainConfig, evaluate, fit, seed_everything
 from gevit_lib.viz import save_figure, save_table
 
 out_dir, run_dir = Path(out_dir), Path(run_dir) / profile
-backbone, checkpoint = published_model("vit_mnist", profile)
+backbone, checkpoint = published_model("vit_mnist", profile, weights)
 settings = posthoc_profile("mnist_to_rotmnist", profile)  # subset sizes, epochs, groups of this profile
 (train_ds, _), (val_ds, _), (test_ds, data_source) = (rotated_digits(s, profile, data_dir)
                                                        for s in ("train", "validation", "test"))

@@ -26,6 +26,7 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/08_posthoc_low_data"
 seed = 42
+weights = None  # None: the published vit_rotmnist_10pct; or a best.pt of `python -m gevit_lib.run --experiment vit_rotmnist_10pct`
 
 # %%
 import copy
@@ -43,7 +44,7 @@ from gevit_lib.train import TrainConfig, evaluate, fit, seed_everything
 from gevit_lib.viz import save_table
 
 out_dir, run_dir = Path(out_dir), Path(run_dir) / profile
-backbone, checkpoint = published_model("vit_rotmnist_10pct", profile)
+backbone, checkpoint = published_model("vit_rotmnist_10pct", profile, weights)
 settings = posthoc_profile("low_data", profile)  # subset sizes, epochs, groups of this profile
 train_ds, _ = rotated_digits("train", profile, data_dir, fraction=0.1)  # the same 10% the backbone was trained on
 (val_ds, _), (test_ds, data_source) = (rotated_digits(s, profile, data_dir) for s in ("validation", "test"))

@@ -59,3 +59,22 @@ def test_predict_batches_on_the_models_dtype() -> None:
     assert out.dtype == torch.float64 and out.shape == (70, 3)
     torch.testing.assert_close(out, model(x.double()))
     assert torch.allclose(normalize(torch.full((1,), 0.1307)), torch.zeros(1))
+
+
+def test_published_model_takes_weights_of_a_cli_run(tmp_path) -> None:
+    """Notebooks 06-08 evaluate a ViT trained by the command line (its best.pt) instead of the published one."""
+    import torch
+
+    from gevit_lib.hub import IncompatibleCheckpointError
+    from gevit_lib.models import create_model
+    from gevit_lib.notebook import published_model
+
+    torch.manual_seed(3)
+    trained = create_model("vit_rotmnist")
+    torch.save(trained.state_dict(), tmp_path / "best.pt")
+    model, label = published_model("vit_rotmnist", "quick", tmp_path / "best.pt")
+    assert not model.training and str(tmp_path / "best.pt") in label
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    torch.save(create_model("gevit_p4sa_patch5_rotmnist").state_dict(), tmp_path / "other.pt")
+    with pytest.raises(IncompatibleCheckpointError, match="other.pt"):
+        published_model("vit_rotmnist", "quick", tmp_path / "other.pt")
