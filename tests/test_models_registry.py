@@ -147,3 +147,21 @@ def test_published_hybrid_cannot_load(name: str, shared_dir: Path, monkeypatch: 
     monkeypatch.setenv("GEVIT_CHECKPOINT_DIR", str(shared_dir / "reference" / "checkpoints"))
     with pytest.raises(IncompatibleCheckpointError, match="interpolating the stored filter"):
         create_model(name, pretrained=True, download=False)
+
+
+@pytest.mark.parametrize("name", ["gevit_p4sa_patch5_rotmnist", "vit_mnist"])
+def test_bad_batches_are_named(name: str) -> None:
+    model = create_model(name).eval()
+    with pytest.raises(ValueError, match="empty batch"):
+        model(torch.zeros(0, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"float32 weights but got a torch.float64 input"):
+        model(torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("attention_dropout", 1.5, "probability in \\[0, 1\\)"), ("value_dropout", -0.1, "probability"),
+    ("patch_size", 5.0, "patch_size must be an integer"), ("num_heads", 0, "num_heads must be an integer >= 1"),
+])
+def test_gevit_options_are_checked(option: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_model("gevit", preset="rotmnist", group="p4", **{option: value})

@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..hub import PublishedWeights, load_original_state_dict
 
-__all__ = ["ModelEntry", "register_model", "create_model", "list_models", "load_published", "published_weights"]
+__all__ = ["ModelEntry", "register_model", "create_model", "list_models", "load_published", "published_weights",
+           "check_batch"]
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
@@ -95,3 +96,13 @@ def load_published(name: str, download: bool = True, **options: Any) -> nn.Modul
     model.eval()
     model.published_name = name  # type: ignore[assignment]
     return model
+
+
+def check_batch(x: Tensor, model: nn.Module) -> None:
+    """The input checks every model shares: a non-empty batch in the dtype of the model's weights."""
+    if x.dim() >= 1 and x.shape[0] == 0:
+        raise ValueError(f"{type(model).__name__} got an empty batch (input shape {tuple(x.shape)})")
+    weight = next(model.parameters(), None)
+    if weight is not None and x.dtype != weight.dtype:
+        raise ValueError(f"{type(model).__name__} has {weight.dtype} weights but got a {x.dtype} input: cast the "
+                         f"input (x.to({weight.dtype})) or the model (model.to({x.dtype}))")

@@ -31,7 +31,7 @@ from ..groups import GROUP_NAMES, Group, get_group
 from ..nn.attention import IMPLS, GroupSelfAttention, LiftingSelfAttention, Pointwise
 from ..hub import IncompatibleCheckpointError, PublishedWeights, load_into
 from ..nn.positional import GROUP_INDEX, group_index_table, relative_coordinates
-from ._registry import register_model
+from ._registry import check_batch, register_model
 
 __all__ = ["GEViTConfig", "PRESETS", "GEViT", "GroupMaxHead", "TransformerBlock", "build_gevit",
            "from_original_state_dict", "convert_original_state_dict", "PUBLISHED_WEIGHTS"]
@@ -63,6 +63,21 @@ class GEViTConfig:
     positional: str = "gevit"
     group_index: str = "corrected"
     impl: str = "fast"
+
+    def __post_init__(self) -> None:
+        sizes = {k: getattr(self, k) for k in ("in_channels", "num_channels", "num_heads", "image_size", "num_classes")}
+        sizes.update({"patch_size": self.patch_size} if self.patch_size is not None else {})
+        for key, tup in (("block_sizes", self.block_sizes), ("expansion_per_block", self.expansion_per_block),
+                         ("crop_per_layer", self.crop_per_layer)):
+            sizes.update({f"{key}[{i}]": v for i, v in enumerate(tup)})
+        for key, value in sizes.items():
+            least = 0 if key.startswith(("block_sizes", "expansion", "crop")) else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"GEViTConfig.{key} must be an integer >= {least}, got {value!r}")
+        for key in ("attention_dropout", "value_dropout", "input_dropout", "pool_dropout"):
+            p = getattr(self, key)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"GEViTConfig.{key} is a probability in [0, 1), got {p!r}")
 
     def layer_plan(self) -> list[tuple[str, int, int, int]]:
         """``("block", in, out, crop)`` / ``("pool", c, c, 0)`` entries in network order (after the lifting)."""
@@ -228,6 +243,7 @@ class GEViT(nn.Module):
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"GEViT expects images [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        check_batch(x, self)
         h, w = x.shape[-2:]
         if self.group.n_rotations > 1 and h != w:
             raise ValueError(f"group {self.group.name} contains rotations: images must be square, got {h}x{w}")

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..groups import Group, get_group
 from ..hub import IncompatibleCheckpointError, PublishedWeights
 from ..nn.gconv import GCNN, GroupPool, check_exact_group
-from ._registry import register_model
+from ._registry import check_batch, register_model
 from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
 
 __all__ = ["EMBED_METHODS", "InvariantPatchEmbedding", "PatchGEViTConfig", "PatchGEViT", "HybridConfig", "HybridGEViT",
@@ -207,6 +207,7 @@ class InvariantPatchEmbedding(nn.Module):
     def check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        check_batch(x, self)
         h, w = x.shape[-2:]
         if h != w or h % self.patch_size:
             raise ValueError(f"patch size {self.patch_size} must divide a square image exactly (otherwise rotations "

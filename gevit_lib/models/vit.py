@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hub import PublishedWeights, load_into
-from ._registry import register_model
+from ._registry import check_batch, register_model
 
 __all__ = ["VisionTransformer", "AttentionBlock", "PRESETS", "build_vit", "from_original_state_dict",
            "img_to_patch", "PUBLISHED_WEIGHTS"]
@@ -97,6 +97,7 @@ class VisionTransformer(nn.Module):
         _, c, h, w = x.shape
         if c != self.num_channels:
             raise ValueError(f"expected {self.num_channels} input channel(s), got {c} (input shape {tuple(x.shape)})")
+        check_batch(x, self)
         if h % p or w % p or (h // p) * (w // p) != self.num_patches:
             side = round(self.num_patches**0.5) * p
             raise ValueError(f"image size {h}x{w} does not fit this ViT: patch size {p} and {self.num_patches} "
