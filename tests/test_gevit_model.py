@@ -110,7 +110,9 @@ def test_gsa_nets_is_not_rot90_invariant_but_its_spatial_encoding_is_consistent(
 
 @pytest.mark.parametrize("group_name", ["p8", "p8m", "p16"])
 def test_45_degree_rotations_are_measured(group_name: str) -> None:
-    """Not a symmetry of the pixel grid: the invariance error is measured and printed, not asserted."""
+    """Not a symmetry of the pixel grid: the invariance error is measured and printed; it is above rounding (the
+    bilinear resampling is not exact) and far below that of the same network on the trivial group (z2), which
+    knows nothing about rotations: a sign or direction error in the 45-degree element would lose that gap."""
     model = tiny(group_name, num_channels=8)
     group = model.group
     x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
@@ -120,8 +122,10 @@ def test_45_degree_rotations_are_measured(group_name: str) -> None:
         logits = model(x)
         err = rel_err(model(group.act_on_image(x, t)), logits)
         ref = rel_err(model(group.act_on_image(x, group.rot90_element(1))), logits)
-    print(f"\n{group_name}: 45-degree rotation relative logit change {err:.3g} (rot90: {ref:.1e})")
-    assert math.isfinite(err) and ref < 1e-9
+        plain = tiny("z2", num_channels=8)
+        base = rel_err(plain(group.act_on_image(x, t)), plain(x))
+    print(f"\n{group_name}: 45-degree rotation relative logit change {err:.3g} (rot90: {ref:.1e}; z2: {base:.3g})")
+    assert ref < 1e-9 and 1e-8 < err < base / 5, (err, base)
 
 
 @pytest.mark.parametrize("group_name,attention", [("p4m", "local"), ("p8", "global"), ("mz2", "local")])
