@@ -30,7 +30,7 @@ from gevit_lib import __version__
 from gevit_lib.files import atomic_torch_save, atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "RunState", "RunFolder",
-           "read_checkpoint", "check_resume", "save_checkpoint", "restore_checkpoint", "rng_state", "set_rng_state",
+           "UnreadableFileError", "load_file", "read_checkpoint", "check_resume", "save_checkpoint", "restore_checkpoint", "rng_state", "set_rng_state",
            "json_record"]
 
 log = logging.getLogger(__name__)
@@ -133,15 +133,31 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
+class UnreadableFileError(ValueError):
+    """A torch file (weights, checkpoint) that cannot be loaded safely: missing, truncated, corrupt, or unsafe."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot read {path}: {reason}")
+
+
+def load_file(path: str | Path) -> Any:
+    """``torch.load`` of tensors and plain containers only; any failure is one UnreadableFileError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (every way a file can be unreadable ends in the same advice)
+        reason = ("it holds objects other than tensors and plain containers" if "weights_only" in str(exc)
+                  else _short(exc))
+        raise UnreadableFileError(Path(path), reason) from None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The content of a ``last.pt``; any failure (missing, truncated, corrupt, other format) is a CheckpointError."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (every way a file can be unreadable ends in the same advice)
-        reason = ("it holds objects other than tensors and plain containers" if "weights_only" in str(exc)
-                  else _short(exc))
-        raise CheckpointError(path, reason) from None
+        ckpt = load_file(path)
+    except UnreadableFileError as exc:
+        raise CheckpointError(path, exc.reason) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(path, f"it holds a {type(ckpt).__name__}, not a training checkpoint")
     if ckpt.get("format") != CHECKPOINT_FORMAT:

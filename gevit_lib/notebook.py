@@ -37,11 +37,10 @@ def published_model(name: str, profile: str, weights: str | os.PathLike[str] | N
     ``python -m gevit_lib.run --experiment vit_rotmnist``."""
     check_profile(profile)
     if weights is not None:
-        import torch
-
+        from .checkpointing import load_file
         from .hub import load_into
 
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_file(weights)
         model = load_into(create_model(name, **options), state, source=str(weights))
         return model.eval(), f"{name} architecture, weights {Path(weights).resolve()}"
     try:

@@ -78,3 +78,7 @@ def test_published_model_takes_weights_of_a_cli_run(tmp_path) -> None:
     torch.save(create_model("gevit_p4sa_patch5_rotmnist").state_dict(), tmp_path / "other.pt")
     with pytest.raises(IncompatibleCheckpointError, match="other.pt"):
         published_model("vit_rotmnist", "quick", tmp_path / "other.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:100])  # a truncated file
+    with pytest.raises(ValueError, match="cannot read .*cut.pt") as info:
+        published_model("vit_rotmnist", "quick", tmp_path / "cut.pt")
+    assert "weights_only" not in str(info.value)
