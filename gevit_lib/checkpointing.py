@@ -30,8 +30,8 @@ from gevit_lib import __version__
 from gevit_lib.files import atomic_torch_save, atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "RunState", "RunFolder",
-           "UnreadableFileError", "load_file", "read_checkpoint", "check_resume", "save_checkpoint", "restore_checkpoint", "rng_state", "set_rng_state",
-           "json_record"]
+           "UnreadableFileError", "load_file", "read_checkpoint", "check_resume", "save_checkpoint",
+           "restore_checkpoint", "rng_state", "set_rng_state", "json_record"]
 
 log = logging.getLogger(__name__)
 
