@@ -20,6 +20,7 @@ says when), and :func:`load_pcam_cnn` loads the pretrained PCam CNN of experimen
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -556,34 +557,109 @@ def shares_embeddings(wrapper: PostHoc, trains: bool) -> bool:
 
 
 class EmbeddingCache:
-    """Per-copy embeddings ``[N, T, D]`` (CPU, float32) and labels of fixed datasets, once per group.
+    """Per-copy embeddings ``[N, T, D]`` (CPU, float32) and labels of fixed datasets, each copy computed once.
 
     ``evaluate(wrapper, cache(wrapper, "test"))`` equals ``evaluate(wrapper, test_images)`` at a fraction of the
     cost (:class:`PostHoc` accepts embeddings in place of images) where :func:`shares_embeddings` is true.
-    ``data``: split name -> Dataset or ``(inputs, labels)``.
+    ``data``: split name -> Dataset or ``(inputs, labels)``, never changed afterwards.
+
+    Every transformed copy is embedded on its own, in batches of ``batch_size`` images of that copy, and stored
+    under a fingerprint of the backbone's embedding weights (not its head, so finetuning the head keeps them
+    valid), the split's data and the copy's pixels: groups that share copies share embeddings, bit for bit (D4's
+    four rotations are C16's copies 0, 4, 8, 12). ``directory``: each (split, copy) is also saved there, named by
+    its fingerprint, so an interrupted run resumes and a changed checkpoint, subset or transform is recomputed.
     """
 
     def __init__(self, data: dict[str, Any], batch_size: int = 128, device: str | torch.device = "cpu",
-                 progress: bool = False) -> None:
+                 progress: bool = False, directory: str | os.PathLike[str] | None = None) -> None:
         self.data, self.batch_size, self.device, self.progress = data, batch_size, torch.device(device), progress
-        self._store: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+        self.directory = Path(directory) if directory is not None else None
+        self._copies: dict[str, Tensor] = {}  # fingerprint -> [N, D]
+        self._labels: dict[str, Tensor] = {}
+        self._data_fp: dict[str, str] = {}
+        self._store: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}  # assembled [N, T, D] per split and copies
+
+    def _loader(self, split: str) -> Any:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        data = self.data[split]
+        return DataLoader(TensorDataset(*data) if isinstance(data, tuple) else data, batch_size=self.batch_size,
+                          shuffle=False)
+
+    def _data_fingerprint(self, split: str) -> str:
+        if split not in self._data_fp:
+            h, labels = hashlib.sha1(), []
+            for x, y in self._loader(split):
+                h.update(x.float().contiguous().numpy().tobytes())
+                labels.append(y)
+            self._labels[split] = torch.cat(labels)
+            self._data_fp[split] = h.hexdigest() + hashlib.sha1(self._labels[split].numpy().tobytes()).hexdigest()
+        return self._data_fp[split]
+
+    def copy_fingerprints(self, wrapper: PostHoc, split: str) -> list[str]:
+        """One fingerprint per transformed copy of ``wrapper``: backbone (without head) + data + copy pixels."""
+        h = hashlib.sha1(self._data_fingerprint(split).encode())
+        head = {id(t) for t in [*wrapper.head.parameters(), *wrapper.head.buffers()]}
+        for name, t in wrapper.backbone.state_dict(keep_vars=True).items():
+            if id(t) not in head:
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode() + t.detach().float().cpu().numpy().tobytes())
+        probe = torch.rand((1, *self.data_shape(split)), generator=torch.Generator().manual_seed(0))
+        copies = wrapper.transforms(probe)[0]  # the copy's pixels: map, interpolation and fill in one
+        fps = []
+        for c in copies:
+            one = h.copy()
+            one.update(c.numpy().tobytes())
+            fps.append(one.hexdigest())
+        return fps
+
+    def data_shape(self, split: str) -> tuple[int, ...]:
+        """Shape of one input of ``split`` (the first item of a tuple's inputs or of a Dataset's pairs)."""
+        return tuple(self.data[split][0][0].shape)
+
+    def _file(self, split: str, fp: str) -> Path | None:
+        return self.directory / f"{split}-{fp[:24]}.pt" if self.directory is not None else None
+
+    def _load(self, split: str, fp: str) -> Tensor | None:
+        path = self._file(split, fp)
+        if path is None or not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") != fp or len(saved["embeddings"]) != len(self._labels[split]):
+            return None  # another computation's file: recompute (and overwrite)
+        return saved["embeddings"]
 
     @torch.no_grad()
     def __call__(self, wrapper: PostHoc, split: str) -> tuple[Tensor, Tensor]:
-        key = (wrapper.group.name, split)
-        if key not in self._store:
-            from torch.utils.data import DataLoader, TensorDataset
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            data = self.data[split]
-            dataset = TensorDataset(*data) if isinstance(data, tuple) else data
+        from gevit_lib.files import atomic_write
+
+        fps = self.copy_fingerprints(wrapper, split)
+        key = (split, *fps)
+        if key in self._store:
+            return self._store[key]
+        for fp in fps:
+            if fp not in self._copies and (e := self._load(split, fp)) is not None:
+                self._copies[fp] = e
+        todo = [t for t, fp in enumerate(fps) if fp not in self._copies]
+        todo = [t for i, t in enumerate(todo) if fps[t] not in {fps[u] for u in todo[:i]}]  # repeated copies once
+        if todo:
             wrapper.eval().to(self.device)
-            out, labels = [], []
-            for x, y in tqdm(DataLoader(dataset, batch_size=self.batch_size, shuffle=False), leave=False,
-                             desc=f"{split} embeddings {wrapper.group.name}", disable=not self.progress):
-                out.append(wrapper.transformed_embeddings(x.to(self.device)).float().cpu())
-                labels.append(y)
-            self._store[key] = (torch.cat(out), torch.cat(labels))
+            loader = self._loader(split)
+            bar = tqdm(total=len(todo) * len(loader), leave=False, disable=not self.progress,
+                       desc=f"{split} embeddings {wrapper.group.name} ({len(todo)} of {len(fps)} copies new)")
+            for t in todo:  # one copy at a time, saved when done: an interrupted run loses at most one copy
+                out = []
+                for x, _ in loader:
+                    copy = wrapper.transforms(x.to(self.device))[:, t].contiguous()
+                    out.append(backbone_embed(wrapper.backbone, copy).float().cpu())
+                    bar.update()
+                self._copies[fps[t]] = torch.cat(out)
+                if (path := self._file(split, fps[t])) is not None:
+                    with atomic_write(path) as tmp:
+                        torch.save({"fingerprint": fps[t], "embeddings": self._copies[fps[t]]}, tmp)
+            bar.close()
+        self._store[key] = (torch.stack([self._copies[fp] for fp in fps], dim=1), self._labels[split])
         return self._store[key]
 
 

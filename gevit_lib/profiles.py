@@ -1,7 +1,10 @@
-"""The one place that maps a run profile ("smoke" | "quick" | "full") to sizes: subsets, epochs, batches, groups.
+"""The one place that maps a run profile ("smoke" | "quick" | "tables" | "full") to sizes: subsets, epochs, batches,
+groups.
 
 ``smoke`` runs in seconds (the tests), ``quick`` in minutes on a small CPU, ``full`` uses the post's settings (a
-GPU). Notebooks and experiments pass only the profile name and look the sizes up here.
+GPU). ``tables`` exists only for the post-hoc MNIST experiments (notebooks 06-08): the whole splits and the post's
+finetuning settings without full-model finetuning, trained on cached embeddings so it fits in about an hour per
+notebook on a 2-core CPU. Notebooks and experiments pass only the profile name and look the sizes up here.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import Any, TypeVar
 __all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "TrainingProfile", "training_profile",
            "ModelZooProfile", "MODEL_ZOO_DATASETS", "model_zoo_profile", "FigureProfile", "figure_profile"]
 
-PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
+PROFILES: tuple[str, ...] = ("smoke", "quick", "tables", "full")
+TABLES_NOTEBOOKS = "notebooks 06-08 (the post-hoc MNIST experiments rotmnist, mnist_to_rotmnist, low_data)"
 
 
 def check_profile(profile: str) -> str:
@@ -30,6 +34,8 @@ def _lookup(table: dict[str, dict[str, T]], key: str, profile: str, unknown: str
     check_profile(profile)
     if key not in table:
         raise ValueError(f"{unknown} {key!r}; choose one of {', '.join(table)}")
+    if profile not in table[key]:
+        raise ValueError(f"profile {profile!r} is not defined for {key!r}; it covers only {TABLES_NOTEBOOKS}")
     return table[key][profile]
 
 
@@ -40,6 +46,10 @@ class PostHocProfile:
     ``group``: the fixed aggregators' group; ``learned_group`` / ``tta_group``: the learned aggregators' and the
     test-time-augmentation baseline's (the original's default D4). ``epochs`` ... ``batch_size``: finetuning.
     ``train_*``: training the ViT itself when no published checkpoint is the start (``train_subset`` caps images).
+    ``extra_learned_groups``: more rows of the learned aggregators with these groups (not in the post).
+    ``cached_training``: finetuning (head, learned aggregators) trains on the cached embeddings of the un-augmented
+    training digits with the frozen backbone in eval mode, instead of the original's randomly rotated digits through
+    the backbone in training mode (its dropout on); only where the backbone is frozen.
     """
 
     n_train: int | None
@@ -61,20 +71,24 @@ class PostHocProfile:
     train_batch_size: int
     train_lr: float
     train_subset: int | None
+    extra_learned_groups: tuple[str, ...] = ()
+    cached_training: bool = False
 
 
 _MNIST_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=25, epochs_attention=60, batch_size=128, eval_batch_size=128,
     optimizer="adam", lr=5e-4, momentum=0.0, nesterov=False, group="C16", learned_group="D4", tta_group="D4",
     modes=("none", "head", "model"), train_epochs=500, train_batch_size=128, train_lr=1e-3,
-    train_subset=None)
+    train_subset=None, extra_learned_groups=("C16",))
+# the whole splits, the post's finetuning on cached embeddings, no full-model finetuning: ~1 h per notebook, 2 CPUs
+_MNIST_TABLES = replace(_MNIST_FULL, modes=("none", "head"), cached_training=True)
 _MNIST_QUICK = replace(_MNIST_FULL, n_train=256, n_val=500, n_test=2000, epochs=1, epochs_attention=2,
                        batch_size=64, eval_batch_size=128, modes=("none", "head"), train_epochs=3,
-                       train_subset=10000)
+                       train_subset=10000, extra_learned_groups=())  # C16 learned rows: ~40 s more
 _MNIST_SMOKE = replace(_MNIST_FULL, n_train=64, n_val=32, n_test=64, epochs=1, epochs_attention=1, batch_size=32,
                        modes=("none", "head"),
                        eval_batch_size=64, group="C4", train_epochs=1, train_batch_size=32,
-                       train_subset=64)
+                       train_subset=64, extra_learned_groups=("C4",))
 
 _PCAM_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=3, epochs_attention=3, batch_size=64, eval_batch_size=128,
@@ -88,11 +102,12 @@ _PCAM_SMOKE = replace(_PCAM_FULL, n_train=16, n_val=8, n_test=8, epochs=1, epoch
                       train_subset=16)
 
 _TABLE: dict[str, dict[str, PostHocProfile]] = {
-    "rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "full": _MNIST_FULL},
+    "rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL},
     "mnist_to_rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK,
                           # the post's MNIST ViT: 60k MNIST, no augmentation, batch 1024
+                          "tables": replace(_MNIST_TABLES, train_batch_size=1024),
                           "full": replace(_MNIST_FULL, train_batch_size=1024)},
-    "low_data": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "full": _MNIST_FULL},
+    "low_data": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL},
     "pcam": {"smoke": _PCAM_SMOKE, "quick": _PCAM_QUICK, "full": _PCAM_FULL},
 }
 
@@ -309,4 +324,4 @@ _FIGURES: dict[str, FigureProfile] = {
 
 def figure_profile(profile: str) -> FigureProfile:
     """The sizes of the figure notebooks 01-05 at ``profile`` ("smoke", "quick", "full")."""
-    return _FIGURES[check_profile(profile)]
+    return _lookup({"figure notebooks 01-05": _FIGURES}, "figure notebooks 01-05", profile, "")

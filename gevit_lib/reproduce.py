@@ -62,8 +62,9 @@ def failure_message(exc: BaseException) -> str:
 
 
 def default_cell_timeout(profile: str) -> int | None:
-    """Seconds one cell may run: an hour at smoke / quick, unlimited at full (GPU trainings run for hours)."""
-    return None if profile == "full" else 3600
+    """Seconds one cell may run: an hour at smoke / quick, unlimited at tables (a CPU loop over the whole test
+    split) and full (GPU trainings run for hours)."""
+    return None if profile in ("tables", "full") else 3600
 
 
 def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_dir: Path, data_dir: str | None,
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only notebooks whose name starts with one of these")
     parser.add_argument("--cell-timeout", type=int, default=None,
                         help="seconds one cell may run before its notebook fails (0: no limit; default: an hour at "
-                             "smoke and quick, no limit at full)")
+                             "smoke and quick, no limit at tables and full)")
     args = parser.parse_args(argv)
     timeout = default_cell_timeout(args.profile) if args.cell_timeout is None else (args.cell_timeout or None)
     return run(args.profile, args.device, notebooks_dir=REPO / "notebooks", out_dir=args.out_dir.resolve(),

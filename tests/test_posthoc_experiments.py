@@ -4,6 +4,7 @@ twice in the same folder, and (slow) experiment 1's ordering with the published 
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 from pathlib import Path
@@ -19,7 +20,8 @@ from gevit_lib.models.vit import VisionTransformer
 from gevit_lib.post_results import POST_RESULTS, SOURCE_FILES, post_result
 from gevit_lib.posthoc import (METHODS, PCAM_BACKBONES, EmbeddingCache, PostHoc, has_batchnorm, load_pcam_cnn,
                                shares_embeddings)
-from gevit_lib.profiles import PROFILES, check_profile, posthoc_profile
+from gevit_lib.profiles import (PROFILES, check_profile, figure_profile, model_zoo_profile, posthoc_profile,
+                                training_profile)
 from gevit_lib.train import TrainConfig, evaluate, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def digits(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_profiles() -> None:
-    assert PROFILES == ("smoke", "quick", "full")
+    assert PROFILES == ("smoke", "quick", "tables", "full")
     with pytest.raises(ValueError, match="unknown profile"):
         check_profile("medium")
     with pytest.raises(ValueError, match="unknown post-hoc experiment"):
@@ -53,6 +55,23 @@ def test_profiles() -> None:
     for name in ("smoke", "quick"):
         small = posthoc_profile("rotmnist", name)
         assert small.n_test is not None and small.n_test <= 2000 and small.epochs <= 2
+        assert not small.cached_training
+
+
+def test_tables_profile() -> None:
+    """``tables``: the whole splits and the post's finetuning without the model mode, on cached embeddings, for the
+    post-hoc MNIST experiments only; everything else says which notebooks support it."""
+    for experiment in ("rotmnist", "mnist_to_rotmnist", "low_data"):
+        tables, full = posthoc_profile(experiment, "tables"), posthoc_profile(experiment, "full")
+        assert (tables.n_train, tables.n_val, tables.n_test, tables.modes) == (None, None, None, ("none", "head"))
+        assert (tables.epochs, tables.epochs_attention, tables.lr, tables.batch_size) == (25, 60, 5e-4, 128)
+        assert tables.cached_training and not full.cached_training
+        assert (tables.learned_group, tables.extra_learned_groups) == ("D4", ("C16",))
+    lookups = [lambda: posthoc_profile("pcam", "tables"), lambda: training_profile("vit_mnist", "tables"),
+               lambda: model_zoo_profile("rotmnist", "tables"), lambda: figure_profile("tables")]
+    for lookup in lookups:
+        with pytest.raises(ValueError, match="notebooks 06-08"):
+            lookup()
 
 
 def test_augmentations() -> None:
@@ -88,6 +107,71 @@ def test_embedding_cache_gives_the_same_accuracy_as_the_images() -> None:
             assert direct["accuracy"] == shared["accuracy"], (method, group, split)
             assert abs(direct["loss"] - shared["loss"]) < 1e-5
     assert cache(PostHoc(model, "max", "C4"), "test")[0] is cache(PostHoc(model, "mean", "C4"), "test")[0]
+
+
+def _counting(model: nn.Module) -> list[int]:
+    """Count the images ``model``'s forward_features sees."""
+    seen = [0]
+    model.input_layer.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    return seen
+
+
+def test_embedding_cache_shares_copies_between_groups_bit_for_bit() -> None:
+    model = tiny_vit()
+    test = digits(40, 6)
+    cache = EmbeddingCache({"test": test}, batch_size=16)
+    c16, d4 = PostHoc(model, "mean", "C16"), PostHoc(model, "mean", "D4")
+    e16 = cache(c16, "test")[0]
+    seen = _counting(model)
+    e4 = cache(d4, "test")[0]
+    assert seen[0] == 4 * 40  # only D4's four flipped copies are new
+    assert torch.equal(e4[:, :4], e16[:, [0, 4, 8, 12]])  # the rotations are C16's, bit for bit
+    fresh = EmbeddingCache({"test": test}, batch_size=16)(d4, "test")[0]
+    assert torch.equal(fresh, e4)
+    with torch.no_grad():
+        torch.testing.assert_close(e4, d4.transformed_embeddings(test[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_cache_files_resume_and_are_never_reused_for_other_weights_or_data(tmp_path: Path) -> None:
+    model, test = tiny_vit(), digits(24, 7)
+    first = EmbeddingCache({"test": test}, batch_size=16, directory=tmp_path)(PostHoc(model, "mean", "C4"), "test")
+    assert len(list(tmp_path.glob("test-*.pt"))) == 4  # one file per copy
+    seen = _counting(model)
+    again = EmbeddingCache({"test": test}, batch_size=16, directory=tmp_path)(PostHoc(model, "mean", "C4"), "test")
+    assert seen[0] == 0 and torch.equal(again[0], first[0])  # resumed from the files
+    with torch.no_grad():
+        model.mlp_head[-1].weight.add_(1.0)  # a finetuned head: the embeddings stay valid
+    EmbeddingCache({"test": test}, batch_size=16, directory=tmp_path)(PostHoc(model, "mean", "C4"), "test")
+    assert seen[0] == 0
+    other = (test[0][:20], test[1][:20])  # another subset: recomputed
+    EmbeddingCache({"test": other}, batch_size=16, directory=tmp_path)(PostHoc(model, "mean", "C4"), "test")
+    assert seen[0] == 4 * 20
+    with torch.no_grad():
+        model.cls_token.add_(0.1)  # another backbone: recomputed, and different
+    changed = EmbeddingCache({"test": test}, batch_size=16, directory=tmp_path)(PostHoc(model, "mean", "C4"), "test")
+    assert seen[0] == 4 * 20 + 4 * 24 and not torch.equal(changed[0], first[0])
+
+
+@pytest.mark.parametrize("method", ["mean", "learned_score"])
+def test_training_on_cached_embeddings_equals_training_on_the_images(method: str) -> None:
+    """The ``tables`` profile's finetuning: with a frozen backbone (no dropout) and no augmentation, training the head
+    or aggregator on cached embeddings gives the weights that training on the images does."""
+    torch.manual_seed(0)
+    backbone = VisionTransformer(embed_dim=16, hidden_dim=32, num_heads=2, num_layers=1, patch_size=7,
+                                 num_channels=1, num_patches=16, num_classes=10, dropout=0.0)
+    train = digits(48, 8)
+    cache = EmbeddingCache({"train": train}, batch_size=16)
+    config = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=5e-3, seed=42)  # keeps the last epoch
+    trained = []
+    for on_cache in (False, True):
+        torch.manual_seed(1)
+        wrapper = PostHoc(copy.deepcopy(backbone), method, "C4", finetune="head")
+        fit(wrapper, cache(wrapper, "train") if on_cache else train, None, config, progress=False)
+        trained.append(wrapper.state_dict())
+    assert trained[0].keys() == trained[1].keys()
+    for name in trained[0]:
+        torch.testing.assert_close(trained[0][name], trained[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(trained[0]["backbone.mlp_head.1.weight"], backbone.state_dict()["mlp_head.1.weight"])
 
 
 def test_exact_group_gives_the_same_accuracy_on_rotated_digits() -> None:
