@@ -34,7 +34,7 @@ from gevit_lib.groups import Group, get_group, rotate
 
 __all__ = ["METHODS", "MethodInfo", "FINETUNE_MODES", "VARIANTS", "TransformStack", "SplitBackbone", "ScoreAggregator",
            "AttentionAggregator", "PostHoc", "resolve_method", "aggregate", "has_batchnorm", "shares_embeddings",
-           "EmbeddingCache", "PCAM_BACKBONES", "load_pcam_cnn"]
+           "EmbeddingCache", "CACHED_TRAINING_NOTE", "KEPT_EPOCH_NOTE", "PCAM_BACKBONES", "load_pcam_cnn"]
 
 FINETUNE_MODES = ("none", "head", "model")
 CPU_CHUNK = 128  # images per backbone forward on the CPU when max_batch="auto"
@@ -554,6 +554,13 @@ def shares_embeddings(wrapper: PostHoc, trains: bool) -> bool:
     """True when an :class:`EmbeddingCache` may stand in for the images: nothing trains, or only the head /
     aggregator does and the backbone has no BatchNorm statistics that training mode would update."""
     return not trains or (wrapper.finetune != "model" and not has_batchnorm(wrapper.backbone))
+
+
+# what the post-hoc tables say about their finetuning, where it differs from the original's
+CACHED_TRAINING_NOTE = ("finetuned on cached embeddings of the un-augmented training digits, backbone dropout off "
+                        "(the original: randomly rotated digits, dropout on)")
+KEPT_EPOCH_NOTE = ("the finetuning epoch kept by validation accuracy; 0: no epoch beat the untouched model, whose "
+                   "weights were kept (the original kept the last epoch)")
 
 
 class EmbeddingCache:

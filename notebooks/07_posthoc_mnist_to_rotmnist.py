@@ -44,7 +44,8 @@ from gevit_lib.augment import random_rotation
 from gevit_lib.data import MNIST_BACKGROUND, evenly_spaced, random_subset, take_subset
 from gevit_lib.notebook import published_model, rotated_digits
 from gevit_lib.post_results import post_result
-from gevit_lib.posthoc import METHODS, EmbeddingCache, PostHoc, shares_embeddings
+from gevit_lib.posthoc import (CACHED_TRAINING_NOTE, KEPT_EPOCH_NOTE, METHODS, EmbeddingCache, PostHoc,
+                              shares_embeddings)
 from gevit_lib.profiles import posthoc_profile
 from gevit_lib.train import TrainConfig, evaluate, fit, seed_everything
 from gevit_lib.viz import save_figure, save_table
@@ -67,34 +68,39 @@ print(f"checkpoint: {checkpoint}\ndata: {data_source}\n{settings}")
 
 # %%
 methods = ["mean", "max", "sum", "most_probable", "most_certain", "learned_score", "learned_attention", "tta"]
-groups = {m: settings.learned_group if METHODS[m].learned else settings.tta_group if m == "tta" else settings.group
-          for m in methods}
+runs = [(m, settings.learned_group if METHODS[m].learned else settings.tta_group if m == "tta" else settings.group,
+         True) for m in methods]  # (method, group, in the post)
+runs += [(m, g, False) for g in settings.extra_learned_groups for m in methods if METHODS[m].learned]
 augment = random_rotation(180.0, fill=MNIST_BACKGROUND)  # finetuning: RandomRotation(-180, 180), as the original
-cache = EmbeddingCache({"val": val, "test": test}, batch_size=settings.eval_batch_size, device=device)
+cache = EmbeddingCache({"train": train, "val": val, "test": test}, batch_size=settings.eval_batch_size,
+                       device=device, progress=settings.n_test is None, directory=run_dir / "embeddings")
 base = [100 * evaluate(backbone, d, batch_size=settings.eval_batch_size, device=device)["accuracy"]
         for d in (val, test)]
-rows = []
+rows, fitted = [], {}
 for mode in settings.modes:
-    rows.append({"mode": mode, "method": "base", "post_name": "base model", "group": "-", "acc": base})
-    for method in methods:
+    rows.append({"mode": mode, "method": "base", "post_name": "base model", "group": "-", "in_post": True,
+                 "kept_epoch": "", "acc": base})
+    for method, group, in_post in runs:
         seed_everything(seed)  # every method starts from the same random state
-        wrapper = PostHoc(copy.deepcopy(backbone), method, groups[method], finetune=mode)
+        wrapper = fitted[mode, method, group] = PostHoc(copy.deepcopy(backbone), method, group, finetune=mode)
         trains = mode != "none" or METHODS[method].learned
         shared = shares_embeddings(wrapper, trains)
+        on_cache, kept = settings.cached_training and shared, ""  # cached: un-augmented training embeddings
         if trains:
             epochs = settings.epochs_attention if method == "learned_attention" else settings.epochs
             config = TrainConfig(epochs=epochs, batch_size=settings.batch_size, optimizer=settings.optimizer,
                                  lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov, seed=seed,
                                  device=device, eval_batch_size=settings.eval_batch_size, select_initial=True,
                                  label=f"{method}/{mode}")
-            fit(wrapper, train, cache(wrapper, "val") if shared else val, config, augment=augment, progress=False,
-                run_dir=run_dir / "fits" / mode / method, resume=True)  # resume: reuse a finished fit
+            fit_data = [cache(wrapper, "train") if on_cache else train, cache(wrapper, "val") if shared else val]
+            kept = fit(wrapper, *fit_data, config, augment=None if on_cache else augment, progress=False, resume=True,
+                       run_dir=run_dir / "fits" / mode / f"{method}_{group}").best_epoch  # 0: initial weights kept
         data = [cache(wrapper, split) for split in ("val", "test")] if shared else [val, test]
         acc = [100 * evaluate(wrapper, d, batch_size=settings.eval_batch_size, device=device)["accuracy"]
                for d in data]
         rows.append({"mode": mode, "method": method, "post_name": METHODS[method].post_name,
-                     "group": wrapper.group.name, "acc": acc})
-        print(f"[{mode}] {method}: val {acc[0]:.2f} test {acc[1]:.2f}")
+                     "group": wrapper.group.name, "in_post": in_post, "kept_epoch": kept, "acc": acc})
+        print(f"[{mode}] {method} {group}: val {acc[0]:.2f} test {acc[1]:.2f}, kept epoch {kept}")
 
 # %% [markdown]
 # ## The table
@@ -104,14 +110,16 @@ for mode in settings.modes:
 # %%
 table = []
 for r in rows:
-    post = post_result("mnist_to_rotmnist", r["mode"], r["method"])
+    post = post_result("mnist_to_rotmnist", r["mode"], r["method"]) if r["in_post"] else None
     table.append({**{k: v for k, v in r.items() if k != "acc"}, "val_acc": round(r["acc"][0], 2),
                   "test_acc": round(r["acc"][1], 2), "post_val_acc": post.val_acc if post else "",
                   "post_test_acc": post.test_acc if post else ""})
 title = f"Post-hoc equivariance: mnist_to_rotmnist (profile {profile})"
+title += f"; {CACHED_TRAINING_NOTE}" if settings.cached_training else ""
 _, md = save_table(table, out_dir / "posthoc_mnist_to_rotmnist.csv", title=title, data_source=data_source,
                    checkpoint=checkpoint, profile=profile, seed=seed, n_val=len(val[1]), n_test=len(test[1]),
-                   post_numbers="gevit_lib.post_results (the post's tables)")
+                   post_numbers="gevit_lib.post_results (the post's tables)", cached_training=settings.cached_training,
+                   kept_epoch=KEPT_EPOCH_NOTE, in_post="False: not in the post (its learned aggregators used D4)")
 display(Markdown(md.read_text()))
 
 # %% [markdown]
