@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?= quick
 DEVICE ?= cpu
 
-.PHONY: reproduce test install clean-runs notebooks lab
+.PHONY: reproduce figures test install clean-runs notebooks lab
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 # downloaded from the authors' repository.
 reproduce: install
 	$(PY) -m gevit_lib.reproduce --profile $(PROFILE) --device $(DEVICE)
+
+# The committed figures/ (the gallery figures/README.md shows): every notebook at the quick profile on the CPU.
+figures: install
+	$(PY) -m gevit_lib.reproduce --profile quick --device cpu --out-dir figures
 
 # JupyterLab on notebooks/ with this environment's Python as the kernel (installed on first use).
 lab: install
