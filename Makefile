@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?= quick
 DEVICE ?= cpu
 
-.PHONY: reproduce tables test install clean-runs notebooks lab
+.PHONY: reproduce figures tables test install clean-runs notebooks lab
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 # downloaded from the authors' repository.
 reproduce: install
 	$(PY) -m gevit_lib.reproduce --profile $(PROFILE) --device $(DEVICE)
+
+# The committed figures/ (the gallery figures/README.md shows): every notebook at the quick profile on the CPU.
+figures: install
+	$(PY) -m gevit_lib.reproduce --profile quick --device cpu --out-dir figures
 
 # The post-hoc tables of experiments 1-3 (notebooks 06-08) on the whole test split, no finetuning and head
 # finetuning, on a CPU (profile tables: ~1.5 h on 2 idle cores; an interrupted run resumes) -> figures/tables/

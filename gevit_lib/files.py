@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = ["RemoteFile", "MissingFileError", "ChecksumError", "data_dir", "verify", "fetch", "retry", "socket_timeout",
-           "atomic_write", "atomic_torch_save"]
+           "atomic_write", "atomic_torch_save", "file_digest"]
 
 TIMEOUT_S = 30.0  # seconds per connect / read: a server that stops answering fails within this
 TRIES = 3  # attempts per download
@@ -62,14 +62,20 @@ def data_dir(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path("data")
 
 
-def verify(path: str | os.PathLike[str], checksum: str, algo: str = "sha256") -> None:
-    """Raise ChecksumError unless ``path`` has the expected digest (read in chunks)."""
+def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in chunks)."""
     h = hashlib.new(algo)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    if h.hexdigest() != checksum.lower():
-        raise ChecksumError(f"{path}: {algo} is {h.hexdigest()}, expected {checksum}. The file is corrupt or "
+    return h.hexdigest()
+
+
+def verify(path: str | os.PathLike[str], checksum: str, algo: str = "sha256") -> None:
+    """Raise ChecksumError unless ``path`` has the expected digest."""
+    digest = file_digest(path, algo)
+    if digest != checksum.lower():
+        raise ChecksumError(f"{path}: {algo} is {digest}, expected {checksum}. The file is corrupt or "
                             f"truncated; delete it and download it again.")
 
 

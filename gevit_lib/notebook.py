@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .files import ChecksumError, MissingFileError
-from .models import create_model, load_published
+from .models import create_model, load_published, published_weights
 from .profiles import check_profile
+from .viz import portable_path
 
-__all__ = ["published_model", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize", "pick_digits",
+__all__ = ["published_model", "data_label", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize", "pick_digits",
            "Digits", "load_digits", "predict"]
 
 
@@ -42,9 +43,10 @@ def published_model(name: str, profile: str, weights: str | os.PathLike[str] | N
 
         state = load_file(weights)
         model = load_into(create_model(name, **options), state, source=str(weights))
-        return model.eval(), f"{name} architecture, weights {Path(weights).resolve()}"
+        return model.eval(), f"{name} architecture, weights {portable_path(Path(weights).resolve())}"
     try:
-        return load_published(name, download=profile != "smoke", **options), name
+        model = load_published(name, download=profile != "smoke", **options)
+        return model, f"{name} (sha256 {published_weights(name).sha256[:16]})"
     except (MissingFileError, ChecksumError) as exc:
         if profile != "smoke":
             raise
@@ -78,7 +80,19 @@ def rotated_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | 
             warnings.simplefilter("ignore", UnverifiedDataWarning)
             ds = rotated_mnist(split, root=smoke_mnist_root(), download=False, **kwargs)
         return ds, f"synthetic MNIST stand-in ({getattr(ds, 'source', '?')}; real MNIST unavailable)"
-    return ds, f"rotated MNIST ({getattr(ds, 'source', 'unknown')})"
+    return ds, data_label(ds)
+
+
+def data_label(ds: Any) -> str:
+    """A rotated-MNIST split's source by name and checksum, e.g. "regenerated rotated MNIST v1, seed 0, from MNIST
+    (official, sha256 0123456789abcdef)", for provenance sidecars (never the folder it was read from)."""
+    info = ds.describe()
+    if info.get("source") == "official":
+        return f"official MNIST-rot archive (md5 {info['archive_md5']})"
+    if info.get("source") == "regenerated":
+        return (f"regenerated rotated MNIST v{info['recipe_version']}, seed {info['seed']}, from MNIST "
+                f"({info['mnist_source']}, sha256 {info['mnist_fingerprint'][:16]})")
+    return f"rotated MNIST ({info.get('source', 'unknown')})"
 
 
 def digits_root(profile: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[str | None, str]:

@@ -2,7 +2,9 @@
 renderers several notebooks share.
 
 The sidecar names the files it describes, the data source, checkpoint, profile and seed that produced them, and
-the library version, so every figure and table in ``figures/`` says where its numbers came from. Figures of a
+the library version, so every figure and table in ``figures/`` says where its numbers came from. Metadata never
+records a path of the machine that made it (:func:`portable`): a file inside the repository is named relative to
+it, any other file by its name and sha256, so the committed files read the same on every clone. Figures of a
 fixed pixel size come from :func:`new_figure` (figsize x dpi on an Agg canvas: no display, no pyplot state);
 save them with ``save_figure(fig, path, dpi=fig.dpi, ...)`` so the file has exactly that size.
 """
@@ -14,6 +16,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,42 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .files import atomic_write
+from .files import atomic_write, file_digest
 
-__all__ = ["write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table",
+__all__ = ["portable", "portable_path", "write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table",
            "plot_accuracy_vs_time", "new_figure", "plot_group_panels"]
+
+
+REPO = Path(__file__).resolve().parents[1]
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(/[\w.+@-]+)+/?")  # a POSIX absolute path inside a longer text
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as it may be committed: relative paths unchanged, a path inside the repository relative to it, any
+    other file as ``name (sha256 ...)``, any other folder by its name."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        return str(path)
+    p = p.resolve()
+    if p.is_relative_to(REPO):
+        return p.relative_to(REPO).as_posix() or "."
+    return f"{p.name} (sha256 {file_digest(p)})" if p.is_file() else p.name
+
+
+def portable(value: Any) -> Any:
+    """``value`` (str, path, or nested dicts / lists of them) with every absolute path made :func:`portable_path`."""
+    if isinstance(value, os.PathLike):
+        return portable_path(value)
+    if isinstance(value, str):
+        if Path(value).is_absolute() and not any(c.isspace() for c in value):
+            return portable_path(value)
+        # inside a text only paths with two or more parts ("/a/b"), so that "3 /4" or "/s" stay as written
+        return _ABS_PATH.sub(lambda m: portable_path(m[0]) if m[0].rstrip("/").count("/") > 1 else m[0], value)
+    if isinstance(value, Mapping):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    return value
 
 
 def write_sidecar(path: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], **meta: Any) -> Path:
@@ -32,7 +67,7 @@ def write_sidecar(path: str | os.PathLike[str], files: Sequence[str | os.PathLik
     path = Path(path)
     record = {
         "files": [Path(f).name for f in files],
-        **{k: v for k, v in meta.items() if v is not None},
+        **{k: portable(v) for k, v in meta.items() if v is not None},
         "library_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -117,12 +152,13 @@ def save_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(columns or (rows[0].keys() if rows else []))
+    rows = [portable(dict(r)) for r in rows]  # a checkpoint column names files the way the sidecar does
     csv_path, md_path = path.with_suffix(".csv"), path.with_suffix(".md")
     with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    provenance = ", ".join(f"{k}: {v}" for k, v in meta.items() if v is not None)
+    provenance = ", ".join(f"{k}: {portable(v)}" for k, v in meta.items() if v is not None)
     text = (f"### {title}\n\n" if title else "") + markdown_table(rows, columns, floatfmt)
     if provenance:
         text += f"\n_{provenance}_\n"

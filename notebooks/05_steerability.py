@@ -61,7 +61,7 @@ from gevit_lib.notebook import load_digits, normalize, predict, published_model
 from gevit_lib.posthoc import PostHoc
 from gevit_lib.profiles import figure_profile
 from gevit_lib.train import seed_everything
-from gevit_lib.viz import new_figure, save_figure, save_table
+from gevit_lib.viz import new_figure, save_figure, save_table, write_sidecar
 
 seed_everything(seed)
 out_dir = Path(out_dir)
@@ -200,4 +200,7 @@ rows = [{"model": name, "checkpoint": models[name][1],
         for name, r in results.items()]
 csv_path, md_path = save_table(rows, out_dir / "invariance_vs_angle.csv", title="Invariance error against rotation angle",
                                **meta)
+# the figure and the table share their name, so one sidecar (written last) describes both
+write_sidecar(path, [path, csv_path, md_path], rows=len(rows), angles=list(angles),
+              models={name: checkpoint for name, (_, checkpoint, _) in models.items()}, **meta)
 display(Markdown(md_path.read_text()))

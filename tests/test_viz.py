@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 
 from gevit_lib import viz  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_save_figure_and_sidecar(tmp_path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2, 1))
@@ -81,3 +83,31 @@ def test_plot_group_panels(tmp_path: Path) -> None:
     assert img.shape[1::-1] == (792, 360) and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 10
     single = viz.plot_group_panels(torch.zeros(1, 5, 5), "one", (100, 100))
     assert len(single.axes) == 1
+
+
+def test_no_machine_path_survives_in_provenance(tmp_path: Path) -> None:
+    """Sidecars and table footers are committed: a file outside the repository is named by its name and sha256, one
+    inside it relative to the repository, a folder by its name; texts keep their words."""
+    import hashlib
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    inside = REPO / "gevit_lib" / "viz.py"
+    meta = dict(checkpoint=f"vit_rotmnist architecture, weights {weights}", data_dir=str(tmp_path),
+                post_numbers=tmp_path / "reference" / "results", out_dir=str(inside.parent),
+                inputs={"files": [str(inside)], "note": "3 /4 of the digits, train/val split"})
+    fig, ax = plt.subplots(figsize=(2, 1))
+    viz.save_figure(fig, tmp_path / "fig.png", **meta)
+    plt.close(fig)
+    rows = [{"model": "vit", "checkpoint": str(weights)}]
+    viz.save_table(rows, tmp_path / "t.csv", **meta)
+    for name in ("fig.json", "t.json", "t.md", "t.csv"):
+        text = (tmp_path / name).read_text()
+        assert str(tmp_path) not in text and str(REPO) not in text, (name, text)
+    sidecar = json.loads((tmp_path / "fig.json").read_text())
+    assert sidecar["checkpoint"] == f"vit_rotmnist architecture, weights best.pt (sha256 {digest})"
+    assert sidecar["data_dir"] == tmp_path.name and sidecar["post_numbers"] == "results"
+    assert sidecar["out_dir"] == "gevit_lib" and sidecar["inputs"]["files"] == ["gevit_lib/viz.py"]
+    assert sidecar["inputs"]["note"] == "3 /4 of the digits, train/val split"
+    assert f"best.pt (sha256 {digest})" in (tmp_path / "t.csv").read_text()
