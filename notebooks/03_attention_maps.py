@@ -166,6 +166,6 @@ def draw(digit: int = 0, head: int = 0, g: int = 1, row: int = 14, col: int = 14
 
 
 side = maps.shape[3]
-knob = knobs(draw, interactive, digit=[(f"{i}: a {t}", i) for i, t in enumerate(targets)],
+knob = knobs(draw, interactive, digit=[(f"{i} (class {t})", i) for i, t in enumerate(targets)],
              head=(0, maps.shape[1] - 1), g=(0, maps.shape[2] - 1), row=(p // 2, side - 1 - p // 2),
              col=(p // 2, side - 1 - p // 2))

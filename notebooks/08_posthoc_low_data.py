@@ -145,7 +145,7 @@ def draw(digit: int = 0, angle: int = 45) -> None:
     grid = fig.add_gridspec(1, 2, width_ratios=(1, 3), left=0.02, right=0.97, top=0.88, bottom=0.18, wspace=0.45)
     ax = fig.add_subplot(grid[0])
     ax.imshow(turned[a, digit, 0].numpy(), cmap="gray")
-    ax.set_title(f"a {truth[digit]}, turned {angle}°", fontsize=10)
+    ax.set_title(f"class {truth[digit]}, turned {angle}°", fontsize=10)
     ax.axis("off")
     ax = fig.add_subplot(grid[1])
     p = torch.stack([q[a, digit] for q in probs.values()])  # [methods, classes]
@@ -159,5 +159,5 @@ def draw(digit: int = 0, angle: int = 45) -> None:
     display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
 
 
-knob = knobs(draw, interactive, digit=[(f"{i}: test digit {picked[i]}, a {t}", i) for i, t in enumerate(truth)],
+knob = knobs(draw, interactive, digit=[(f"test image {picked[i]} (class {t})", i) for i, t in enumerate(truth)],
              angle=(0, 345, 15))
