@@ -1,5 +1,5 @@
 """Writing figures, animations and tables with a provenance sidecar (``<name>.json``) beside each, and the
-renderers several notebooks share.
+renderers several notebooks share, and :func:`knobs`: the widgets a reader turns, with a static fallback for batch runs.
 
 The sidecar names the files it describes, the data source, checkpoint, profile and seed that produced them, and
 the library version, so every figure and table in ``figures/`` says where its numbers came from. Metadata never
@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ import numpy as np
 from . import __version__
 from .files import atomic_write, file_digest
 
-__all__ = ["portable", "portable_path", "write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table", "figure_to_array", "markdown_table",
-           "plot_accuracy_vs_time", "new_figure", "plot_group_panels"]
+__all__ = ["portable", "portable_path", "write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table",
+           "figure_to_array", "markdown_table", "plot_accuracy_vs_time", "new_figure", "plot_group_panels", "knobs"]
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,3 +226,33 @@ def plot_group_panels(values: Any, title: str, size_px: tuple[int, int], dpi: in
         fig.colorbar(im, ax=axes[g - 1])
     fig.suptitle(title)
     return fig
+
+
+# ---- knobs -----------------------------------------------------------------------------------------------------
+def knobs(draw: Callable[..., Any], interactive: bool, **controls: Any) -> Any:
+    """Controls a reader turns: ``ipywidgets.interactive(draw, **controls)`` (``controls`` in ipywidgets' ``interact``
+    abbreviations: ``(min, max, step)`` a slider, a list a dropdown, or a widget), displayed, each starting at
+    ``draw``'s default for it. The static fallback, for batch runs (``interactive`` False) or without ipywidgets:
+    ``draw()`` once with its defaults. Returns the ``interactive`` widget, or None for the fallback."""
+    import inspect
+
+    from IPython.display import display
+
+    defaults = {k: p.default for k, p in inspect.signature(draw).parameters.items()}
+    missing = [k for k in controls if defaults.get(k, inspect.Parameter.empty) is inspect.Parameter.empty]
+    if missing:
+        raise TypeError(f"knobs: {draw.__name__}() needs a default for {missing} (what a batch run draws)")
+    if interactive:
+        try:
+            import ipywidgets
+        except ImportError:
+            print("ipywidgets is not installed: no knobs, the default view instead (pip install ipywidgets)")
+        else:
+            knob = ipywidgets.interactive(draw, **controls)
+            for control in knob.children[:-1]:  # redraw when a slider is released, not at every step of a drag
+                if hasattr(control, "continuous_update"):
+                    control.continuous_update = False
+            display(knob)
+            return knob
+    draw()
+    return None

@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from IPython.display import Image, display
+from tqdm.auto import tqdm
 
 from gevit_lib.groups import rotate
 from gevit_lib.notebook import load_digits, normalize, predict, published_model
@@ -124,7 +125,8 @@ n = settings.rotation_frames
 angles = (torch.arange(n, dtype=torch.float64) * (360.0 / n)).tolist()
 rotated = torch.stack([rotate(image, a, "bilinear") for a in angles])  # [A, 1, H, W]
 probs = probabilities(rotated)  # model -> [A, classes]
-frames = [render_frame(rotated[i], a, {k: p[i] for k, p in probs.items()}) for i, a in enumerate(angles)]
+frames = [render_frame(rotated[i], a, {k: p[i] for k, p in probs.items()})  # a bar in JupyterLab, none in batch runs
+          for i, a in enumerate(tqdm(angles, desc="frames", disable=not interactive))]
 frame_ms, fps = max(20.0, 6000.0 / n), max(1, round(n / 6.0))  # one turn in 6 seconds
 gif = save_gif(frames, out_dir / "Rotation.gif", duration_ms=frame_ms, sidecar=False)
 mp4 = save_mp4(frames, out_dir / "Rotation.mp4", fps=fps, sidecar=False)

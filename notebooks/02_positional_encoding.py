@@ -35,10 +35,12 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/02_positional_encoding"
 seed = 0
+interactive = True  # the knobs at the end (ipywidgets); batch runs (papermill) pass False
 
 # %%
 from pathlib import Path
 
+import numpy as np
 import torch
 from IPython.display import Image, Markdown, display
 
@@ -48,7 +50,7 @@ from gevit_lib.models.gevit import build_gevit
 from gevit_lib.nn.positional import group_index_table, relative_coordinates
 from gevit_lib.notebook import load_digits, normalize, published_model
 from gevit_lib.train import seed_everything
-from gevit_lib.viz import markdown_table, new_figure, plot_group_panels, save_figure, save_table
+from gevit_lib.viz import figure_to_array, knobs, markdown_table, new_figure, plot_group_panels, save_figure, save_table
 
 seed_everything(seed)
 out_dir = Path(out_dir)
@@ -188,3 +190,33 @@ display(Image(filename=str(path)))
 # %%
 for name, (positional, table) in ENCODINGS.items():
     print(f"{name} ({positional}, {table}):\n{group_index_table('p4', table, positional)[0].numpy()}\n")
+
+# %% [markdown]
+# ## Turn it yourself
+# Pick a group element and a grid: the transformed row or column offsets of the lifting layer (GE-ViT's
+# convention, Fig. 3, or GSA-Nets'), or channel 0 of the first group layer's row or column embedding (Fig. 4), each
+# value written in its cell. Everything is computed above; a knob only picks what to draw. A batch run (papermill,
+# `interactive=False`) draws g_1's row offsets.
+
+# %%
+from PIL import Image as PILImage
+
+coords = lifting.pos.coords.detach().cpu()  # [G, P, P, 2]
+GRIDS = {"row offsets": coords[..., 0], "column offsets": coords[..., 1], "GSA-Nets row offsets": grids["gsa"][..., 0],
+         "GSA-Nets column offsets": grids["gsa"][..., 1], "row embedding, channel 0": row[..., 0],
+         "column embedding, channel 0": col[..., 0]}
+
+
+def draw(g: int = 1, grid: str = "row offsets") -> None:
+    values = GRIDS[grid][g].double()
+    fig = new_figure((360, 380), dpi=72)
+    ax = fig.add_axes((0.05, 0.03, 0.9, 0.82))
+    ax.imshow(values.numpy(), cmap="viridis")
+    for (i, j), v in np.ndenumerate(values.numpy()):
+        ax.text(j, i, f"{v:.2f}".replace("-0.00", "0.00"), ha="center", va="center", color="white", fontsize=10)
+    ax.axis("off")
+    ax.set_title(f"{grid}, $g_{{{g}}}$")
+    display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
+
+
+knob = knobs(draw, interactive, g=(0, len(coords) - 1), grid=list(GRIDS))

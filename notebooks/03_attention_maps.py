@@ -42,6 +42,7 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/03_attention_maps"
 seed = 0
+interactive = True  # the knobs at the end (ipywidgets); batch runs (papermill) pass False
 
 # %%
 from pathlib import Path
@@ -54,7 +55,7 @@ from gevit_lib.equivariance import rotate_lifting_attention
 from gevit_lib.notebook import load_digits, normalize, published_model
 from gevit_lib.profiles import figure_profile
 from gevit_lib.train import seed_everything
-from gevit_lib.viz import figure_to_array, new_figure, save_gif
+from gevit_lib.viz import figure_to_array, knobs, new_figure, save_gif
 
 seed_everything(seed)
 out_dir = Path(out_dir)
@@ -132,3 +133,39 @@ with torch.no_grad():
 expected = rotate_lifting_attention(attention[:1], model.group, k=1, side=model.feature_side)
 error = float((turned - expected).abs().max())
 print(f"max |attention(rot90 x) - rot90 attention(x), group axis permuted| = {error:.1e}")
+
+# %% [markdown]
+# ## Turn it yourself
+# Any digit, head, group element and pixel: the digit with the pixel's 5 x 5 neighbourhood framed, the
+# neighbourhood itself, and where the lifting layer looks from that pixel. The maps of every pixel, head and group
+# element were computed above (`attention`); a knob only picks one. A batch run (papermill, `interactive=False`)
+# draws the first digit, head 0, g_1 at the centre pixel.
+
+# %%
+from matplotlib.patches import Rectangle
+from PIL import Image as PILImage
+
+maps = attention.cpu()  # [N, heads, G, H, W, P, P]
+p = maps.shape[-1]
+
+
+def draw(digit: int = 0, head: int = 0, g: int = 1, row: int = 14, col: int = 14) -> None:
+    fig = new_figure((540, 200), dpi=72)
+    axes = fig.subplots(1, 3, gridspec_kw=dict(left=0.01, right=0.99, top=0.82, bottom=0.02, wspace=0.1))
+    img = digits.images[digit].squeeze()
+    axes[0].imshow(img.numpy(), cmap="gray")
+    axes[0].add_patch(Rectangle((col - p // 2 - 0.5, row - p // 2 - 0.5), p, p, fill=False, color="red"))
+    axes[0].set_title(f"Target: {targets[digit]}, pixel ({row}, {col})", fontsize=10)
+    axes[1].imshow(img[row - p // 2:row + p // 2 + 1, col - p // 2:col + p // 2 + 1].numpy(), cmap="gray")
+    axes[1].set_title("its neighbourhood", fontsize=10)
+    axes[2].imshow(maps[digit, head, g, row, col].numpy(), cmap="viridis", vmin=0)
+    axes[2].set_title(f"$MHA_{{{head}}}, g_{{{g}}}$", fontsize=10)
+    for ax in axes:
+        ax.axis("off")
+    display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
+
+
+side = maps.shape[3]
+knob = knobs(draw, interactive, digit=[(f"{i} (class {t})", i) for i, t in enumerate(targets)],
+             head=(0, maps.shape[1] - 1), g=(0, maps.shape[2] - 1), row=(p // 2, side - 1 - p // 2),
+             col=(p // 2, side - 1 - p // 2))

@@ -44,6 +44,7 @@ data_dir = None  # default: $GEVIT_DATA_DIR, then ./data
 out_dir = "../figures"
 run_dir = "../runs/05_steerability"
 seed = 0
+interactive = True  # the knob at the end (ipywidgets); batch runs (papermill) pass False
 
 # %%
 import time
@@ -61,7 +62,7 @@ from gevit_lib.notebook import load_digits, normalize, predict, published_model
 from gevit_lib.posthoc import PostHoc
 from gevit_lib.profiles import figure_profile
 from gevit_lib.train import seed_everything
-from gevit_lib.viz import new_figure, save_figure, save_table, write_sidecar
+from gevit_lib.viz import figure_to_array, knobs, new_figure, save_figure, save_table, write_sidecar
 
 seed_everything(seed)
 out_dir = Path(out_dir)
@@ -204,3 +205,36 @@ csv_path, md_path = save_table(rows, out_dir / "invariance_vs_angle.csv", title=
 write_sidecar(path, [path, csv_path, md_path], rows=len(rows), angles=list(angles),
               models={name: checkpoint for name, (_, checkpoint, _) in models.items()}, **meta)
 display(Markdown(md_path.read_text()))
+
+# %% [markdown]
+# ## Turn it yourself
+# Pick an angle of the sweep: the first digit turned by it, and every model's relative logit change and largest
+# class-probability change at that angle (computed above; the knob only picks a column of the sweep). A batch run
+# (papermill, `interactive=False`) draws the angle of the sweep nearest to 45 degrees.
+
+# %%
+from PIL import Image as PILImage
+
+step = angles[1] - angles[0] if len(angles) > 1 else 1.0  # the profiles' sweeps are evenly spaced
+
+
+def draw(angle: float = min(angles, key=lambda v: abs(v - 45.0))) -> None:
+    i = int(np.argmin([abs(float(v) - angle) for v in angles]))
+    fig = new_figure((900, 300), dpi=72)
+    grid = fig.add_gridspec(1, 3, width_ratios=(2, 2, 1), left=0.22, right=0.99, top=0.86, bottom=0.14, wspace=0.15)
+    ax = fig.add_subplot(grid[2])
+    ax.imshow(rotate(digits.images[0], float(angles[i]), "bilinear").squeeze().numpy(), cmap="gray")
+    ax.axis("off")
+    for k, (key, label) in enumerate((("error", "max |Δ logit| / max |logit|"), ("prob_change", "max |Δ probability|"))):
+        ax = fig.add_subplot(grid[k])
+        values = [max(float(r[key][i]), 1e-17) for r in results.values()]  # an exact 0 drawn at the floor
+        ax.barh(range(len(values)), values, color=[f"C{j % 10}" for j in range(len(values))], log=True)
+        ax.set_yticks(range(len(values)), list(results) if k == 0 else [], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(1e-17, 10)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(f"rotated by {float(angles[i]):g} degrees")
+    display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
+
+
+knob = knobs(draw, interactive, angle=(float(min(angles)), float(max(angles)), float(step)))

@@ -158,7 +158,7 @@ def train_and_test(model, key, epochs, data):
                          weight_decay=sizes.weight_decay, schedule="warmup_cosine", label=key, seed=seed,
                          warmup_epochs=sizes.warmup_fraction * epochs, device=train_device,
                          eval_batch_size=sizes.eval_batch_size, num_workers=sizes.num_workers)
-    result = fit(model, data[0], data[1], config, run_dir=run_dir / "runs" / key, resume=True, progress=False,
+    result = fit(model, data[0], data[1], config, run_dir=run_dir / "runs" / key, resume=True, progress=True,
                  augment=random_d4() if sizes.augment else None, test_data=data[2])
     seconds = [r["seconds"] for r in result.history]  # empty when a finished run is reused from run_dir
     return {"epoch_s": sum(seconds) / len(seconds) if seconds else None, "n_train": len(data[0]),

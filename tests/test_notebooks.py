@@ -95,3 +95,68 @@ def test_notebook_runs_in_smoke_profile(source: Path, tmp_path: Path) -> None:
         if spec.get("optional") and not (out_dir / spec["file"]).exists():
             continue
         _check_output(out_dir / spec["file"], spec)
+
+
+# Notebooks with knobs (ipywidgets) a reader turns; each declares `interactive` and has a static fallback.
+KNOB_SOURCES = [p for p in SOURCES if p.stem[:2] in ("01", "02", "03", "04", "05", "06", "07", "08")]
+# The notebooks whose knobs are turned without a browser below: a cheap one of each kind (GE-ViT maps, sweep).
+TURNED = ("03", "05")
+# Runs first in the kernel: the knobs display into the cell instead of into their ipywidgets.Output, whose routing
+# through nbclient can hang a headless run under load (a knob's cell then waited for its timeout here).
+UNROUTE_OUTPUT = """
+import ipywidgets
+ipywidgets.Output.__enter__ = lambda self: self
+ipywidgets.Output.__exit__ = lambda self, *exc: None
+"""
+# Runs after the notebook in the kernel: turn every control of `knob` to another value and check that the knob
+# displays a new image each time (a broken callback displays nothing: ipywidgets prints its traceback instead).
+TURN_KNOBS = '''
+import ipywidgets
+
+shown, publisher = [], get_ipython().display_pub
+publish = publisher.publish
+publisher.publish = lambda data, *args, **kwargs: (shown.append(data), publish(data, *args, **kwargs))[-1]
+assert isinstance(knob, ipywidgets.interactive), f"`knob` is {type(knob).__name__}, not an ipywidgets.interactive"
+previous = None
+for control in knob.kwargs_widgets:
+    if hasattr(control, "index"):  # a dropdown: the next option
+        change = dict(index=(control.index + 1) % len(control.options))
+    else:  # a slider: its other end
+        change = dict(value=control.max if control.value != control.max else control.min)
+    shown.clear()
+    for name, value in change.items():
+        setattr(control, name, value)
+    images = [data.get("image/png") for data in shown]
+    assert images and all(images), f"turning {control.description!r} displayed {len(images)} outputs, no image"
+    assert images[-1] != previous, f"turning {control.description!r} did not change the image"
+    previous = images[-1]
+print("turned:", [c.description for c in knob.kwargs_widgets])
+'''
+
+
+@pytest.mark.parametrize("source", KNOB_SOURCES, ids=lambda p: p.stem)
+def test_notebook_declares_interactive(source: Path) -> None:
+    first = next(c for c in jupytext.read(source).cells if c.cell_type == "code")
+    assert "interactive =" in first.source, f"{source.name}: parameter 'interactive' (its knobs) missing"
+    assert "knobs(" in source.read_text() or "ipywidgets" in source.read_text(), f"{source.name} has no knob"
+
+
+@pytest.mark.parametrize("source", [p for p in KNOB_SOURCES if p.stem[:2] in TURNED], ids=lambda p: p.stem)
+def test_knobs_respond_without_a_browser(source: Path, tmp_path: Path) -> None:
+    papermill = pytest.importorskip("papermill")
+    pytest.importorskip("ipywidgets")
+    import nbformat
+
+    book = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    book.cells.insert(0, nbformat.v4.new_code_cell(UNROUTE_OUTPUT))
+    book.cells.append(nbformat.v4.new_code_cell(TURN_KNOBS))
+    turned = tmp_path / source.with_suffix(".ipynb").name
+    nbformat.write(book, turned)
+    params = {"profile": "smoke", "device": "cpu", "out_dir": str(tmp_path / "figures"), "seed": 0,
+              "run_dir": str(tmp_path / "run"), "interactive": True}
+    if os.environ.get("GEVIT_DATA_DIR"):
+        params["data_dir"] = os.environ["GEVIT_DATA_DIR"]
+    executed = papermill.execute_notebook(str(turned), str(tmp_path / "executed.ipynb"), parameters=params,
+                                          cwd=str(NOTEBOOKS), progress_bar=False, execution_timeout=300)
+    widgets = [out for cell in executed.cells for out in cell.get("outputs", []) if WIDGET_MIME in out.get("data", {})]
+    assert widgets, "interactive=True displayed no widget"

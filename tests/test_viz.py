@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from gevit_lib import viz  # noqa: E402
 
@@ -111,3 +112,21 @@ def test_no_machine_path_survives_in_provenance(tmp_path: Path) -> None:
     assert sidecar["out_dir"] == "gevit_lib" and sidecar["inputs"]["files"] == ["gevit_lib/viz.py"]
     assert sidecar["inputs"]["note"] == "3 /4 of the digits, train/val split"
     assert f"best.pt (sha256 {digest})" in (tmp_path / "t.csv").read_text()
+
+
+def test_knobs_static_fallback_and_widgets() -> None:
+    calls = []
+
+    def draw(g: int = 1, grid: str = "b") -> None:
+        calls.append((g, grid))
+
+    assert viz.knobs(draw, False, g=(0, 7), grid=["a", "b"]) is None and calls == [(1, "b")]  # the batch run's view
+    with pytest.raises(TypeError, match="needs a default for \\['g'\\]"):
+        viz.knobs(lambda g: None, False, g=(0, 7))
+    ipywidgets = pytest.importorskip("ipywidgets")
+    knob = viz.knobs(draw, True, g=(0, 7), grid=["a", "b"])
+    assert isinstance(knob, ipywidgets.interactive) and calls[-1] == (1, "b")  # starts at the defaults
+    slider = knob.kwargs_widgets[0]
+    assert not slider.continuous_update
+    slider.value = 5
+    assert calls[-1] == (5, "b")

@@ -6,18 +6,23 @@ well under a second. The build name carries a digest of the source, the compiler
 capability, so a shared home directory on a cluster never hands one CPU's build to another.
 
 Set ``GEVIT_CPU_KERNEL=0`` to never build or use it. When the build fails (no compiler, no ninja) the attention
-falls back to the chunked torch path with one warning naming the reason.
+falls back to the chunked torch path with one warning naming the reason. A build says so in one plain line; torch's
+own messages while loading (e.g. "No CUDA runtime is found" on a CPU-only machine) are held back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import os
 import shutil
 import sys
 import threading
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -61,6 +66,21 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join(dirs + [os.environ.get("PATH", "")])
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back what torch's extension loader logs, warns or prints to stderr (its CUDA_HOME notice on a CPU-only
+    machine, compiler checks); a failed build still raises with the compiler's output."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def load() -> ModuleType | None:
     """The compiled module, building it on first use; None if disabled or the build failed (see the warning)."""
     global _MODULE, _ERROR
@@ -76,14 +96,18 @@ def load() -> ModuleType | None:
                                 + torch.backends.cpu.get_cpu_capability().encode() + torch.__version__.encode())
         name = f"gevit_attention_cpu_{digest.hexdigest()[:12]}"
         try:
-            from torch.utils.cpp_extension import load as load_extension
-
+            with _quiet():
+                from torch.utils import cpp_extension
+            try:  # torch's (private) build folder: a cached build loads in a second and needs no notice
+                built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so").exists()
+            except Exception:  # noqa: BLE001 - only decides whether to print the notice
+                built = False
+            if not built:
+                print("gevit_lib: building the fused CPU attention kernel once, ~1 min", flush=True)
             _ninja_on_path()
-
-            print(f"gevit_lib: loading the fused CPU attention kernel (the first use builds it, ~1 min): {name}",
-                  file=sys.stderr, flush=True)
-            _MODULE = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                                     extra_ldflags=["-fopenmp"], verbose=False)
+            with _quiet():
+                _MODULE = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                                             extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as err:  # noqa: BLE001 - any build failure means: use the torch path
             _ERROR = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
             warnings.warn(f"gevit_lib: the fused CPU attention kernel could not be built ({_ERROR}); using the "
