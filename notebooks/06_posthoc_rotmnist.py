@@ -94,7 +94,7 @@ runs = [(m, settings.learned_group if METHODS[m].learned else settings.tta_group
 runs += [(m, g, False) for g in settings.extra_learned_groups for m in methods if METHODS[m].learned]
 augment = random_rotation(180.0, fill=MNIST_BACKGROUND)  # finetuning: RandomRotation(-180, 180), as the original
 cache = EmbeddingCache({"train": train, "val": val, "test": test}, batch_size=settings.eval_batch_size,
-                       device=device, progress=settings.n_test is None, directory=run_dir / "embeddings")
+                       device=device, progress=interactive or settings.n_test is None, directory=run_dir / "embeddings")
 base = [100 * evaluate(backbone, d, batch_size=settings.eval_batch_size, device=device)["accuracy"]
         for d in (val, test)]
 rows, fitted = [], {}
@@ -114,8 +114,8 @@ for mode in settings.modes:
                                  device=device, eval_batch_size=settings.eval_batch_size, select_initial=True,
                                  label=f"{method}/{mode}")
             fit_data = [cache(wrapper, "train") if on_cache else train, cache(wrapper, "val") if shared else val]
-            kept = fit(wrapper, *fit_data, config, augment=None if on_cache else augment, progress=False, resume=True,
-                       run_dir=run_dir / "fits" / mode / f"{method}_{group}").best_epoch  # 0: initial weights kept
+            kept = fit(wrapper, *fit_data, config, augment=None if on_cache else augment, resume=True,  # 0: initial
+                       progress=interactive, run_dir=run_dir / "fits" / mode / f"{method}_{group}").best_epoch
         data = [cache(wrapper, split) for split in ("val", "test")] if shared else [val, test]
         acc = [100 * evaluate(wrapper, d, batch_size=settings.eval_batch_size, device=device)["accuracy"]
                for d in data]
