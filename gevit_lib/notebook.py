@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from .models import create_model, load_published, published_weights
 from .profiles import check_profile
 from .viz import portable_path
 
-__all__ = ["published_model", "data_label", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize", "pick_digits",
-           "Digits", "load_digits", "predict"]
+__all__ = ["published_model", "data_label", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize",
+           "pick_digits", "Digits", "load_digits", "predict", "posthoc_knob"]
 
 
 def published_model(name: str, profile: str, weights: str | os.PathLike[str] | None = None,
@@ -174,3 +174,55 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
     p = next(model.parameters(), None)
     device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
     return torch.cat([model(x[i:i + batch_size].to(device, dtype)).cpu() for i in range(0, len(x), batch_size)])
+
+
+def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: Dataset, interactive: bool,
+                 device: str | torch.device = "cpu", n_digits: int = 3, step: int = 15) -> Any:
+    """The post-hoc notebooks' "turn it yourself" knob: a test digit and an angle against the prediction and
+    confidence of ``backbone`` and of every named post-hoc wrapper (all sharing ``backbone``'s frozen weights).
+
+    The predictions of ``n_digits`` evenly spaced test digits at every ``step`` degrees are computed once (one
+    backbone pass per group, which every wrapper of that group aggregates); the knob only picks one. With
+    ``interactive`` False (batch runs) the first digit is drawn at 45 degrees.
+    """
+    from IPython.display import display
+    from PIL import Image as PILImage
+
+    from .data import MNIST_BACKGROUND, evenly_spaced
+    from .groups import rotate
+    from .viz import figure_to_array, knobs, new_figure
+
+    picked = evenly_spaced(len(test), n_digits).tolist()
+    images = torch.stack([test[i][0] for i in picked])  # [D, 1, H, W], normalised
+    truth = [int(test[i][1]) for i in picked]
+    turns = list(range(0, 360, step))
+    turned = torch.stack([rotate(images - MNIST_BACKGROUND, a, "bilinear") + MNIST_BACKGROUND for a in turns])
+    x = turned.flatten(0, 1).to(device)  # [angles * digits, 1, H, W]
+    with torch.no_grad():
+        one_per_group = {w.group.name: w.eval().to(device) for w in wrappers.values()}
+        embeddings = {g: w.transformed_embeddings(x) for g, w in one_per_group.items()}  # [A * D, T, E]
+        logits = {"base model": backbone.eval().to(device)(x)}
+        logits |= {name: w.eval().to(device).aggregate(embeddings[w.group.name]) for name, w in wrappers.items()}
+    probs = {n: z.float().softmax(-1).cpu().unflatten(0, turned.shape[:2]) for n, z in logits.items()}  # [A, D, K]
+
+    def draw(digit: int = 0, angle: int = 45) -> None:
+        a = turns.index(angle)
+        fig = new_figure((720, 120 + 20 * len(probs)), dpi=72)
+        grid = fig.add_gridspec(1, 2, width_ratios=(1, 3), left=0.02, right=0.97, top=0.9, bottom=0.12, wspace=0.6)
+        ax = fig.add_subplot(grid[0])
+        ax.imshow(turned[a, digit, 0].numpy(), cmap="gray")
+        ax.set_title(f"class {truth[digit]}, turned {angle}°", fontsize=10)
+        ax.axis("off")
+        ax = fig.add_subplot(grid[1])
+        p = torch.stack([q[a, digit] for q in probs.values()])  # [methods, classes]
+        confidence, predicted = p.max(-1)
+        ax.barh(range(len(p)), confidence.numpy(),
+                color=["tab:green" if int(c) == truth[digit] else "tab:red" for c in predicted])
+        ax.set_yticks(range(len(p)), [f"{name}: {int(c)}" for name, c in zip(probs, predicted)], fontsize=9)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("confidence in the predicted class (green: right)")
+        display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
+
+    return knobs(draw, interactive, digit=[(f"test image {picked[i]} (class {t})", i) for i, t in enumerate(truth)],
+                 angle=(0, 360 - step, step))

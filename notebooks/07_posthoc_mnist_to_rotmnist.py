@@ -165,55 +165,13 @@ display(Image(filename=str(path)))
 # %% [markdown]
 # ## Turn it yourself
 # Pick a test digit and an angle: the digit turned by it (bilinear, background fill) and the prediction and
-# confidence of the plain model and of every post-hoc method that needs no training (without finetuning, at the
-# groups of the table; the learned aggregators need their fits, their accuracy is in the table). The predictions
-# for three test digits at every 15 degrees are computed once here; a knob only picks one. A batch run (papermill,
-# `interactive=False`) draws the first of them at 45 degrees.
+# confidence of the plain model and of every post-hoc method of the table without finetuning (the learned
+# aggregators as trained above). The predictions for three test digits at every 15 degrees are computed once here
+# (`posthoc_knob`: one backbone pass per group, aggregated by every method of that group); a knob only picks one.
+# A batch run (papermill, `interactive=False`) draws the first of them at 45 degrees.
 
 # %%
-import torch
-from PIL import Image as PILImage
+from gevit_lib.notebook import posthoc_knob
 
-from gevit_lib.data import MNIST_BACKGROUND, evenly_spaced
-from gevit_lib.groups import rotate
-from gevit_lib.posthoc import METHODS, PostHoc
-from gevit_lib.viz import figure_to_array, knobs, new_figure
-
-backbone.eval().to(device)
-untrained = {METHODS[m].post_name: PostHoc(backbone, m, settings.tta_group if m == "tta" else settings.group).eval()
-             for m in ("mean", "max", "sum", "most_probable", "most_certain", "tta")}
-picked = evenly_spaced(len(test_ds), 3).tolist()
-images = torch.stack([test_ds[i][0] for i in picked])  # [D, 1, H, W], normalised
-truth = [int(test_ds[i][1]) for i in picked]
-turns = list(range(0, 360, 15))
-turned = torch.stack([rotate(images - MNIST_BACKGROUND, a, "bilinear") + MNIST_BACKGROUND for a in turns])
-x = turned.flatten(0, 1).to(device)  # [angles * digits, 1, H, W]
-with torch.no_grad():  # one backbone pass per group, shared by the methods of that group
-    one_per_group = {w.group.name: w for w in untrained.values()}
-    embeddings = {g: w.transformed_embeddings(x) for g, w in one_per_group.items()}
-    logits = {"base model": backbone(x)} | {n: w.aggregate(embeddings[w.group.name]) for n, w in untrained.items()}
-probs = {n: z.float().softmax(-1).cpu().unflatten(0, turned.shape[:2]) for n, z in logits.items()}  # [A, D, classes]
-
-
-def draw(digit: int = 0, angle: int = 45) -> None:
-    a = turns.index(angle)
-    fig = new_figure((720, 260), dpi=72)
-    grid = fig.add_gridspec(1, 2, width_ratios=(1, 3), left=0.02, right=0.97, top=0.88, bottom=0.18, wspace=0.45)
-    ax = fig.add_subplot(grid[0])
-    ax.imshow(turned[a, digit, 0].numpy(), cmap="gray")
-    ax.set_title(f"class {truth[digit]}, turned {angle}°", fontsize=10)
-    ax.axis("off")
-    ax = fig.add_subplot(grid[1])
-    p = torch.stack([q[a, digit] for q in probs.values()])  # [methods, classes]
-    confidence, predicted = p.max(-1)
-    ax.barh(range(len(p)), confidence.numpy(), color=["tab:green" if int(c) == truth[digit] else "tab:red"
-                                                      for c in predicted])
-    ax.set_yticks(range(len(p)), [f"{name}: {int(c)}" for name, c in zip(probs, predicted)], fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("confidence in the predicted class (green: right)")
-    display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
-
-
-knob = knobs(draw, interactive, digit=[(f"test image {picked[i]} (class {t})", i) for i, t in enumerate(truth)],
-             angle=(0, 345, 15))
+wrappers = {f"{METHODS[m].post_name} ({g})": w for (mode, m, g), w in fitted.items() if mode == "none"}
+knob = posthoc_knob(backbone, wrappers, test_ds, interactive, device)

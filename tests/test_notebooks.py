@@ -99,8 +99,9 @@ def test_notebook_runs_in_smoke_profile(source: Path, tmp_path: Path) -> None:
 
 # Notebooks with knobs (ipywidgets) a reader turns; each declares `interactive` and has a static fallback.
 KNOB_SOURCES = [p for p in SOURCES if p.stem[:2] in ("01", "02", "03", "04", "05", "06", "07", "08")]
-# The notebooks whose knobs are turned without a browser below: a cheap one of each kind (GE-ViT maps, sweep).
-TURNED = ("03", "05")
+# The notebooks whose knobs are turned without a browser below: a cheap one of each kind (GE-ViT maps, sweep,
+# post-hoc predictions).
+TURNED = ("03", "05", "08")
 # Runs first in the kernel: the knobs display into the cell instead of into their ipywidgets.Output, whose routing
 # through nbclient can hang a headless run under load (a knob's cell then waited for its timeout here).
 UNROUTE_OUTPUT = """
@@ -138,7 +139,8 @@ print("turned:", [c.description for c in knob.kwargs_widgets])
 def test_notebook_declares_interactive(source: Path) -> None:
     first = next(c for c in jupytext.read(source).cells if c.cell_type == "code")
     assert "interactive =" in first.source, f"{source.name}: parameter 'interactive' (its knobs) missing"
-    assert "knobs(" in source.read_text() or "ipywidgets" in source.read_text(), f"{source.name} has no knob"
+    text = source.read_text()
+    assert any(k in text for k in ("knobs(", "posthoc_knob(", "ipywidgets")), f"{source.name} has no knob"
 
 
 @pytest.mark.parametrize("source", [p for p in KNOB_SOURCES if p.stem[:2] in TURNED], ids=lambda p: p.stem)
