@@ -198,11 +198,12 @@ def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: D
     turns = list(range(0, 360, step))
     turned = torch.stack([rotate(images - MNIST_BACKGROUND, a, "bilinear") + MNIST_BACKGROUND for a in turns])
     x = turned.flatten(0, 1).to(device)  # [angles * digits, 1, H, W]
+    for model in (backbone, *wrappers.values()):
+        model.eval().to(device)
     with torch.no_grad():
-        one_per_group = {w.group.name: w.eval().to(device) for w in wrappers.values()}
+        one_per_group = {w.group.name: w for w in wrappers.values()}
         embeddings = {g: w.transformed_embeddings(x) for g, w in one_per_group.items()}  # [A * D, T, E]
-        logits = {"base model": backbone.eval().to(device)(x)}
-        logits |= {name: w.eval().to(device).aggregate(embeddings[w.group.name]) for name, w in wrappers.items()}
+        logits = {"base model": backbone(x)} | {n: w.aggregate(embeddings[w.group.name]) for n, w in wrappers.items()}
     probs = {n: z.float().softmax(-1).cpu().unflatten(0, turned.shape[:2]) for n, z in logits.items()}  # [A, D, K]
 
     def draw(digit: int = 0, angle: int = 45) -> None:

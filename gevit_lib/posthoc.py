@@ -648,8 +648,7 @@ class EmbeddingCache:
         for fp in fps:
             if fp not in self._copies and (e := self._load(split, fp)) is not None:
                 self._copies[fp] = e
-        todo = [t for t, fp in enumerate(fps) if fp not in self._copies]
-        todo = [t for i, t in enumerate(todo) if fps[t] not in {fps[u] for u in todo[:i]}]  # repeated copies once
+        todo = [t for t, fp in enumerate(fps) if fp not in self._copies and fps.index(fp) == t]  # repeats once
         if todo:
             wrapper.eval().to(self.device)
             loader = self._loader(split)

@@ -3,8 +3,9 @@ groups.
 
 ``smoke`` runs in seconds (the tests), ``quick`` in minutes on a small CPU, ``full`` uses the post's settings (a
 GPU). ``tables`` exists only for the post-hoc MNIST experiments (notebooks 06-08): the whole splits and the post's
-finetuning settings without full-model finetuning, trained on cached embeddings so it fits in about an hour per
-notebook on a 2-core CPU. Notebooks and experiments pass only the profile name and look the sizes up here.
+finetuning settings without full-model finetuning, trained on cached embeddings so that a 2-core CPU can run it
+(estimated ~30 min per notebook on idle cores). Notebooks and experiments pass only the profile name and look the
+sizes up here.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ _MNIST_FULL = PostHocProfile(
     optimizer="adam", lr=5e-4, momentum=0.0, nesterov=False, group="C16", learned_group="D4", tta_group="D4",
     modes=("none", "head", "model"), train_epochs=500, train_batch_size=128, train_lr=1e-3,
     train_subset=None, extra_learned_groups=("C16",))
-# the whole splits, the post's finetuning on cached embeddings, no full-model finetuning: ~1 h per notebook, 2 CPUs
+# the whole splits, the post's finetuning on cached embeddings, no full-model finetuning (est. ~30 min a notebook)
 _MNIST_TABLES = replace(_MNIST_FULL, modes=("none", "head"), cached_training=True)
 _MNIST_QUICK = replace(_MNIST_FULL, n_train=256, n_val=500, n_test=2000, epochs=1, epochs_attention=2,
                        batch_size=64, eval_batch_size=128, modes=("none", "head"), train_epochs=3,

@@ -21,8 +21,8 @@ import shutil
 import sys
 import threading
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
