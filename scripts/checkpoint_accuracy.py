@@ -39,16 +39,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=1000, help="digits per saved chunk")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--transpose", action="store_true", help="undo the digits' transpose (docs/mnist_rot.md)")
     parser.add_argument("--out", type=Path, default=None, help="JSON of per-chunk counts (default: runs/...)")
     args = parser.parse_args()
 
-    test = rotated_mnist("test", digits=args.classes)
+    test = rotated_mnist("test", digits=args.classes, transform=(lambda x: x.transpose(-1, -2)) if args.transpose else None)
     if not 0 < args.digits <= len(test):
         raise SystemExit(f"--digits must be in 1..{len(test)} (the test split here), got {args.digits}")
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.digits].tolist()
-    out = args.out or Path("runs") / "checkpoint_accuracy" / f"{args.checkpoint}_seed{args.seed}.json"
+    out = args.out or Path("runs") / "checkpoint_accuracy" / f"{args.checkpoint}_seed{args.seed}{'_T' * args.transpose}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     key = {"checkpoint": args.checkpoint, "classes": args.classes, "seed": args.seed, "chunk": args.chunk,
+           "transpose": args.transpose,
            "data": test.source, "split_checksum": test.describe()["split_checksum"]}
     saved = json.loads(out.read_text()) if out.exists() else {"key": key, "chunks": {}}
     if saved["key"] != key:
@@ -67,7 +69,8 @@ def main() -> None:
     counts = [saved["chunks"][str(f)] for f in range(0, args.digits, args.chunk)]
     correct, n = sum(c for c, _ in counts), sum(k for _, k in counts)
     low, high = wilson(correct, n)
-    print(f"{args.checkpoint} on {n} {test.source} test digits (seed {args.seed}, classes {args.classes}): "
+    print(f"{args.checkpoint} on {n} {test.source} test digits (seed {args.seed}, classes {args.classes}"
+          f"{', transpose undone' if args.transpose else ''}): "
           f"{100 * correct / n:.2f}% ({correct}/{n}), Wilson 95% interval {100 * low:.2f}-{100 * high:.2f} "
           f"(+/- {50 * (high - low):.2f} points)")
 
