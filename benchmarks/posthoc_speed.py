@@ -28,6 +28,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
+from gevit_lib.canonical import Canonicalized
 from gevit_lib.models.vit import build_vit
 from gevit_lib.posthoc import METHODS, PostHoc
 
@@ -102,6 +103,45 @@ def run(device: torch.device, batch: int, repeats: int, transforms: list[int], m
             "all_seconds": {k: v for k, v in times.items()}}
 
 
+def run_canonical(device: torch.device, batch: int, repeats: int, clock: str = "wall") -> dict:
+    """Backbone alone against canonicalized (C4, D4, C8), interleaved, best of ``repeats`` after a warm-up."""
+    import torchvision
+
+    torch.manual_seed(0)
+    backbones = {"resnet18 (3x64x64)": (torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
+                 "post's ViT (1x28x28)": (build_vit("mnist"), (1, 28, 28))}
+    candidates: dict[str, Callable[[], object]] = {}
+    for name, (model, shape) in backbones.items():
+        model = model.to(device).eval()
+        x = torch.randn(batch, *shape, device=device)
+        candidates[f"{name}|backbone"] = lambda model=model, x=x: model(x)
+        for group in ("C4", "D4", "C8"):
+            wrapper = Canonicalized(model, group).to(device).eval()
+            candidates[f"{name}|{group}"] = lambda wrapper=wrapper, x=x: wrapper(x)
+            candidates[f"{name}|{group} net only"] = lambda wrapper=wrapper, x=x: wrapper.net(x)
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    with torch.inference_mode():
+        for fn in candidates.values():
+            fn()
+        for _ in range(repeats):
+            for key, fn in candidates.items():
+                times[key].append(timer(fn, device, clock))
+    best = {k: min(v) for k, v in times.items()}
+    rows = [{"backbone": k.split("|")[0], "what": k.split("|")[1], "images_per_s": batch / t,
+             "ratio": t / best[k.split("|")[0] + "|backbone"]} for k, t in best.items()]
+    return {"device": str(device), "batch": batch, "repeats": repeats, "threads": torch.get_num_threads(),
+            "clock": clock, "torch": torch.__version__, "rows": rows, "all_seconds": times}
+
+
+def canonical_table(result: dict) -> str:
+    lines = [f"device {result['device']}, batch B={result['batch']}, {result['threads']} threads, {result['clock']} "
+             f"clock, best of {result['repeats']}; ratio = time / time(backbone alone)", "",
+             "| backbone | what | images/s | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['what']} | {r['images_per_s']:.1f} | {r['ratio']:.2f}x |"
+              for r in result["rows"]]
+    return "\n".join(lines)
+
+
 def table(result: dict, transforms: list[int], methods: list[str]) -> str:
     by = {(r["name"], r["T"]): r for r in result["rows"]}
     head = f"device {result['device']}, batch B={result['batch']}, {result['threads']} threads, " \
@@ -132,7 +172,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/posthoc_speed.json"))
+    parser.add_argument("--canonical", action="store_true", help="time learned canonicalization instead")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results (default runs/benchmarks/<mode>.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,9 +183,15 @@ def main() -> None:
     for d in devices:
         if d == "cuda" and args.clock == "cpu":
             raise SystemExit("--clock cpu measures CPU time; use the wall clock for CUDA")
-        result = run(torch.device(d), args.batch, args.repeats, args.transforms, args.methods, args.clock)
-        print(table(result, args.transforms, args.methods), "\n", flush=True)
+        if args.canonical:
+            result = run_canonical(torch.device(d), args.batch, args.repeats, args.clock)
+            print(canonical_table(result), "\n", flush=True)
+        else:
+            result = run(torch.device(d), args.batch, args.repeats, args.transforms, args.methods, args.clock)
+            print(table(result, args.transforms, args.methods), "\n", flush=True)
         results.append(result)
+    default = "canonical_speed.json" if args.canonical else "posthoc_speed.json"
+    args.out = args.out or Path("runs/benchmarks") / default
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
