@@ -1,6 +1,7 @@
 """Speed and peak memory of a model, as notebook 10's table and the scripts in ``benchmarks/`` measure them.
 
 - :func:`time_calls`: wall time of repeated calls, synchronising the GPU around each, within a time budget.
+- :func:`images_per_second`: inference images/s of a model on a fixed batch (the post-hoc notebooks' cost column).
 - :class:`PeakMemory`: peak memory of a block above its start (CUDA allocator; on CPU the C allocator's bytes in
   use, sampled every millisecond).
 - :func:`measure_speed`: training and inference images/s and training peak memory of one model on one device,
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["default_devices", "time_calls", "PeakMemory", "peak_rss_bytes", "measure_speed", "speed_row",
+__all__ = ["default_devices", "time_calls", "images_per_second", "PeakMemory", "peak_rss_bytes", "measure_speed", "speed_row",
            "speed_columns"]
 
 
@@ -52,6 +53,23 @@ def time_calls(fn: Callable[[], Any], repeats: int, device: str | torch.device =
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
+    """Inference images/s of ``model`` on the fixed batch ``x`` (on ``x``'s device): in eval mode without
+    gradients, ``warmup`` untimed calls, then the best (shortest) of ``repeats`` timed calls. The model's
+    training mode is restored afterwards."""
+    if repeats < 1 or len(x) == 0:
+        raise ValueError(f"need repeats >= 1 and a non-empty batch, got {repeats} and shape {tuple(x.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(warmup):
+                model(x)
+            return len(x) / min(time_calls(lambda: model(x), repeats, x.device))
+    finally:
+        model.train(was_training)
 
 
 def peak_rss_bytes() -> int:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from gevit_lib.benchmark import PeakMemory, measure_speed, speed_columns, speed_row, time_calls
+from gevit_lib.benchmark import PeakMemory, images_per_second, measure_speed, speed_columns, speed_row, time_calls
 
 
 def _tiny() -> torch.nn.Module:
@@ -46,6 +46,29 @@ def test_time_calls_stops_at_the_budget() -> None:
     assert n == 1 or sum(times[:-1]) * n / (n - 1) <= 0.1  # ... and the last one did not
     assert len(time_calls(sleep, repeats=3)) == 3  # no budget: every repeat
     assert len(time_calls(sleep, repeats=3, budget_s=1e-9)) == 1  # always at least one call
+
+
+class _Sleeper(torch.nn.Module):
+    """Sleeps the next of ``delays`` per call; records its training mode and whether gradients were on."""
+
+    def __init__(self, delays: list[float]) -> None:
+        super().__init__()
+        self.delays, self.seen = list(delays), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, torch.is_grad_enabled()))
+        time.sleep(self.delays.pop(0))
+        return x
+
+
+def test_images_per_second_is_the_best_repeat_after_warmup() -> None:
+    model = _Sleeper([0.3, 0.1, 0.02, 0.1])  # warm-up (slowest, untimed), then three timed calls
+    rate = images_per_second(model.train(), torch.zeros(8, 1), repeats=3, warmup=1)
+    assert 8 / 0.02 * 0.5 < rate <= 8 / 0.02  # the shortest timed call, not the mean or the warm-up
+    assert model.seen == [(False, False)] * 4 and not model.delays  # eval mode, no gradients, 1 + 3 calls
+    assert model.training  # training mode restored
+    with pytest.raises(ValueError, match="repeats"):
+        images_per_second(model, torch.zeros(8, 1), repeats=0)
 
 
 def test_peak_memory_sees_a_freed_allocation() -> None:
