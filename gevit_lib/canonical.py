@@ -136,6 +136,11 @@ class Canonicalized(nn.Module):
     def num_transforms(self) -> int:
         return len(self.transforms)
 
+    @property
+    def backbone_passes(self) -> int:
+        """Backbone passes per input image: one, on the canonical image (plus the small net)."""
+        return 1
+
     def set_finetune(self, mode: str) -> Canonicalized:
         """"none" (backbone and head frozen), "head" (head trains) or "model"; the canonicalization net trains."""
         if mode not in FINETUNE_MODES:

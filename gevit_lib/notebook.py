@@ -179,10 +179,12 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
 def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: Dataset, interactive: bool,
                  device: str | torch.device = "cpu", n_digits: int = 3, step: int = 15) -> Any:
     """The post-hoc notebooks' "turn it yourself" knob: a test digit and an angle against the prediction and
-    confidence of ``backbone`` and of every named post-hoc wrapper (all sharing ``backbone``'s frozen weights).
+    confidence of ``backbone`` and of every named post-hoc wrapper (all sharing ``backbone``'s frozen weights):
+    :class:`~gevit_lib.posthoc.PostHoc` wrappers or anything else called on images, such as
+    :class:`~gevit_lib.canonical.Canonicalized`.
 
     The predictions of ``n_digits`` evenly spaced test digits at every ``step`` degrees are computed once (one
-    backbone pass per group, which every wrapper of that group aggregates); the knob only picks one. With
+    backbone pass per group, which every PostHoc wrapper of that group aggregates); the knob only picks one. With
     ``interactive`` False (batch runs) the first digit is drawn at 45 degrees.
     """
     from IPython.display import display
@@ -201,9 +203,11 @@ def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: D
     for model in (backbone, *wrappers.values()):
         model.eval().to(device)
     with torch.no_grad():
-        one_per_group = {w.group.name: w for w in wrappers.values()}
+        shared = {n: w for n, w in wrappers.items() if hasattr(w, "transformed_embeddings")}  # PostHoc
+        one_per_group = {w.group.name: w for w in shared.values()}
         embeddings = {g: w.transformed_embeddings(x) for g, w in one_per_group.items()}  # [A * D, T, E]
-        logits = {"base model": backbone(x)} | {n: w.aggregate(embeddings[w.group.name]) for n, w in wrappers.items()}
+        logits = {"base model": backbone(x)} | {n: w.aggregate(embeddings[w.group.name]) if n in shared else w(x)
+                                                for n, w in wrappers.items()}
     probs = {n: z.float().softmax(-1).cpu().unflatten(0, turned.shape[:2]) for n, z in logits.items()}  # [A, D, K]
 
     def draw(digit: int = 0, angle: int = 45) -> None:

@@ -455,6 +455,11 @@ class PostHoc(nn.Module):
     def num_transforms(self) -> int:
         return len(self.transforms)
 
+    @property
+    def backbone_passes(self) -> int:
+        """Backbone passes per input image: one per transformed copy (the cost tables' ``passes``)."""
+        return len(self.transforms)
+
     def set_finetune(self, mode: str) -> PostHoc:
         """Freeze by ``requires_grad``: "none" (backbone and head), "head" (head trains), "model" (nothing
         frozen); the learned aggregators always train."""

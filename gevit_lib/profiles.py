@@ -51,6 +51,9 @@ class PostHocProfile:
     ``cached_training``: finetuning (head, learned aggregators) trains on the cached embeddings of the un-augmented
     training digits with the frozen backbone in eval mode, instead of the original's randomly rotated digits through
     the backbone in training mode (its dropout on); only where the backbone is frozen.
+    ``canonical_groups``: rows of learned canonicalization (:mod:`gevit_lib.canonical`, not in the post), trained
+    on images for ``canonical_epochs`` with Mondal et al.'s prior at ``canonical_prior`` (0: off).
+    ``speed_batch`` test images, best of ``speed_repeats`` calls: the images/s column of every row.
     """
 
     n_train: int | None
@@ -74,22 +77,28 @@ class PostHocProfile:
     train_subset: int | None
     extra_learned_groups: tuple[str, ...] = ()
     cached_training: bool = False
+    canonical_groups: tuple[str, ...] = ()
+    canonical_epochs: int = 1
+    canonical_prior: float = 0.0
+    speed_batch: int = 64
+    speed_repeats: int = 3
 
 
 _MNIST_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=25, epochs_attention=60, batch_size=128, eval_batch_size=128,
     optimizer="adam", lr=5e-4, momentum=0.0, nesterov=False, group="C16", learned_group="D4", tta_group="D4",
     modes=("none", "head", "model"), train_epochs=500, train_batch_size=128, train_lr=1e-3,
-    train_subset=None, extra_learned_groups=("C16",))
+    train_subset=None, extra_learned_groups=("C16",), canonical_groups=("C4", "D4", "C16"), canonical_epochs=25)
 # the whole splits, the post's finetuning on cached embeddings, no full-model finetuning (est. ~30 min a notebook)
-_MNIST_TABLES = replace(_MNIST_FULL, modes=("none", "head"), cached_training=True)
+_MNIST_TABLES = replace(_MNIST_FULL, modes=("none", "head"), cached_training=True, canonical_epochs=2)
 _MNIST_QUICK = replace(_MNIST_FULL, n_train=256, n_val=500, n_test=2000, epochs=1, epochs_attention=2,
                        batch_size=64, eval_batch_size=128, modes=("none", "head"), train_epochs=3,
-                       train_subset=10000, extra_learned_groups=())  # C16 learned rows: ~40 s more
+                       train_subset=10000, canonical_epochs=5, speed_batch=32)
 _MNIST_SMOKE = replace(_MNIST_FULL, n_train=64, n_val=32, n_test=64, epochs=1, epochs_attention=1, batch_size=32,
                        modes=("none", "head"),
                        eval_batch_size=64, group="C4", train_epochs=1, train_batch_size=32,
-                       train_subset=64, extra_learned_groups=("C4",))
+                       train_subset=64, extra_learned_groups=("C4",), canonical_groups=("C4", "D4", "C8"),
+                       canonical_epochs=1, speed_batch=8, speed_repeats=1)
 
 _PCAM_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=3, epochs_attention=3, batch_size=64, eval_batch_size=128,
@@ -104,10 +113,12 @@ _PCAM_SMOKE = replace(_PCAM_FULL, n_train=16, n_val=8, n_test=8, epochs=1, epoch
 
 _TABLE: dict[str, dict[str, PostHocProfile]] = {
     "rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL},
-    "mnist_to_rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK,
+    # canonicalization of a backbone trained on upright digits: Mondal et al.'s prior (equiadapt's default weight)
+    "mnist_to_rotmnist": {"smoke": replace(_MNIST_SMOKE, canonical_prior=100.0),
+                          "quick": replace(_MNIST_QUICK, canonical_prior=100.0),
                           # the post's MNIST ViT: 60k MNIST, no augmentation, batch 1024
-                          "tables": replace(_MNIST_TABLES, train_batch_size=1024),
-                          "full": replace(_MNIST_FULL, train_batch_size=1024)},
+                          "tables": replace(_MNIST_TABLES, train_batch_size=1024, canonical_prior=100.0),
+                          "full": replace(_MNIST_FULL, train_batch_size=1024, canonical_prior=100.0)},
     "low_data": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL},
     "pcam": {"smoke": _PCAM_SMOKE, "quick": _PCAM_QUICK, "full": _PCAM_FULL},
 }

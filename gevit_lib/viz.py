@@ -27,7 +27,8 @@ from . import __version__
 from .files import atomic_write, file_digest
 
 __all__ = ["portable", "portable_path", "write_sidecar", "save_figure", "save_gif", "save_mp4", "save_table",
-           "figure_to_array", "markdown_table", "plot_accuracy_vs_time", "new_figure", "plot_group_panels", "knobs"]
+           "figure_to_array", "markdown_table", "plot_accuracy_vs_time", "plot_accuracy_vs_cost",
+           "new_figure", "plot_group_panels", "knobs"]
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +195,33 @@ def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str, la
     ax.spines[["top", "right"]].set_visible(False)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], *, title: str, size_px: tuple[int, int] = (1200, 520),
+                          dpi: int = 100) -> Any:
+    """Test accuracy against measured images/s (log axis), one panel per finetuning ``mode`` of ``rows`` (the post-hoc
+    tables: ``mode``, ``method``, ``group``, ``in_post``, ``passes``, ``img_s``, ``test_acc``): one marker per
+    method and group, its colour the method, its shape the group, filled for the post's methods, hollow for ours."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    shapes = dict(zip(dict.fromkeys(r["group"] for r in rows), "oDs^v<>phX"))
+    fig = new_figure(size_px, dpi)
+    axes = fig.subplots(1, len(modes), sharey=True, squeeze=False)[0]
+    for ax, mode in zip(axes, modes):
+        for r in (r for r in rows if r["mode"] == mode):
+            colour = f"C{methods.index(r['method']) % 10}"
+            ax.scatter(r["img_s"], r["test_acc"], s=60, marker=shapes[r["group"]], edgecolors=colour,
+                       facecolors=colour if r["in_post"] else "none", linewidths=1.5)
+            ax.annotate(f"{r['method']} {r['group']} ({r['passes']}x)".replace(" - ", " "),
+                        (r["img_s"], r["test_acc"]), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_title(f"finetune: {mode}", fontsize=10)
+        ax.set_xlabel("images/s (measured, log scale; in parentheses: backbone passes per image)")
+        ax.grid(True, ls="--", alpha=0.5)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle(f"{title} (filled: the post's methods; hollow: ours)", fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 # ---- renderers -------------------------------------------------------------------------------------------------
