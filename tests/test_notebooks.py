@@ -50,6 +50,20 @@ def test_first_code_cell_is_parameters(source: Path) -> None:
         assert f"{name} =" in first.source, f"{source.name}: parameter {name!r} missing"
 
 
+def _check_cost_columns(name: str, rows: list[dict]) -> None:
+    """The post-hoc tables' cost: one backbone pass for the base model and canonicalization, the group's order for a
+    wrapper of transformed copies; a measured, positive images/s, the same for a method and group in every mode."""
+    from gevit_lib.groups import get_group
+
+    speeds: dict[tuple[str, str], str] = {}
+    for r in rows:
+        expected = 1 if r["method"] in ("base", "canonical") else len(get_group(r["group"]))
+        assert int(r["passes"]) == expected, f"{name}: {r['method']} {r['group']} has {r['passes']} passes"
+        assert float(r["img_s"]) > 0, f"{name}: {r['method']} {r['group']} images/s {r['img_s']}"
+        assert speeds.setdefault((r["method"], r["group"]), r["img_s"]) == r["img_s"], f"{name}: {r}"
+    assert {r["method"] for r in rows} >= {"base", "canonical", "mean", "learned_score"}, f"{name}: rows missing"
+
+
 def _check_output(path: Path, spec: dict) -> None:
     assert path.exists() and path.stat().st_size > 0, f"{path.name} was not written"
     kind = spec["kind"]
@@ -70,6 +84,10 @@ def _check_output(path: Path, spec: dict) -> None:
 
         rows = list(csv.DictReader(path.open()))
         assert len(rows) == spec["rows"], f"{path.name}: {len(rows)} rows, expected {spec['rows']}"
+        missing = [c for c in spec.get("columns", []) if c not in (rows[0] if rows else {})]
+        assert not missing, f"{path.name}: columns {missing} missing"
+        if "passes" in spec.get("columns", []):
+            _check_cost_columns(path.name, rows)
     sidecar = path.with_suffix(".json")
     assert sidecar.exists(), f"{path.name} has no provenance sidecar"
     meta = json.loads(sidecar.read_text())
