@@ -10,7 +10,7 @@ sizes up here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 __all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "TrainingProfile", "training_profile",
@@ -119,9 +119,6 @@ class TrainingProfile:
     batch_size: int | None = None
     eval_batch_size: int | None = None
     warmup_epochs: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _TRAINING_FULL = TrainingProfile(n_train=None, n_val=None, n_test=None)
