@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 from ._cache import array_checksum
 
 SPLITS = ("train", "validation", "test")
+Transform = Callable[[Tensor], Tensor]
 FRACTION_SEED = 0  # the original: torch.manual_seed(0); torch.randperm(n)[:int(n * fraction)]
 
 
@@ -22,12 +23,13 @@ class NormalizedImages(Dataset):
 
     def __init__(self, labels: np.ndarray, indices: np.ndarray, *, name: str, split: str, source: str,
                  num_classes: int, mean: Sequence[float], std: Sequence[float], normalize: bool,
-                 info: dict[str, Any] | None) -> None:
+                 transform: Transform | None, info: dict[str, Any] | None) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.name, self.split, self.source, self.num_classes = name, split, source, num_classes
         self.mean, self.std = tuple(mean), tuple(std)
         self.normalize = normalize
+        self.transform = transform
         self._info = dict(info or {})
         self._described: dict[str, Any] | None = None
 
@@ -45,7 +47,10 @@ class NormalizedImages(Dataset):
         return x
 
     def _item(self, pixels: np.ndarray, label: int) -> tuple[Tensor, Tensor]:
-        return self._to_float(pixels[None])[0], torch.tensor(int(label), dtype=torch.int64)
+        x = self._to_float(pixels[None])[0]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, torch.tensor(int(label), dtype=torch.int64)
 
     def _checksum(self) -> str | None:
         return None
@@ -62,17 +67,18 @@ class NormalizedImages(Dataset):
 class ImageDataset(NormalizedImages):
     """An in-memory split: ``images`` uint8 [N, H, W] (or [N, H, W, C]) and ``labels`` int64 [N]; ``indices`` [N]
     gives each item's row in the array the split was taken from. Items: pixels / 255, then ``(x - mean) / std``
-    when ``normalize``."""
+    when ``normalize``, then ``transform`` (a function of the float tensor)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, name: str, split: str, source: str,
                  indices: np.ndarray, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                 normalize: bool = True, info: dict[str, Any] | None = None) -> None:
+                 normalize: bool = True, transform: Transform | None = None,
+                 info: dict[str, Any] | None = None) -> None:
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
             raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
         if len(labels) != len(images) or len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels and {len(indices)} indices")
         super().__init__(labels, indices, name=name, split=split, source=source, num_classes=num_classes, mean=mean,
-                         std=std, normalize=normalize, info=info)
+                         std=std, normalize=normalize, transform=transform, info=info)
         self.images = images
         self.angles: np.ndarray | None = None  # degrees, counter-clockwise (regenerated rotated MNIST only)
         self.source_indices: np.ndarray | None = None  # row in the source file (rotated MNIST)
@@ -83,6 +89,8 @@ class ImageDataset(NormalizedImages):
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """The whole split at once: float32 [N, C, H, W] (scaled and normalised as items) and int64 labels [N]."""
+        if self.transform is not None:
+            raise ValueError("tensors() cannot apply the per-item transform; iterate the dataset instead")
         return self._to_float(self.images), torch.from_numpy(self.labels.copy())
 
     def _checksum(self) -> str:
@@ -152,7 +160,7 @@ def random_subset(n_total: int, n: int | None, seed: int) -> Tensor:
 def take_subset(ds: Dataset, idx: Tensor) -> Dataset | tuple[Tensor, Tensor]:
     """In-memory datasets become (inputs, labels) tensors (fast); lazily read ones (PCam h5) a Subset."""
     tensors = getattr(ds, "tensors", None)
-    if callable(tensors):
+    if callable(tensors) and getattr(ds, "transform", None) is None:
         x, y = tensors()
         return x[idx], y[idx]
     return Subset(ds, idx.tolist())

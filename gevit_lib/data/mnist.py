@@ -19,7 +19,7 @@ import numpy as np
 from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, data_dir, fetch
 
 from ._cache import array_checksum, file_key, memo, writable
-from .dataset import ImageDataset, check_digits, check_fraction, check_split, select
+from .dataset import ImageDataset, Transform, check_digits, check_fraction, check_split, select
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_BACKGROUND = (0.0 - MNIST_MEAN[0]) / MNIST_STD[0]  # black, in normalised space
@@ -210,7 +210,8 @@ def mnist_validation_rows(n_train: int) -> np.ndarray:
 
 
 def mnist_split(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, split: str, digits: tuple[int, ...] | None,
-                fraction: float, *, name: str, source: str, normalize: bool, info: dict[str, Any]) -> ImageDataset:
+                fraction: float, *, name: str, source: str, normalize: bool, transform: Transform | None,
+                info: dict[str, Any]) -> ImageDataset:
     """The ``rows`` of ``images`` / ``labels`` kept by ``select`` (``fraction`` only applies to the train split) as
     an MNIST-normalised ImageDataset; ``.indices`` are the kept ``rows``."""
     applied = fraction if split == "train" else 1.0
@@ -218,11 +219,12 @@ def mnist_split(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, split:
     info = {**info, "fraction": applied, "digits": list(digits) if digits is not None else None}
     return ImageDataset(images[rows[keep]], new_labels, name=name, split=split, source=source, indices=rows[keep],
                         num_classes=len(digits) if digits is not None else 10, mean=MNIST_MEAN, std=MNIST_STD,
-                        normalize=normalize, info=info)
+                        normalize=normalize, transform=transform, info=info)
 
 
-def mnist(split: str, root: str | os.PathLike[str] | None = None, download: bool = True, *, normalize: bool = True,
-          fraction: float = 1.0, digits: Sequence[int] | None = None) -> ImageDataset:
+def mnist(split: str, root: str | os.PathLike[str] | None = None, transform: Transform | None = None,
+          download: bool = True, *, normalize: bool = True, fraction: float = 1.0,
+          digits: Sequence[int] | None = None) -> ImageDataset:
     """Upright MNIST: validation = 2,000 train-file images (``mnist_validation_rows``), train = the other 58,000 in
     file order, test = the 10,000 test images.
 
@@ -246,4 +248,4 @@ def mnist(split: str, root: str | os.PathLike[str] | None = None, download: bool
                             "test": len(arrays.test_labels)},
             "validation_seed": MNIST_VALIDATION_SEED, "files": arrays.paths}
     return mnist_split(images, labels, rows, split, digits, fraction, name="mnist", source=arrays.source,
-                       normalize=normalize, info=info)
+                       normalize=normalize, transform=transform, info=info)

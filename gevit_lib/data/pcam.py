@@ -12,7 +12,7 @@ from torch import Tensor
 from gevit_lib.files import ChecksumError, MissingFileError, data_dir, retry, socket_timeout
 
 from ._cache import array_checksum, writable
-from .dataset import FRACTION_SEED, NormalizedImages, check_fraction, check_split, select
+from .dataset import FRACTION_SEED, NormalizedImages, Transform, check_fraction, check_split, select
 
 PCAM_MEAN, PCAM_STD = (0.701, 0.538, 0.692), (0.235, 0.277, 0.213)
 PCAM_FILES = {
@@ -30,9 +30,9 @@ class PCamDataset(NormalizedImages):
     """PatchCamelyon split read lazily from torchvision's h5 files (each worker opens its own handle)."""
 
     def __init__(self, images_file: Path, labels: np.ndarray, indices: np.ndarray, *, split: str,
-                 normalize: bool, info: dict[str, Any]) -> None:
+                 normalize: bool, transform: Transform | None, info: dict[str, Any]) -> None:
         super().__init__(labels, indices, name="pcam", split=split, source="torchvision-h5", num_classes=2,
-                         mean=PCAM_MEAN, std=PCAM_STD, normalize=normalize, info=info)
+                         mean=PCAM_MEAN, std=PCAM_STD, normalize=normalize, transform=transform, info=info)
         self.images_file = images_file
         self._handle: Any = None
         self._pid: int | None = None
@@ -72,7 +72,7 @@ def _download_pcam(folder: Path, split: str) -> None:
 
 
 def pcam(split: str, root: str | os.PathLike[str] | None = None, fraction: float = 1.0, normalize: bool = True,
-         download: bool = False) -> PCamDataset:
+         download: bool = False, *, transform: Transform | None = None) -> PCamDataset:
     """PatchCamelyon from torchvision's h5 files ``<root>/pcam/camelyonpatch_level_2_split_{split}_{x,y}.h5``.
 
     Full splits (262,144 / 32,768 / 32,768); ``fraction`` < 1 keeps a seeded subset of any split, as for rotated
@@ -113,4 +113,5 @@ def pcam(split: str, root: str | os.PathLike[str] | None = None, fraction: float
     info = {"fraction": fraction, "fraction_seed": FRACTION_SEED,
             "files": [str(folder / x_name), str(folder / y_name)],
             "file_sizes": [(folder / x_name).stat().st_size, (folder / y_name).stat().st_size]}
-    return PCamDataset(folder / x_name, labels, rows, split=split, normalize=normalize, info=info)
+    return PCamDataset(folder / x_name, labels, rows, split=split, normalize=normalize, transform=transform,
+                       info=info)

@@ -21,7 +21,7 @@ import numpy as np
 from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, data_dir, fetch, verify
 
 from ._cache import array_checksum, file_key, load_npz, memo, resolve_cache_dir, save_npz, writable
-from .dataset import SPLITS, ImageDataset, check_digits, check_fraction, check_split
+from .dataset import SPLITS, ImageDataset, Transform, check_digits, check_fraction, check_split
 from .mnist import MnistArrays, load_mnist_arrays, mnist_split
 
 REGEN_SEED = 0  # np.random.default_rng(0) drives the regenerated rotated-MNIST recipe
@@ -84,7 +84,8 @@ def regenerated_sizes(n_train: int, n_test: int) -> tuple[int, int, int]:
 
 
 def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-                             test_labels: np.ndarray, *, seed: int = REGEN_SEED) -> dict[str, np.ndarray]:
+                             test_labels: np.ndarray, *, seed: int = REGEN_SEED,
+                             sizes: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
     """The regenerated ("MNIST-rot-like") recipe, version ``REGEN_VERSION``; deterministic for a given input.
 
     With ``rng = np.random.default_rng(seed)``, in this order: ``perm = rng.permutation(n_train)`` gives train
@@ -92,12 +93,12 @@ def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray,
     that follow all MNIST test digits in the test split, which ``rng.permutation(test)`` reorders; then angles
     ``rng.uniform(0, 360)`` for train, validation, test. Each digit is TRANSPOSED (as the official archive's, on
     which the published checkpoints were trained), rotated (``rotate_images``), ``np.rint``-ed and clipped to
-    uint8. Sizes: ``regenerated_sizes``. Returns per split ``{split}_images`` uint8, ``_labels``,
+    uint8. ``sizes`` defaults to ``regenerated_sizes``. Returns per split ``{split}_images`` uint8, ``_labels``,
     ``_angles``, ``_source_index`` and ``_source_split`` (0 = MNIST train file, 1 = test file), plus
     ``recipe_version`` and ``seed``.
     """
     n_tr, n_te = len(train_labels), len(test_labels)
-    a, b, t = regenerated_sizes(n_tr, n_te)
+    a, b, t = sizes if sizes is not None else regenerated_sizes(n_tr, n_te)
     c = t - n_te
     if min(a, b) < 1 or c < 0 or a + b + c > n_tr:
         raise ValueError(f"cannot draw train {a} / validation {b} / test {t} from MNIST with {n_tr} train and "
@@ -233,7 +234,8 @@ def official_rotated_mnist_arrays(root: str | os.PathLike[str] | None = None,
 
 def rotated_mnist(split: str, source: str = "auto", root: str | os.PathLike[str] | None = None,
                   fraction: float = 1.0, digits: Sequence[int] | None = None, normalize: bool = True,
-                  cache_dir: str | os.PathLike[str] | None = None, *, download: bool = True) -> ImageDataset:
+                  cache_dir: str | os.PathLike[str] | None = None, *, transform: Transform | None = None,
+                  download: bool = True) -> ImageDataset:
     """Rotated MNIST: train 10,000 / validation 2,000 / test 50,000 digits at uniformly random angles.
 
     ``source``: ``"official"``, the MNIST-rot archive in ``<root>/`` or ``<root>/rotated_mnist/`` (downloaded
@@ -275,7 +277,7 @@ def rotated_mnist(split: str, source: str = "auto", root: str | os.PathLike[str]
                  "split_checksum": str(arrays[f"{split}_checksum"])})
     labels = arrays[f"{split}_labels"]
     ds = mnist_split(arrays[f"{split}_images"], labels, np.arange(len(labels)), split, digits, fraction,
-                     name="rotated_mnist", source=source, normalize=normalize, info=info)
+                     name="rotated_mnist", source=source, normalize=normalize, transform=transform, info=info)
     ds.source_indices = arrays[f"{split}_source_index"][ds.indices]
     if source == "regenerated":
         ds.angles = arrays[f"{split}_angles"][ds.indices]
