@@ -38,13 +38,12 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
@@ -75,6 +74,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # A dataset of (input, label) pairs, or a pair of tensors (inputs, labels).
 Data = Union[Dataset, tuple[Tensor, Tensor]]
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,15 +85,19 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, value: float, epoch: int, step: int | None, global_step: int, label: str = "",
                  split: str = "training") -> None:
         self.value, self.epoch, self.step, self.global_step, self.split = value, epoch, step, global_step, split
+        where = f" in run {label!r}" if label else ""
         if step is not None:
-            when, before = f"at epoch {epoch}, step {step} (global step {global_step})", "this step changed the weights"
+            super().__init__(
+                f"{split} loss is {value} at epoch {epoch}, step {step} (global step {global_step}){where}. "
+                f"The run was stopped before this step changed the weights; the checkpoint of the previous epoch "
+                f"is intact. Lower the learning rate, set grad_clip, check the inputs for NaN/inf, or use "
+                f"precision='bf16'/'fp32' instead of 'fp16'.")
         else:
             when = f"after epoch {epoch}" if epoch else "of the initial model"
-            before = "this epoch's files were written"
-        super().__init__(
-            f"{split} loss is {value} {when}{f' in run {label!r}' if label else ''}. The run was stopped before "
-            f"{before}; the checkpoint of the previous epoch is intact. Check the {split} data for NaN/inf, lower the "
-            f"learning rate, set grad_clip, or use precision='bf16'/'fp32' instead of 'fp16'.")
+            super().__init__(
+                f"{split} loss is {value} {when}{where}. The run was stopped before this epoch's files were "
+                f"written; the checkpoint of the previous epoch is intact. Check the {split} data for NaN/inf, "
+                f"lower the learning rate, set grad_clip, or use precision='bf16'/'fp32' instead of 'fp16'.")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,14 @@ class TrainConfig:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
 
 
 @dataclass
@@ -335,8 +347,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 
 
 @torch.no_grad()
-def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, progress: bool, desc: str,
-               shard: tuple[int, int] | None = None) -> dict[str, float]:
+def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, loss_fn: LossFn,
+               progress: bool, desc: str, shard: tuple[int, int] | None = None) -> dict[str, float]:
     """Metrics over ``loader``. ``shard=(first, total)``: ``loader`` holds batches ``first, first+1, ...`` of
     ``total`` batches split over the processes; the result is reduced over them, adding the per-batch loss sums
     in batch order, so it is bit-identical to one process going through all ``total`` batches."""
@@ -353,9 +365,9 @@ def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, preci
                 logits = model(x)
             logits = logits.float()
             if shard is None:
-                loss_sum += F.cross_entropy(logits, y).double() * len(y)
+                loss_sum += loss_fn(logits, y).double() * len(y)
             else:
-                batch_sums[shard[0] + i] = F.cross_entropy(logits, y).double() * len(y)
+                batch_sums[shard[0] + i] = loss_fn(logits, y).double() * len(y)
             correct += (logits.argmax(dim=-1) == y).sum()
             n += len(y)
     finally:
@@ -369,17 +381,19 @@ def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, preci
     return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
 
 
-def evaluate(model: nn.Module, data: Data, *, batch_size: int = 256, device: str = "cpu", precision: str = "fp32",
-             progress: bool = False, num_workers: int = 0) -> dict[str, float]:
-    """Mean cross-entropy loss, accuracy (fraction) and count on ``data``, in eval mode.
+def evaluate(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256, device: str = "cpu",
+             precision: str = "fp32", progress: bool = False, loss_fn: LossFn | None = None,
+             num_workers: int = 0) -> dict[str, float]:
+    """Mean loss (cross-entropy unless ``loss_fn``), accuracy (fraction) and count on ``data``, in eval mode.
 
     Moves ``model`` to ``device``; restores its train/eval mode afterwards. Does not consume the global RNG.
     """
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    loader, _ = _eval_loader(_as_dataset(data, "data"), batch_size, dev, num_workers)
-    return _eval_pass(model, loader, dev, prec, progress, "eval")
+    if not isinstance(data, DataLoader):
+        data, _ = _eval_loader(_as_dataset(data, "data"), batch_size, dev, num_workers)
+    return _eval_pass(model, data, dev, prec, loss_fn or nn.CrossEntropyLoss(), progress, "eval")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,6 +415,7 @@ class _Loop:
     config: TrainConfig
     device: torch.device
     precision: str
+    loss_fn: LossFn
     augment: Augment | None
     loader: DataLoader
     optimizer: torch.optim.Optimizer
@@ -422,7 +437,7 @@ def _splits(train_data: Data, val_data: Data | None, test_data: Data | None, con
 
 
 def _prepare(model: nn.Module, train_set: Dataset, config: TrainConfig, augment: Augment | None,
-             progress: bool, distributed: bool) -> _Loop:
+             loss_fn: LossFn | None, progress: bool, distributed: bool) -> _Loop:
     """Seed, move the model, build loader / optimizer / schedule / scaler (in this order: it fixes the RNG draws)."""
     device = dist_utils.device_for_rank(resolve_device(config.device))
     seed_everything(config.seed)
@@ -437,7 +452,7 @@ def _prepare(model: nn.Module, train_set: Dataset, config: TrainConfig, augment:
     if distributed:  # DDP starts every rank from rank 0's weights and buffers
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return _Loop(model=model, train_model=train_model, config=config, device=device, precision=precision,
-                 augment=augment, loader=loader, optimizer=optimizer,
+                 loss_fn=loss_fn or nn.CrossEntropyLoss(), augment=augment, loader=loader, optimizer=optimizer,
                  scheduler=build_scheduler(optimizer, config, len(loader)),
                  scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
                  loader_generator=loader_generator, augment_generator=augment_generator,
@@ -451,7 +466,7 @@ def _validate(loop: _Loop, data: Dataset, desc: str, epoch: int | None = None, g
     config = loop.config
     loader, shard = _eval_loader(data, config.eval_batch_size or config.batch_size, loop.device, config.num_workers,
                                  dist_utils.rank(), dist_utils.world_size())
-    metrics = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.progress, desc,
+    metrics = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, loop.progress, desc,
                          shard if loop.distributed else None)
     if epoch is not None and not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, config.label, split="validation")
@@ -507,7 +522,7 @@ def _train_epoch(loop: _Loop, epoch: int, state: RunState) -> dict[str, float]:
             x = loop.augment(x, loop.augment_generator)
         with autocast(device, loop.precision):
             logits = loop.train_model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loop.loss_fn(logits.float(), y)
         if shares is None:
             loss_value = loss.item()
             count, step_sum = len(y), loss_value * len(y)
@@ -620,20 +635,20 @@ def _report_result(loop: _Loop, state: RunState, test: dict[str, float] | None) 
 
 def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: TrainConfig, *,
         run_dir: str | Path | None = None, resume: bool = False, augment: Augment | None = None,
-        progress: bool = True, test_data: Data | None = None,
+        loss_fn: LossFn | None = None, progress: bool = True, test_data: Data | None = None,
         on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
         model_config: Mapping[str, Any] | None = None) -> FitResult:
     """Train ``model`` (only parameters with ``requires_grad``) and load the best validation weights into it.
 
     Data: Datasets of (input, label) or tuples (inputs, labels); ``val_data=None`` keeps the final weights;
     ``test_data`` is evaluated once at the end. ``augment(x, generator)`` transforms each training batch on the
-    device, drawing randomness only from ``generator``; the loss is cross-entropy. ``run_dir``: config.json,
-    metrics.csv, metrics.json, best.pt (state dict) and last.pt (full state), written atomically every epoch.
-    ``model_config``: a JSON-serialisable description of the model, recorded there. ``resume=True`` continues from
-    ``run_dir/last.pt``, refusing another ``model_config``, settings outside ``checkpointing.RESUMABLE_CHANGES`` or
-    fewer epochs; a finished run is not retrained or rewritten (its best weights are loaded, the test set
-    evaluated). Without ``resume`` an existing checkpoint is an error. ``on_epoch_end(record, model)`` runs after
-    each epoch's files are written.
+    device, drawing randomness only from ``generator``. ``loss_fn(logits, labels)`` -> mean loss (default
+    cross-entropy; also for validation/test). ``run_dir``: config.json, metrics.csv, metrics.json, best.pt (state
+    dict) and last.pt (full state), written atomically every epoch. ``model_config``: a JSON-serialisable
+    description of the model, recorded there. ``resume=True`` continues from ``run_dir/last.pt``, refusing another
+    ``model_config``, settings outside ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs; a finished run is not
+    retrained or rewritten (its best weights are loaded, the test set evaluated). Without ``resume`` an existing
+    checkpoint is an error. ``on_epoch_end(record, model)`` runs after each epoch's files are written.
 
     Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself and trains with DDP on the same
     global batches (see the module docstring); only rank 0 touches ``run_dir`` and shows progress, and every rank
@@ -647,7 +662,7 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         raise ValueError("resume=True needs a run_dir holding last.pt")
     run = RunFolder(run_dir, resume) if run_dir is not None else None
     checkpoint = dist_utils.on_main_then_broadcast(run.read_last) if run is not None else None
-    loop = _prepare(model, splits.train, config, augment, progress, distributed)
+    loop = _prepare(model, splits.train, config, augment, loss_fn, progress, distributed)
 
     state, finished = RunState(), False
     if checkpoint is not None:
