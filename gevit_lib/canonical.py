@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gevit_lib.groups import Group, get_group
 from gevit_lib.nn.gconv import GroupConv, GroupSignalNorm, LiftingConv
-from gevit_lib.posthoc import FINETUNE_MODES, TransformStack, backbone_embed, backbone_head, backbone_interface
+from gevit_lib.posthoc import BackboneWrapper, TransformStack, backbone_interface
 
 __all__ = ["CanonicalizationNet", "Canonicalized"]
 
@@ -91,7 +91,7 @@ def _in_channels(backbone: nn.Module) -> int:
     return conv.in_channels
 
 
-class Canonicalized(nn.Module):
+class Canonicalized(BackboneWrapper):
     """Invariant classifier from ``backbone``: the backbone's logits of the canonical image (one backbone pass).
 
     Interface of :class:`~gevit_lib.posthoc.PostHoc` where it applies (``backbone``, ``head``, ``group``,
@@ -129,35 +129,12 @@ class Canonicalized(nn.Module):
         self.set_finetune(finetune)
 
     @property
-    def head(self) -> nn.Module:  # looked up each time, as PostHoc does
-        return backbone_head(self.backbone)
-
-    @property
-    def num_transforms(self) -> int:
-        return len(self.transforms)
-
-    @property
     def backbone_passes(self) -> int:
         """Backbone passes per input image: one, on the canonical image (plus the small net)."""
         return 1
 
-    def set_finetune(self, mode: str) -> Canonicalized:
-        """"none" (backbone and head frozen), "head" (head trains) or "model"; the canonicalization net trains."""
-        if mode not in FINETUNE_MODES:
-            raise ValueError(f"unknown finetune mode {mode!r}; choose one of {FINETUNE_MODES}")
-        self.finetune = mode
-        self.backbone.requires_grad_(mode == "model")
-        if mode == "head":
-            self.head.requires_grad_(True)
-        self.net.requires_grad_(True)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def base_logits(self, x: Tensor) -> Tensor:
-        """The backbone's own logits (no canonicalization)."""
-        return self.head(backbone_embed(self.backbone, x))
+    def learned_modules(self) -> list[nn.Module]:
+        return [self.net]
 
     def canonicalize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Canonical images ``[B, C, H, W]`` and the chosen element of each ``[B]`` (the image is ``T_{g^-1} x``).

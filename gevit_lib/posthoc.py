@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from gevit_lib.groups import Group, get_group, rotate
 
 __all__ = ["METHODS", "MethodInfo", "FINETUNE_MODES", "VARIANTS", "TransformStack", "SplitBackbone", "ScoreAggregator",
-           "AttentionAggregator", "PostHoc", "resolve_method", "aggregate", "has_batchnorm", "shares_embeddings",
-           "EmbeddingCache", "CACHED_TRAINING_NOTE", "KEPT_EPOCH_NOTE", "PCAM_BACKBONES", "load_pcam_cnn"]
+           "AttentionAggregator", "BackboneWrapper", "PostHoc", "resolve_method", "aggregate", "has_batchnorm",
+           "shares_embeddings", "EmbeddingCache", "CACHED_TRAINING_NOTE", "KEPT_EPOCH_NOTE", "PCAM_BACKBONES",
+           "load_pcam_cnn"]
 
 FINETUNE_MODES = ("none", "head", "model")
 CPU_CHUNK = 128  # images per backbone forward on the CPU when max_batch="auto"
@@ -401,7 +402,49 @@ def aggregate(method: str, embeddings: Tensor, head: nn.Module, variant: str = "
 # The wrapper
 
 
-class PostHoc(nn.Module):
+class BackboneWrapper(nn.Module):
+    """What every post-hoc wrapper shares (:class:`PostHoc`, ``canonical.Canonicalized``): the backbone and its
+    head, its transformed copies (``transforms``), freezing by finetune mode, and the backbone's own logits."""
+
+    backbone: nn.Module
+    transforms: TransformStack
+    finetune: str
+
+    @property
+    def head(self) -> nn.Module:
+        """The backbone's head (part of the backbone; looked up each time so copies stay consistent)."""
+        return backbone_head(self.backbone)
+
+    @property
+    def num_transforms(self) -> int:
+        return len(self.transforms)
+
+    def learned_modules(self) -> list[nn.Module]:
+        """Modules that train in every finetune mode (a learned aggregator, a canonicalization net)."""
+        return []
+
+    def set_finetune(self, mode: str) -> BackboneWrapper:
+        """Freeze by ``requires_grad``: "none" (backbone and head), "head" (head trains), "model" (nothing
+        frozen); :meth:`learned_modules` always train."""
+        if mode not in FINETUNE_MODES:
+            raise ValueError(f"unknown finetune mode {mode!r}; choose one of {FINETUNE_MODES}")
+        self.finetune = mode
+        self.backbone.requires_grad_(mode == "model")
+        if mode == "head":
+            self.head.requires_grad_(True)
+        for module in self.learned_modules():
+            module.requires_grad_(True)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def base_logits(self, x: Tensor) -> Tensor:
+        """The backbone's own logits (no transforms)."""
+        return self.head(backbone_embed(self.backbone, x))
+
+
+class PostHoc(BackboneWrapper):
     """Invariant classifier from ``backbone``: aggregate its outputs over the group's transformed copies.
 
     ``method``: a key of :data:`METHODS` (or the post's / original class name); ``group``: "C4", "D4" (exact),
@@ -447,38 +490,12 @@ class PostHoc(nn.Module):
         self.set_finetune(finetune)
 
     @property
-    def head(self) -> nn.Module:
-        """The backbone's head (part of the backbone; looked up each time so copies stay consistent)."""
-        return backbone_head(self.backbone)
-
-    @property
-    def num_transforms(self) -> int:
-        return len(self.transforms)
-
-    @property
     def backbone_passes(self) -> int:
         """Backbone passes per input image: one per transformed copy (the cost tables' ``passes``)."""
         return len(self.transforms)
 
-    def set_finetune(self, mode: str) -> PostHoc:
-        """Freeze by ``requires_grad``: "none" (backbone and head), "head" (head trains), "model" (nothing
-        frozen); the learned aggregators always train."""
-        if mode not in FINETUNE_MODES:
-            raise ValueError(f"unknown finetune mode {mode!r}; choose one of {FINETUNE_MODES}")
-        self.finetune = mode
-        self.backbone.requires_grad_(mode == "model")
-        if mode == "head":
-            self.head.requires_grad_(True)
-        if self.aggregator is not None:
-            self.aggregator.requires_grad_(True)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def base_logits(self, x: Tensor) -> Tensor:
-        """The backbone's own logits (no transforms)."""
-        return self.head(backbone_embed(self.backbone, x))
+    def learned_modules(self) -> list[nn.Module]:
+        return [] if self.aggregator is None else [self.aggregator]
 
     def _check_input(self, x: Tensor, what: str, expected: str, reference: nn.Module) -> None:
         """Clear errors for the inputs torch would reject deep inside (or misread): empty batches, wrong dtypes."""

@@ -10,7 +10,7 @@ sizes up here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 __all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "TrainingProfile", "training_profile",
@@ -45,8 +45,7 @@ class PostHocProfile:
     """Sizes of one post-hoc experiment run (``None``: the whole split).
 
     ``group``: the fixed aggregators' group; ``learned_group`` / ``tta_group``: the learned aggregators' and the
-    test-time-augmentation baseline's (the original's default D4). ``epochs`` ... ``batch_size``: finetuning.
-    ``train_*``: training the ViT itself when no published checkpoint is the start (``train_subset`` caps images).
+    test-time-augmentation baseline's (the original's default D4). ``epochs`` ... ``nesterov``: finetuning.
     ``extra_learned_groups``: more rows of the learned aggregators with these groups (not in the post).
     ``cached_training``: finetuning (head, learned aggregators) trains on the cached embeddings of the un-augmented
     training digits with the frozen backbone in eval mode, instead of the original's randomly rotated digits through
@@ -71,10 +70,6 @@ class PostHocProfile:
     learned_group: str
     tta_group: str
     modes: tuple[str, ...]
-    train_epochs: int
-    train_batch_size: int
-    train_lr: float
-    train_subset: int | None
     extra_learned_groups: tuple[str, ...] = ()
     cached_training: bool = False
     canonical_groups: tuple[str, ...] = ()
@@ -87,39 +82,31 @@ class PostHocProfile:
 _MNIST_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=25, epochs_attention=60, batch_size=128, eval_batch_size=128,
     optimizer="adam", lr=5e-4, momentum=0.0, nesterov=False, group="C16", learned_group="D4", tta_group="D4",
-    modes=("none", "head", "model"), train_epochs=500, train_batch_size=128, train_lr=1e-3,
-    train_subset=None, extra_learned_groups=("C16",), canonical_groups=("C4", "D4", "C16"), canonical_epochs=25)
+    modes=("none", "head", "model"), extra_learned_groups=("C16",), canonical_groups=("C4", "D4", "C16"),
+    canonical_epochs=25)
 # the whole splits, the post's finetuning on cached embeddings, no full-model finetuning (est. ~30 min a notebook)
-_MNIST_TABLES = replace(_MNIST_FULL, modes=("none", "head"), cached_training=True, canonical_epochs=2)
+# (canonicalization trains on the images, not on cached embeddings: ~50 min more at this size, so quick and full only)
+_MNIST_TABLES = replace(_MNIST_FULL, modes=("none", "head"), cached_training=True, canonical_groups=())
 _MNIST_QUICK = replace(_MNIST_FULL, n_train=256, n_val=500, n_test=2000, epochs=1, epochs_attention=2,
-                       batch_size=64, eval_batch_size=128, modes=("none", "head"), train_epochs=3,
-                       train_subset=10000, canonical_epochs=5, speed_batch=32)
+                       batch_size=64, eval_batch_size=128, modes=("none", "head"), canonical_epochs=5, speed_batch=32)
 _MNIST_SMOKE = replace(_MNIST_FULL, n_train=64, n_val=32, n_test=64, epochs=1, epochs_attention=1, batch_size=32,
-                       modes=("none", "head"),
-                       eval_batch_size=64, group="C4", train_epochs=1, train_batch_size=32,
-                       train_subset=64, extra_learned_groups=("C4",), canonical_groups=("C4", "D4", "C8"),
-                       canonical_epochs=1, speed_batch=8, speed_repeats=1)
+                       eval_batch_size=64, modes=("none", "head"), group="C4", extra_learned_groups=("C4",),
+                       canonical_groups=("C4", "D4", "C8"), canonical_epochs=1, speed_batch=8, speed_repeats=1)
 
 _PCAM_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=3, epochs_attention=3, batch_size=64, eval_batch_size=128,
     optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=True, group="D4", learned_group="D4", tta_group="D4",
-    modes=("none", "head"), train_epochs=50, train_batch_size=128, train_lr=1e-2,
-    train_subset=None)
+    modes=("none", "head"))
 _PCAM_QUICK = replace(_PCAM_FULL, n_train=128, n_val=128, n_test=256, epochs=1, epochs_attention=1, batch_size=32,
-                      eval_batch_size=32, train_epochs=1, train_subset=2048)
+                      eval_batch_size=32)
 _PCAM_SMOKE = replace(_PCAM_FULL, n_train=16, n_val=8, n_test=8, epochs=1, epochs_attention=1, batch_size=8,
-                      eval_batch_size=8, train_epochs=1, train_batch_size=8,
-                      train_subset=16)
+                      eval_batch_size=8)
 
+_MNIST = {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL}
 _TABLE: dict[str, dict[str, PostHocProfile]] = {
-    "rotmnist": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL},
+    "rotmnist": _MNIST, "low_data": _MNIST,
     # canonicalization of a backbone trained on upright digits: Mondal et al.'s prior (equiadapt's default weight)
-    "mnist_to_rotmnist": {"smoke": replace(_MNIST_SMOKE, canonical_prior=100.0),
-                          "quick": replace(_MNIST_QUICK, canonical_prior=100.0),
-                          # the post's MNIST ViT: 60k MNIST, no augmentation, batch 1024
-                          "tables": replace(_MNIST_TABLES, train_batch_size=1024, canonical_prior=100.0),
-                          "full": replace(_MNIST_FULL, train_batch_size=1024, canonical_prior=100.0)},
-    "low_data": {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL},
+    "mnist_to_rotmnist": {name: replace(p, canonical_prior=100.0) for name, p in _MNIST.items()},
     "pcam": {"smoke": _PCAM_SMOKE, "quick": _PCAM_QUICK, "full": _PCAM_FULL},
 }
 
@@ -144,9 +131,6 @@ class TrainingProfile:
     batch_size: int | None = None
     eval_batch_size: int | None = None
     warmup_epochs: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _TRAINING_FULL = TrainingProfile(n_train=None, n_val=None, n_test=None)

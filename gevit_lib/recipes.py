@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -142,7 +142,7 @@ def get_recipe(name: str, profile: str = "full", *, model_changes: Mapping[str, 
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]
     scale = training_profile(recipe.family, profile)
-    scaled = {k: v for k, v in scale.to_dict().items() if v is not None or k.startswith("n_")}
+    scaled = {k: v for k, v in asdict(scale).items() if v is not None or k.startswith("n_")}
     recipe = replace(recipe, **{**scaled, **{k: check_setting(k, v) for k, v in changes.items()}})
     model_changes = dict(model_changes or {})
     unused = sorted(set(model_changes) - set(recipe.options))

@@ -3,8 +3,7 @@
 Each experiment is a recipe of :mod:`gevit_lib.recipes` (the post's model, data and training settings) trained
 with ``fit``: resumable (``--resume``) and runnable under torchrun, e.g.
 ``torchrun --nproc-per-node 4 -m gevit_lib.run --experiment gevit_rotmnist --device cuda --resume``.
-``--list`` prints the experiments. The post-hoc evaluation of a trained ViT and the model zoo are notebooks 6-10,
-run with papermill, e.g. ``python -m gevit_lib.reproduce --only 06 --profile full``.
+``--list`` prints the experiments.
 """
 
 from __future__ import annotations
@@ -24,18 +23,10 @@ from .recipes import RECIPES, SETTINGS, Recipe, augmentation, build_model, get_r
 from .recipes import train_config as recipe_train_config
 from .train import FitResult, NonFiniteLossError, fit, seed_everything
 
-__all__ = ["main", "train", "REMOVED"]
+__all__ = ["main", "train"]
 
-# Experiments of earlier versions that notebooks now own: name -> notebook.
-REMOVED = {
-    "posthoc_rotmnist": "06_posthoc_rotmnist", "posthoc_mnist_to_rotmnist": "07_posthoc_mnist_to_rotmnist",
-    "posthoc_low_data": "08_posthoc_low_data", "posthoc_pcam": "09_posthoc_pcam",
-    "model_zoo_rotmnist": "10_modern_equivariant_vit", "model_zoo_pcam": "10_modern_equivariant_vit",
-}
-
-
-def _notebook_command(notebook: str) -> str:
-    return f"python -m gevit_lib.reproduce --only {notebook[:2]} --profile full"
+NOTEBOOKS = ("The post-hoc studies of a trained ViT and the model zoo are notebooks 06-10, run with papermill, e.g. "
+             "`python -m gevit_lib.reproduce --only 06 --profile full`")
 
 
 def default_run_dir(recipe: Recipe, profile: str) -> Path:
@@ -82,10 +73,7 @@ def _listing() -> str:
     for name, r in RECIPES.items():
         opts = f" [{', '.join('--' + o.replace('_', '-') for o in r.options)}]" if r.options else ""
         lines.append(f"  {name:22s} {r.description}{opts}")
-    lines.append("The post-hoc study of a trained ViT and the model zoo are notebooks, run with papermill:")
-    for name, notebook in REMOVED.items():
-        lines.append(f"  {name:26s} notebooks/{notebook}.ipynb: {_notebook_command(notebook)}")
-    return "\n".join(lines)
+    return "\n".join([*lines, NOTEBOOKS])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,11 +102,8 @@ def _parser() -> argparse.ArgumentParser:
 def _recipe(args: argparse.Namespace) -> Recipe:
     """The experiment's recipe with the command line's changes; an option it does not use is an error."""
     name = args.experiment
-    if name in REMOVED:
-        raise ValueError(f"{name} is no longer a command-line experiment: it is notebook "
-                         f"notebooks/{REMOVED[name]}.ipynb; run it with `{_notebook_command(REMOVED[name])}`")
     if name not in RECIPES:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(RECIPES)} (--list)")
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(RECIPES)} (--list). {NOTEBOOKS}")
     options = {"group": args.group, "patch_size": args.patch_size}
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")

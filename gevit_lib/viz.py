@@ -169,18 +169,17 @@ def save_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     return csv_path, md_path
 
 
-def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str, label: str = "patch_size",
-                          reference: tuple[str, float] | None = None, ax: Any = None) -> Any:
-    """Scatter of test accuracy against epoch time, one labelled point per row of ``points`` (``epoch_s``,
-    ``test_acc``, ``n_train``, ``label``); ``reference``: (name, epoch seconds) drawn as a dashed line on a log axis."""
+def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str,
+                          reference: tuple[str, float] | None = None) -> Any:
+    """Scatter of test accuracy against epoch time, one point per row of ``points`` (``epoch_s``, ``test_acc``,
+    ``n_train``, ``patch_size``); ``reference``: (name, epoch seconds) drawn as a dashed line on a log axis."""
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 6))
+    fig, ax = plt.subplots(figsize=(10, 6))
     for i, r in enumerate(points):
         ax.scatter(r["epoch_s"], r["test_acc"], s=100, alpha=0.7, edgecolors="white",
-                   color=plt.get_cmap("tab10")(i % 10), label=f"patch {r[label]}")
-        ax.annotate(str(r[label]), (r["epoch_s"], r["test_acc"]), textcoords="offset points", xytext=(10, 8))
+                   color=plt.get_cmap("tab10")(i % 10), label=f"patch {r['patch_size']}")
+        ax.annotate(str(r["patch_size"]), (r["epoch_s"], r["test_acc"]), textcoords="offset points", xytext=(10, 8))
     if reference is not None:
         ax.axvline(reference[1], ls="--", color="grey", label=f"{reference[0]} (epoch time from its measured "
                                                               "throughput)")
@@ -193,8 +192,8 @@ def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str, la
     ax.legend(title="Patch size", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
     ax.grid(True, ls="--", alpha=0.5)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.figure.tight_layout()
-    return ax.figure
+    fig.tight_layout()
+    return fig
 
 
 def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], *, title: str, size_px: tuple[int, int] = (1200, 520),

@@ -40,11 +40,13 @@ def product_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--digits", type=int, default=None, help="evenly spaced test digits (default: all)")
+    parser.add_argument("--experiments", nargs="*", default=[e for e, _, _ in EXPERIMENTS],
+                        choices=[e for e, _, _ in EXPERIMENTS])
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the notebooks' run dirs are")
     args = parser.parse_args()
     print("| experiment | digits | library (T // 2, log space) | original at T // 2 (float32) | "
           "2024-05-18 formula (no temperature) | its NaN rows | post |\n|---|---|---|---|---|---|---|")
-    for experiment, checkpoint, notebook in EXPERIMENTS:
+    for experiment, checkpoint, notebook in [e for e in EXPERIMENTS if e[0] in args.experiments]:
         backbone, _ = published_model(checkpoint, "tables")
         test_ds, source = rotated_digits("test", "tables")
         n = args.digits or len(test_ds)

@@ -32,13 +32,14 @@ def explained_absences(text: str) -> set[str]:
 
 
 def committed_files() -> list[str]:
-    """Files of figures/ under version control (the folder's content when this is not a git checkout)."""
+    """Files of figures/ (and its subfolders, e.g. tables/) under version control, relative to figures/ (the
+    folder's content when this is not a git checkout)."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z", "--", "figures"], cwd=REPO, capture_output=True,
                                 check=True).stdout.decode()
-        names = [Path(p).name for p in listed.split("\0") if p]
+        names = [Path(p).relative_to("figures").as_posix() for p in listed.split("\0") if p]
     except (OSError, subprocess.CalledProcessError):
-        names = [p.name for p in FIGURES.iterdir() if p.is_file()]
+        names = [p.relative_to(FIGURES).as_posix() for p in FIGURES.rglob("*") if p.is_file()]
     return sorted(n for n in names if n != "README.md" and not n.endswith((".json", ".json.tmp")))
 
 
@@ -66,8 +67,9 @@ def test_every_gallery_link_exists() -> None:
 
 def test_every_committed_file_has_a_sidecar_and_is_in_the_gallery() -> None:
     described = set()
-    for sidecar in FIGURES.glob("*.json"):
-        described.update(json.loads(sidecar.read_text()).get("files", []))
+    for sidecar in FIGURES.rglob("*.json"):  # a sidecar names the files beside it
+        folder = sidecar.parent.relative_to(FIGURES)
+        described.update((folder / f).as_posix() for f in json.loads(sidecar.read_text()).get("files", []))
     files = committed_files()
     links = gallery_links(GALLERY.read_text())
     assert not [f for f in files if f not in described], \
@@ -78,9 +80,9 @@ def test_every_committed_file_has_a_sidecar_and_is_in_the_gallery() -> None:
 
 def test_no_committed_text_names_a_machine_path() -> None:
     found = {}
-    for path in sorted(FIGURES.iterdir()):
+    for path in sorted(FIGURES.rglob("*")):
         if path.suffix in (".json", ".md", ".csv"):
             hits = ABSOLUTE_PATH.findall(path.read_text())
             if hits:
-                found[path.name] = hits[:3]
+                found[path.relative_to(FIGURES).as_posix()] = hits[:3]
     assert not found, f"absolute paths in figures/ (name files relative to the repository or by URL): {found}"

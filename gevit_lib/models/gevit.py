@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..groups import GROUP_NAMES, Group, get_group
-from ..nn.attention import IMPLS, GroupSelfAttention, LiftingSelfAttention, Pointwise
+from ..nn.attention import GroupSelfAttention, LiftingSelfAttention, Pointwise, check_impl
 from ..hub import IncompatibleCheckpointError, PublishedWeights, load_into
 from ..nn.positional import GROUP_INDEX, group_index_table, relative_coordinates
 from ._registry import check_batch, register_model
@@ -227,10 +227,8 @@ class GEViT(nn.Module):
 
     def set_impl(self, impl: str) -> GEViT:
         """Switch every attention layer to the "fast" or "plain" implementation."""
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         for layer in self.attention_layers():
-            layer.impl = impl
+            layer.impl = check_impl(impl)
         return self
 
     @property

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..groups import Group, get_group
 from ..hub import IncompatibleCheckpointError, PublishedWeights
+from ..nn.attention import check_impl
 from ..nn.gconv import GCNN, GroupPool, check_exact_group
 from ._registry import check_batch, register_model
 from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
@@ -171,14 +172,12 @@ class InvariantPatchEmbedding(nn.Module):
         super().__init__()
         if method not in EMBED_METHODS:
             raise ValueError(f"embed method must be one of {EMBED_METHODS}, got {method!r}")
-        if impl not in ("fast", "plain"):
-            raise ValueError(f"impl must be 'fast' or 'plain', got {impl!r}")
         if min(in_channels, patch_size, embed_dim) < 1:
             raise ValueError(f"in_channels, patch_size and embed_dim must be >= 1, got {in_channels}, {patch_size}, "
                              f"{embed_dim}")
         self.group = check_exact_group(group)
         self.in_channels, self.patch_size, self.embed_dim = in_channels, patch_size, embed_dim
-        self.method, self.impl = method, impl
+        self.method, self.impl = method, check_impl(impl)
         dim = in_channels * patch_size**2
         if method == "mean":
             if hidden_dim is None:
@@ -284,9 +283,7 @@ class PatchGEViT(_GridGEViT):
 
     def set_impl(self, impl: str) -> PatchGEViT:
         """"fast" / "plain" for the embedding (and its G-CNN) and every GE-ViT attention layer."""
-        if impl not in ("fast", "plain"):
-            raise ValueError(f"impl must be 'fast' or 'plain', got {impl!r}")
-        self.embed.impl = impl
+        self.embed.impl = check_impl(impl)
         if self.embed.method == "gcnn":
             self.embed.gcnn.set_impl(impl)
         self.gevit.set_impl(impl)

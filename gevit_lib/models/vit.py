@@ -53,13 +53,8 @@ class AttentionBlock(nn.Module):
         self.layer_norm_1 = nn.LayerNorm(embed_dim)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
         self.layer_norm_2 = nn.LayerNorm(embed_dim)
-        self.linear = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, embed_dim),
-            nn.Dropout(dropout),
-        )
+        self.linear = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden_dim, embed_dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:  # [B, L, D]
         h = self.layer_norm_1(x)
@@ -76,15 +71,12 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.num_patches = num_patches
-        self.num_classes = num_classes
+        self.patch_size, self.num_channels = patch_size, num_channels
+        self.num_patches, self.num_classes = num_patches, num_classes
         self.embed_dim = self.num_features = embed_dim
         self.input_layer = nn.Linear(num_channels * patch_size**2, embed_dim)
-        self.transformer = nn.Sequential(
-            *(AttentionBlock(embed_dim, hidden_dim, num_heads, dropout) for _ in range(num_layers))
-        )
+        self.transformer = nn.Sequential(*(AttentionBlock(embed_dim, hidden_dim, num_heads, dropout)
+                                           for _ in range(num_layers)))
         self.mlp_head = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, num_classes))
         self.dropout = nn.Dropout(dropout)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))

@@ -66,10 +66,17 @@ from ..groups import Group, get_group
 from .fast_attention import fast_local_attention
 from .positional import RelativePositionalEncoding, feature_action_side
 
-__all__ = ["IMPLS", "Pointwise", "reference_logits", "reference_attention", "local_attention", "global_attention",
-           "LiftingSelfAttention", "GroupSelfAttention"]
+__all__ = ["IMPLS", "check_impl", "Pointwise", "reference_logits", "reference_attention", "local_attention",
+           "global_attention", "LiftingSelfAttention", "GroupSelfAttention"]
 
 IMPLS: tuple[str, ...] = ("fast", "plain")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an implementation ("fast" or "plain"; also of the G-CNN layers), else a ValueError."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 class Pointwise(nn.Module):
@@ -90,12 +97,6 @@ class Pointwise(nn.Module):
 
 
 # ---- the plain path: the formula, one einsum per term ------------------------------------------------------------
-def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
-
-
 def _neighbourhoods(x: Tensor, p: int) -> Tensor:
     """The P x P neighbours of every pixel (zeros outside the image): ``[b, c, m, i, j] -> [b, c, m, k, l, i, j]``."""
     n, d, gk, h, w = x.shape
@@ -172,7 +173,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tenso
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
                     gidx: Tensor | None = None, *, scale: float, patch_size: int, dropout: float = 0.0,
-                    training: bool = False, impl: str = "fast", chunk_elements: int | None = None) -> Tensor:
+                    training: bool = False, impl: str = "fast") -> Tensor:
     """Local lifting/group self-attention on projected heads, by ``impl`` ("fast" or "plain").
 
     q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v ``[N, H, W, Gk, dv]`` (N = batch * heads), pos
@@ -180,23 +181,23 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | 
     ``[G, dg]`` and gidx ``[Gv, Gq, Gk]`` (group term, used with ``q[..., dpos:dpos+dg]``; None for lifting).
     Returns ``[N, H, W, Gv, dv]``.
     """
-    if _check_impl(impl) == "plain":
+    if check_impl(impl) == "plain":
         return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
                                    training=training)
     return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
-                                dropout=dropout if training else 0.0, chunk_elements=chunk_elements)
+                                dropout=dropout if training else 0.0)
 
 
 def global_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
                      gidx: Tensor | None = None, *, scale: float, dropout: float = 0.0, training: bool = False,
-                     impl: str = "fast", chunk_elements: int | None = None) -> Tensor:
+                     impl: str = "fast") -> Tensor:
     """Global attention on an S x S image; ``pos`` holds the embeddings of all (2S-1)^2 relative offsets."""
     s = q.shape[1]
-    if _check_impl(impl) == "plain":
+    if check_impl(impl) == "plain":
         return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=None, dropout=dropout,
                                    training=training)
     return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=2 * s - 1,
-                                dropout=dropout if training else 0.0, chunk_elements=chunk_elements)
+                                dropout=dropout if training else 0.0)
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
@@ -224,8 +225,7 @@ class _SelfAttention(nn.Module):
         self.num_heads, self.mid_channels = num_heads, mid
         self.patch_size, self.image_size = patch_size, (None if patch_size is not None else image_size)
         self.attention_dropout = attention_dropout
-        self.impl = _check_impl(impl)
-        self.chunk_elements: int | None = None
+        self.impl = check_impl(impl)
         if self.lifting:
             if mid % 2:
                 raise ValueError(f"the lifting layer splits its {mid} query channels into row and column halves: "
@@ -274,8 +274,7 @@ class _SelfAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         grp, gidx = self._group_term()
         scale = 1.0 / math.sqrt(self.in_channels)
-        common = dict(scale=scale, dropout=self.attention_dropout, training=self.training, impl=self.impl,
-                      chunk_elements=self.chunk_elements)
+        common = dict(scale=scale, dropout=self.attention_dropout, training=self.training, impl=self.impl)
         if self.patch_size is not None:
             return local_attention(q, k, v, self.pos.spatial(), grp, gidx, patch_size=self.patch_size, **common)
         return global_attention(q, k, v, self.pos.spatial(), grp, gidx, **common)
@@ -358,10 +357,6 @@ class GroupSelfAttention(_SelfAttention):
                  impl: str = "fast") -> None:
         super().__init__(group, in_channels, out_channels, num_heads, mid_channels, patch_size, image_size,
                          attention_dropout, positional, group_index, impl)
-
-    @property
-    def group_index(self) -> str:
-        return self.pos.group_index_kind
 
     def _channels_last(self, x: Tensor) -> Tensor:
         if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != len(self.group):

@@ -32,11 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..groups import Group, get_group
+from .attention import check_impl
 
-__all__ = ["GCONV_IMPLS", "check_exact_group", "LiftingConv", "GroupConv", "GroupPool", "GroupSignalNorm", "GCNN"]
-
-GCONV_IMPLS: tuple[str, ...] = ("fast", "plain")
-
+__all__ = ["check_exact_group", "LiftingConv", "GroupConv", "GroupPool", "GroupSignalNorm", "GCNN"]
 
 def check_exact_group(group: Group | str) -> Group:
     """The group, if every element acts on square pixel grids as a permutation (multiples of 90 degrees, mirrors)."""
@@ -46,12 +44,6 @@ def check_exact_group(group: Group | str) -> Group:
                          f"multiples of 90 degrees and mirrors: z2, mz2, p4, p4m, C2, D2, ...); {grp.name} has "
                          f"rotations by {360 / grp.n_rotations:g} degrees")
     return grp
-
-
-def _check_impl(impl: str) -> str:
-    if impl not in GCONV_IMPLS:
-        raise ValueError(f"impl must be one of {GCONV_IMPLS}, got {impl!r}")
-    return impl
 
 
 def _bank_index(group: Group, shape: tuple[int, ...], group_filter: bool) -> Tensor:
@@ -80,7 +72,7 @@ class _GConvBase(nn.Module):
                              f"out={out_channels}, kernel_size={kernel_size}, padding={padding}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.padding = kernel_size, padding
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
         g_in = len(self.group) if self.lifted_input else 1
         shape = (out_channels, in_channels, *((g_in,) if self.lifted_input else ()), kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.empty(shape))
@@ -220,7 +212,7 @@ class GCNN(nn.Module):
         return size + self.num_layers * (2 * self.padding - self.kernel_size + 1)
 
     def set_impl(self, impl: str) -> GCNN:
-        _check_impl(impl)
+        check_impl(impl)
         for m in self.modules():
             if isinstance(m, _GConvBase):
                 m.impl = impl
