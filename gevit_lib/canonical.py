@@ -121,7 +121,6 @@ class Canonicalized(BackboneWrapper):
                              persistent=False)
         self.prior_weight, self.temperature = float(prior_weight), float(temperature)
         self.last_scores: Tensor | None = None
-        self._maps: dict[tuple[Any, ...], Tensor] = {}
         ref = next(backbone.parameters(), None)
         if ref is not None:
             self.net.to(device=ref.device, dtype=ref.dtype)
@@ -152,13 +151,7 @@ class Canonicalized(BackboneWrapper):
             soft = torch.softmax(scores / self.temperature, dim=1)
             w = F.one_hot(best, len(self.group)).to(soft) + soft - soft.detach()
             return torch.einsum("bg,bgchw->bchw", w, self.transforms(x)[:, self.copy_of]), best
-        b, c, h, wd = x.shape
-        key = (h, wd, str(x.device))
-        if key not in self._maps:
-            self._maps[key] = self.transforms.index_map(h, wd).to(x.device)  # [T, H*W], H*W = the fill
-        src = self._maps[key][self.copy_of[best]]  # [B, H*W]
-        padded = torch.cat([x.reshape(b, c, h * wd), x.new_full((b, c, 1), self.transforms.fill)], dim=-1)
-        return padded.gather(2, src[:, None].expand(b, c, -1)).view(b, c, h, wd), best
+        return self.transforms.pick(x, self.copy_of[best]), best
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base_logits(self.canonicalize(x)[0])

@@ -208,14 +208,28 @@ class TransformStack:
             self._maps[key] = (self.index_map(h, w).to(device), grids)
         return self._maps[key]
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, T, C, H, W]`` on ``x``'s device and dtype."""
+    def _padded(self, x: Tensor) -> Tensor:
+        """``[B, C, H*W + 1]``: the flattened images and the fill value, the source of every index map."""
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         b, c, h, w = x.shape
+        return torch.cat([x.reshape(b, c, h * w), x.new_full((b, c, 1), self.fill)], dim=-1)
+
+    def pick(self, x: Tensor, copy: Tensor) -> Tensor:
+        """Copy ``copy[b]`` of each image: ``[B, C, H, W]``, equal to ``self(x)[arange(B), copy]`` without building
+        the other copies (one gather; the whole stack only when the picked copies are bilinear)."""
+        padded = self._padded(x)
+        b, c, h, w = x.shape
         idx, grids = self._cached(h, w, x.device, x.dtype)
-        flat = x.reshape(b, c, h * w)
-        padded = torch.cat([flat, flat.new_full((b, c, 1), self.fill)], dim=-1)
+        if grids is not None:
+            return self(x)[torch.arange(b, device=x.device), copy]
+        return padded.gather(2, idx[copy][:, None].expand(b, c, -1)).view(b, c, h, w)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, T, C, H, W]`` on ``x``'s device and dtype."""
+        padded = self._padded(x)
+        b, c, h, w = x.shape
+        idx, grids = self._cached(h, w, x.device, x.dtype)
         out = padded[:, :, idx].transpose(1, 2).reshape(b, len(self), c, h, w)  # one gather for every copy
         if grids is not None:  # replace the interpolated copies (and their flips) by bilinear ones
             copies = self._bilinear_copies()
@@ -679,7 +693,7 @@ class EmbeddingCache:
             for t in todo:  # one copy at a time, saved when done: an interrupted run loses at most one copy
                 out = []
                 for x, _ in loader:
-                    copy = wrapper.transforms(x.to(self.device))[:, t].contiguous()
+                    copy = wrapper.transforms.pick(x.to(self.device), torch.full((len(x),), t, device=self.device))
                     out.append(backbone_embed(wrapper.backbone, copy).float().cpu())
                     bar.update()
                 self._copies[fps[t]] = torch.cat(out)

@@ -116,6 +116,15 @@ def test_stack_bilinear_and_fill() -> None:
     assert filled[0, 1, 0, 0, 0] == -0.5 and filled[0, 0].abs().max() == 0  # corners take the fill value
 
 
+@pytest.mark.parametrize("group,interpolation", [("C4", "nearest"), ("D4", "nearest"), ("C16", "nearest"),
+                                                 ("D8", "bilinear")])
+def test_pick_is_one_copy_of_the_stack(group: str, interpolation: str) -> None:
+    x = torch.randn(6, 2, 28, 28, dtype=torch.float64)
+    stack = TransformStack(group, interpolation=interpolation, fill=-0.3)
+    copy = torch.randint(0, len(stack), (6,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(stack.pick(x, copy), stack(x)[torch.arange(6), copy])
+
+
 def test_stack_errors() -> None:
     with pytest.raises(ValueError, match="non-square"):
         TransformStack("C4")(torch.randn(1, 1, 28, 32))
