@@ -41,7 +41,8 @@ CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "scheduler", "scale
 # the epochs already run; a larger ``epochs`` with a cosine schedule does change the remaining LR curve).
 RESUMABLE_CHANGES = frozenset({"epochs", "early_stopping_patience", "device", "num_workers", "eval_batch_size",
                                "label"})
-CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+# seconds: the epoch's wall time (training and validation); train_seconds: its training steps alone
+CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "train_seconds")
 
 
 class CheckpointError(ValueError):

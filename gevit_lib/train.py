@@ -687,9 +687,11 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
     while not state.finished(config.epochs):
         epoch, t0, lr = state.epoch + 1, time.perf_counter(), loop.optimizer.param_groups[0]["lr"]
         train = _train_epoch(loop, epoch, state)
+        train_seconds = time.perf_counter() - t0  # the optimizer steps alone, without the validation pass
         val = _validate(loop, splits.val, "val", epoch, state.global_step) if splits.val is not None else None
         record = {"epoch": epoch, "lr": lr, **train, "val_loss": val["loss"] if val else None,
-                  "val_acc": val["accuracy"] if val else None, "seconds": time.perf_counter() - t0}
+                  "val_acc": val["accuracy"] if val else None, "seconds": time.perf_counter() - t0,
+                  "train_seconds": train_seconds}
         improved = _select(state, record, val, model, config.early_stopping_patience)
         if run is not None:
             if main:

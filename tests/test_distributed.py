@@ -68,7 +68,7 @@ class Interrupt(Exception):
 
 
 def no_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in history]
 
 
 # ---------------------------------------------------------------------------------------------------------------

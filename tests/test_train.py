@@ -82,7 +82,7 @@ def same_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 
 
 def without_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")} for row in history]
 
 
 TRAIN, VAL, TEST = make_data(384, 1), make_data(128, 2), make_data(128, 3)
@@ -190,7 +190,9 @@ def test_run_dir_files_are_complete_and_atomic(tmp_path: Path) -> None:
     assert recorded["gevit_lib_version"] == gevit_lib.__version__
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
+                             "train_seconds"]
+    assert all(0 < r["train_seconds"] < r["seconds"] for r in result.history)  # training alone, then validation
     assert [float(r["val_acc"]) for r in rows] == [r["val_acc"] for r in result.history]
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["best_epoch"] == result.best_epoch and summary["test"] == result.test
