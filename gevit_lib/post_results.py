@@ -8,13 +8,17 @@ Experiments: "rotmnist" (ViT trained and tested on rotated MNIST), "mnist_to_rot
 "low_data" (10% of rotated MNIST), "pcam" (a pretrained CNN on PatchCamelyon). Modes: "none", "head", "model"
 (what was finetuned). Methods: the keys of :data:`gevit_lib.posthoc.METHODS` and "base" (the backbone alone); no
 "tta" rows, and PCam has no learned aggregators and no "model" mode.
+
+Also here, as data with its provenance, the published checkpoints' accuracies this project measured
+(:data:`CHECKPOINT_ACCURACY`, docs/published_checkpoints.md): the post's numbers for GE-ViT p4 are not those of the
+checkpoint the authors published.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["PostResult", "POST_RESULTS", "SOURCE_FILES", "post_result"]
+__all__ = ["PostResult", "POST_RESULTS", "SOURCE_FILES", "post_result", "MeasuredAccuracy", "CHECKPOINT_ACCURACY"]
 
 
 class PostResult(NamedTuple):
@@ -132,3 +136,29 @@ def post_result(experiment: str, mode: str, method: str) -> PostResult | None:
 
 
 _INDEX = {(r.experiment, r.mode, r.method): r for r in POST_RESULTS}
+
+
+class MeasuredAccuracy(NamedTuple):
+    """A published checkpoint's test accuracy measured by this project: ``correct`` of ``n`` digits of a split
+    (``data``, its ``split_checksum``), by ``command``."""
+
+    checkpoint: str
+    correct: int
+    n: int
+    data: str
+    split_checksum: str
+    command: str
+
+    @property
+    def accuracy(self) -> float:
+        """In percent."""
+        return 100.0 * self.correct / self.n
+
+
+# scripts/checkpoint_accuracy.py's per-chunk counts, summed (docs/published_checkpoints.md: 82.30%, 81.79-82.80)
+CHECKPOINT_ACCURACY: dict[str, MeasuredAccuracy] = {m.checkpoint: m for m in (
+    MeasuredAccuracy("gevit_p4sa_patch5_rotmnist", 18106, 22000,
+                     "regenerated rotated MNIST v1, test split, seeded subset (seed 0)",
+                     "7259c7d3a3a12be4ceda6dbdd1b970077c12ae04a622cf5a3b5b9e7543cb17f0",
+                     "python scripts/checkpoint_accuracy.py gevit_p4sa_patch5_rotmnist --digits 22000"),
+)}

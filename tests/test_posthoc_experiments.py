@@ -17,7 +17,7 @@ from gevit_lib.augment import random_d4, random_rotation
 from gevit_lib.data import MNIST_BACKGROUND, evenly_spaced
 from gevit_lib.files import MissingFileError
 from gevit_lib.models.vit import VisionTransformer
-from gevit_lib.post_results import POST_RESULTS, SOURCE_FILES, post_result
+from gevit_lib.post_results import CHECKPOINT_ACCURACY, POST_RESULTS, SOURCE_FILES, post_result
 from gevit_lib.posthoc import (METHODS, PCAM_BACKBONES, EmbeddingCache, PostHoc, has_batchnorm, load_pcam_cnn,
                                shares_embeddings)
 from gevit_lib.profiles import (PROFILES, check_profile, figure_profile, model_zoo_profile, posthoc_profile,
@@ -251,6 +251,14 @@ def test_post_results_table() -> None:
 
 
 @pytest.mark.skipif(not REFERENCE_RESULTS.is_dir(), reason="the authors' result CSVs are not beside the repository")
+def test_measured_checkpoint_accuracy_is_the_documented_one() -> None:
+    """CHECKPOINT_ACCURACY holds the counts behind docs/published_checkpoints.md's numbers (and the interval)."""
+    docs = (REPO / "docs" / "published_checkpoints.md").read_text()
+    p4 = CHECKPOINT_ACCURACY["gevit_p4sa_patch5_rotmnist"]
+    assert f"{p4.n:,} of 50,000 | **{p4.accuracy:.2f}%** (81.79-82.80)" in docs
+    assert p4.command.split("python ", 1)[1] in docs
+
+
 def test_post_results_match_the_authors_csvs() -> None:
     by_class = {info.original_class: key for key, info in METHODS.items()} | {"VisionTransformer": "base"}
     seen = 0
