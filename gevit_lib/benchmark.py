@@ -6,6 +6,8 @@
   use, sampled every millisecond).
 - :func:`measure_speed`: training and inference images/s and training peak memory of one model on one device,
   on random inputs; :func:`speed_row` does it on several devices and returns one table row.
+- :func:`time_to_accuracy`: when a training curve first reaches an accuracy (notebook 11's equal-compute study);
+  :func:`machine_description`: the CPU / GPU and threads a timing was made with.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import itertools
 import os
+import platform
 import resource
 import sys
 import threading
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["default_devices", "time_calls", "images_per_second", "PeakMemory", "peak_rss_bytes", "measure_speed", "speed_row",
-           "speed_columns"]
+           "speed_columns", "time_to_accuracy", "machine_description"]
 
 
 def default_devices() -> list[str]:
@@ -227,3 +231,25 @@ def speed_row(model: nn.Module, input_shape: Sequence[int], num_classes: int, de
 def speed_columns(devices: Sequence[str]) -> list[str]:
     """The speed columns of :func:`speed_row` for ``devices``, in table order."""
     return [f"{c}_{d}" for d in devices for c in ("train_img_s", "infer_img_s", "peak_mem_mib")]
+
+
+def time_to_accuracy(seconds: Sequence[float], accuracy: Sequence[float], target: float) -> float | None:
+    """The cumulative ``seconds`` at the end of the first epoch whose ``accuracy`` is at least ``target`` (same
+    unit), from per-epoch seconds and accuracies; None when no epoch reaches it."""
+    if len(seconds) != len(accuracy):
+        raise ValueError(f"{len(seconds)} epoch times but {len(accuracy)} accuracies")
+    return next((t for t, a in zip(itertools.accumulate(seconds), accuracy) if a >= target), None)
+
+
+def machine_description(device: str | torch.device = "cpu") -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor), its logical cores, torch's CPU
+    threads, and the GPU's name when ``device`` is CUDA: what a timing was measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads ({platform.system()})"
+    dev = torch.device(device)
+    return text + (f"; GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "")

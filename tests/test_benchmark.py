@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from gevit_lib.benchmark import PeakMemory, images_per_second, measure_speed, speed_columns, speed_row, time_calls
+from gevit_lib.benchmark import (PeakMemory, images_per_second, machine_description, measure_speed, speed_columns,
+                                 speed_row, time_calls, time_to_accuracy)
 
 
 def _tiny() -> torch.nn.Module:
@@ -95,3 +96,18 @@ def test_speed_row_columns() -> None:
 def test_measure_speed_on_cuda() -> None:
     speed = measure_speed(_tiny(), (1, 4, 4), 3, "cuda", batch_size=8, steps=2)
     assert speed["infer_img_s"] > 0 and speed["train_img_s"] > 0 and speed["peak_mem_mib"] >= 0
+
+
+def test_time_to_accuracy_is_the_end_of_the_first_epoch_at_the_target() -> None:
+    seconds, acc = [10.0, 20.0, 30.0, 40.0], [50.0, 82.3, 80.0, 90.0]
+    assert time_to_accuracy(seconds, acc, 82.3) == 30.0  # cumulative: 10 + 20; reaching it exactly counts
+    assert time_to_accuracy(seconds, acc, 85.0) == 100.0  # the dip below does not matter, the first epoch does
+    assert time_to_accuracy(seconds, acc, 95.0) is None
+    assert time_to_accuracy([], [], 1.0) is None
+    with pytest.raises(ValueError, match="3 epoch times but 2 accuracies"):
+        time_to_accuracy([1.0, 2.0, 3.0], [1.0, 2.0], 1.0)
+
+
+def test_machine_description_names_cores_and_threads() -> None:
+    text = machine_description("cpu")
+    assert f"{torch.get_num_threads()} torch threads" in text and "GPU" not in text
