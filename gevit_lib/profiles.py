@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 __all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "TrainingProfile", "training_profile",
-           "ModelZooProfile", "MODEL_ZOO_DATASETS", "model_zoo_profile", "FigureProfile", "figure_profile"]
+           "ModelZooProfile", "MODEL_ZOO_DATASETS", "model_zoo_profile", "EqualComputeProfile", "equal_compute_profile",
+           "FigureProfile", "figure_profile"]
 
 PROFILES: tuple[str, ...] = ("smoke", "quick", "tables", "full")
 TABLES_NOTEBOOKS = "notebooks 06-08 (the post-hoc MNIST experiments rotmnist, mnist_to_rotmnist, low_data)"
@@ -286,6 +287,52 @@ def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | No
     unknown = sorted(set(overrides or {}) - known)
     if unknown:
         raise ValueError(f"unknown model-zoo profile field(s) {unknown}; known: {sorted(known)}")
+    return replace(sizes, **(overrides or {}))
+
+
+# ---- equal compute (notebook 11): every family trained for the same seconds on rotated MNIST ------------------
+@dataclass(frozen=True)
+class EqualComputeProfile:
+    """The equal-compute study (notebook 11): each of ``families`` trains for ``budget_s`` seconds of optimizer
+    steps (validation excluded; the last curve point may pass the budget by one chunk) on ``n_train`` rotated-MNIST
+    training digits (None: all 10,000), AdamW at a constant ``lr`` (so a longer budget continues a run without
+    changing its past), with a validation point on ``n_val`` digits after every ``chunk`` training images
+    (``gevit_chunk`` for the slow full-image GE-ViTs), then the test on ``n_test`` digits with the best validation
+    weights. Architectures, batch sizes and weight decay: the model-zoo profile of the same name (notebook 10);
+    ``patch_size``: the patch-embedding models'.
+    """
+
+    budget_s: float
+    chunk: int
+    gevit_chunk: int
+    n_train: int | None
+    n_val: int | None
+    n_test: int | None
+    lr: float
+    patch_size: int
+    families: tuple[str, ...]
+
+
+# quick: 5 families x 180 s of training, plus validation and test (GE-ViT's ~4 min), ~20 min on 2 idle cores.
+# Patch 14: the best validation accuracy of notebook 10's quick ablation (43.5%; patch 4: 42.8%, 400 digits).
+_EQUAL_QUICK = EqualComputeProfile(
+    budget_s=180.0, chunk=1000, gevit_chunk=250, n_train=None, n_val=500, n_test=1000, lr=1e-3, patch_size=14,
+    families=("vit", "patch_p4", "patch_p4m", "hybrid_p4", "gevit_p4"))
+_EQUAL: dict[str, EqualComputeProfile] = {
+    "smoke": replace(_EQUAL_QUICK, budget_s=1.0, chunk=32, gevit_chunk=4, n_train=160, n_val=40, n_test=40),
+    "quick": _EQUAL_QUICK,
+    "full": replace(_EQUAL_QUICK, budget_s=1800.0, chunk=10000, gevit_chunk=1000, n_val=None, n_test=None,
+                    families=("vit", "patch_p4", "patch_p4m", "hybrid_p4", "hybrid_p4m", "gevit_p4", "gevit_p4m")),
+}
+
+
+def equal_compute_profile(profile: str, overrides: dict[str, Any] | None = None) -> EqualComputeProfile:
+    """The equal-compute study's sizes at ``profile`` ("smoke", "quick", "full"), with ``overrides`` of any field."""
+    sizes = _lookup({"the equal-compute study": _EQUAL}, "the equal-compute study", profile, "")
+    unknown = sorted(set(overrides or {}) - set(EqualComputeProfile.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown equal-compute profile field(s) {unknown}; known: "
+                         f"{sorted(EqualComputeProfile.__dataclass_fields__)}")
     return replace(sizes, **(overrides or {}))
 
 

@@ -177,6 +177,20 @@ def test_model_zoo_profiles() -> None:
         model_zoo_profile("rotmnist", "fast")
 
 
+def test_equal_compute_profiles() -> None:
+    from gevit_lib.profiles import equal_compute_profile
+
+    smoke, quick, full = (equal_compute_profile(p) for p in ("smoke", "quick", "full"))
+    assert smoke.budget_s < 10 < quick.budget_s < full.budget_s == 1800  # full: the issue's 30 minutes
+    assert quick.n_train is None and "gevit_p4" in quick.families and set(quick.families) <= set(full.families)
+    assert all(p.gevit_chunk <= p.chunk for p in (smoke, quick, full))
+    assert equal_compute_profile("quick", {"budget_s": 60}).budget_s == 60
+    with pytest.raises(ValueError, match="unknown equal-compute profile field"):
+        equal_compute_profile("quick", {"budget": 60})
+    with pytest.raises(ValueError, match="not defined"):
+        equal_compute_profile("tables")
+
+
 def test_published_gevit_row_is_the_timed_architecture(shared_dir: Path) -> None:
     """The quick table's GE-ViT p4, P=5 row reports the published checkpoint's accuracy next to the speed and size
     of the model the notebook builds: both must be the same architecture (same parameters, same shapes)."""
