@@ -254,7 +254,10 @@ save_figure(fig, out_dir / "ablation.png", checkpoint="none (every model trained
 # The patch-embedding model with the best *validation* accuracy in this run, its training and inference speed-up
 # over GE-ViT p4 with a 5x5 neighbourhood (same device, same run), and both accuracies. Compare the accuracies
 # before reading the speed-up: it is a speed-up *at comparable accuracy* only where they are close. In `quick`
-# they are not; to train the candidates on all 10,000 training digits on a CPU (about half an hour on 2 cores), run
+# they are not. Notebook `11_equal_compute` asks the question at equal compute instead: every family trains for the
+# same seconds, validation accuracy is drawn against training time, and the time each family needs to reach the
+# published GE-ViT p4's accuracy gives the measured "N x faster". To train the candidates here on all 10,000
+# training digits on a CPU (about half an hour on 2 cores), run
 #
 # ```
 # papermill notebooks/10_modern_equivariant_vit.ipynb runs/zoo_compare.ipynb --cwd notebooks \
