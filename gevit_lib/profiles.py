@@ -313,8 +313,10 @@ class EqualComputeProfile:
     families: tuple[str, ...]
 
 
-# quick: 5 families x 180 s of training, plus validation and test (GE-ViT's ~4 min), ~20 min on 2 idle cores.
+# quick: 5 families x 180 s of training, plus validation and test (GE-ViT's ~4 min): ~22 min on 2 idle cores
+# (estimated from notebook 10's measured images/s, not yet run).
 # Patch 14: the best validation accuracy of notebook 10's quick ablation (43.5%; patch 4: 42.8%, 400 digits).
+# Constant 1e-3 as the post's rotated-MNIST recipes (Adam, constant 1e-3; gevit_lib.recipes), with AdamW's decay.
 _EQUAL_QUICK = EqualComputeProfile(
     budget_s=180.0, chunk=1000, gevit_chunk=250, n_train=None, n_val=500, n_test=1000, lr=1e-3, patch_size=14,
     families=("vit", "patch_p4", "patch_p4m", "hybrid_p4", "gevit_p4"))
