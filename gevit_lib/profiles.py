@@ -313,8 +313,7 @@ class EqualComputeProfile:
     families: tuple[str, ...]
 
 
-# quick: 5 families x 180 s of training, plus validation and test (GE-ViT's ~4 min): ~22 min on 2 idle cores
-# (estimated from notebook 10's measured images/s, not yet run).
+# quick: 5 families x 180 s of training, plus validation and test: 1,292 s on the 2-core CPU
 # Patch 14: the best validation accuracy of notebook 10's quick ablation (43.5%; patch 4: 42.8%, 400 digits).
 # Constant 1e-3 as the post's rotated-MNIST recipes (Adam, constant 1e-3; gevit_lib.recipes), with AdamW's decay.
 _EQUAL_QUICK = EqualComputeProfile(

@@ -195,15 +195,20 @@ save_figure(fig, out_dir / "equal_compute_rotmnist.png", **meta,
 #
 # Per family: parameters, chunks and images trained on, training seconds used, the best validation accuracy, the
 # test accuracy of that chunk's weights, the training seconds until validation accuracy first reached the target,
-# and GE-ViT p4's time divided by the family's where both reached it.
+# and GE-ViT p4's time divided by the family's where both reached it. Where a family reached the target and GE-ViT p4
+# did not, GE-ViT p4's time to the target is more than the training seconds it spent, so their ratio to the
+# family's time is a measured lower bound (`ratio_at_least`).
 
 # %%
 reference = next((r for r in rows if r["key"] == "gevit_p4"), None)
 for r in rows:
-    both = reference is not None and None not in (reference["t_target_s"], r["t_target_s"])
-    r["ratio_vs_gevit_p4"] = reference["t_target_s"] / r["t_target_s"] if both else None
+    reached = reference is not None and r is not reference and r["t_target_s"] is not None
+    r["ratio_vs_gevit_p4"] = reference["t_target_s"] / r["t_target_s"] if (
+        reached and reference["t_target_s"] is not None) else None
+    r["ratio_at_least"] = reference["train_s"] / r["t_target_s"] if (
+        reached and reference["t_target_s"] is None) else None
 columns = ["family", "group", "params", "budget_s", "chunks", "images", "train_s", "val_acc", "test_acc", "t_target_s",
-           "reached", "ratio_vs_gevit_p4"]
+           "reached", "ratio_vs_gevit_p4", "ratio_at_least"]
 _, md = save_table([{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
                    out_dir / "equal_compute_rotmnist.csv", columns=columns, **meta,
                    title=f"Equal compute: {budget:.0f} s of training per family (rotated MNIST, {profile})")
@@ -211,10 +216,14 @@ display(Markdown(md.read_text()))
 print(f"budget {budget:.0f} s per family; machine: {machine}; device {train_device}; seed {seed}; target "
       f"{target.accuracy:.2f}% on {len(val)} validation digits")
 for r in rows:
-    if r["ratio_vs_gevit_p4"] is not None and r is not reference:
+    reached = f"{r['family']} reached {target.accuracy:.2f}% after {r['t_target_s'] or 0:.1f} s of training"
+    if r["ratio_vs_gevit_p4"] is not None:
         ratio, how = r["ratio_vs_gevit_p4"], "faster" if r["ratio_vs_gevit_p4"] >= 1 else "slower"
-        print(f"{r['family']} reached {target.accuracy:.2f}% after {r['t_target_s']:.1f} s of training, GE-ViT p4 "
-              f"after {reference['t_target_s']:.1f} s: {max(ratio, 1 / ratio):.1f} x {how} to this accuracy (measured)")
-if reference is None or reference["t_target_s"] is None:
-    print("no 'x faster' ratio: GE-ViT p4 " + ("was not run" if reference is None else
-          f"did not reach {target.accuracy:.2f}% within {budget:.0f} s") + "; only measured ratios are printed")
+        print(f"{reached}, GE-ViT p4 after {reference['t_target_s']:.1f} s: {max(ratio, 1 / ratio):.1f} x {how} to "
+              "this accuracy (measured)")
+    elif r["ratio_at_least"] is not None:
+        print(f"{reached}, GE-ViT p4 had not after {reference['train_s']:.0f} s: at least {r['ratio_at_least']:.1f} x "
+              "faster to this accuracy (a measured lower bound)")
+if reference is None or not any(r["ratio_vs_gevit_p4"] or r["ratio_at_least"] for r in rows):
+    print("no 'x faster' ratio: " + ("GE-ViT p4 was not run" if reference is None else
+          f"no family reached {target.accuracy:.2f}% beside GE-ViT p4") + "; only measured ratios are printed")
