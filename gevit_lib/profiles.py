@@ -97,11 +97,11 @@ _MNIST_SMOKE = replace(_MNIST_FULL, n_train=64, n_val=32, n_test=64, epochs=1, e
 _PCAM_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=3, epochs_attention=3, batch_size=64, eval_batch_size=128,
     optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=True, group="D4", learned_group="D4", tta_group="D4",
-    modes=("none", "head"))
+    modes=("none", "head"), canonical_groups=("C4", "D4"), canonical_epochs=3)
 _PCAM_QUICK = replace(_PCAM_FULL, n_train=128, n_val=128, n_test=256, epochs=1, epochs_attention=1, batch_size=32,
-                      eval_batch_size=32)
+                      eval_batch_size=32, canonical_epochs=1, speed_batch=16)
 _PCAM_SMOKE = replace(_PCAM_FULL, n_train=16, n_val=8, n_test=8, epochs=1, epochs_attention=1, batch_size=8,
-                      eval_batch_size=8)
+                      eval_batch_size=8, canonical_epochs=1, speed_batch=4, speed_repeats=1)
 
 _MNIST = {"smoke": _MNIST_SMOKE, "quick": _MNIST_QUICK, "tables": _MNIST_TABLES, "full": _MNIST_FULL}
 _TABLE: dict[str, dict[str, PostHocProfile]] = {
