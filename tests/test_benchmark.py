@@ -208,3 +208,9 @@ def test_original_p4_model_has_our_parameters() -> None:
     ours = build_gevit("rotmnist", "p4", patch_size=5)
     assert row["params"] == sum(p.numel() for p in ours.parameters())
     assert row["param_sections"] == speed.param_sections(ours, original=False)
+    for group, patch in (("p4", 9), ("p4m", 5)):  # the benchmark's other configurations: built only
+        built = speed.run_child(dict(group=group, patch=patch, batch=1, impl="original", original_src=checkout["src"],
+                                     device="cpu", repeats=1, build_only=True))
+        assert "error" not in built, built["error"]
+        ours = build_gevit("rotmnist", group, patch_size=patch)
+        assert built["param_sections"] == speed.param_sections(ours, original=False), (group, patch)
