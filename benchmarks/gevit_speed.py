@@ -1,26 +1,37 @@
-"""Speed and memory of GE-ViT: the fast attention path against the original algorithm, same machine, same run.
+"""Speed and memory of GE-ViT: the fast attention path against the original, same machine, same run.
 
-"reference (original algorithm)" is ``impl="plain"``: gevit_lib's transcription of the original computation
-(materialised 9-D logits, :func:`gevit_lib.nn.attention.reference_attention`); the original repository's code
-itself is not part of this project.
+Two references, both measured in this run:
+
+- "reference (original algorithm)" is ``impl="plain"``: gevit_lib's transcription of the original computation
+  (materialised 9-D logits, :func:`gevit_lib.nn.attention.reference_attention`).
+- with ``--original PATH`` (a checkout of the original repository, github.com/WouterBant/GEVit-DL2-Project), also
+  the original repository's code itself: its ``src/model.py`` ``get_model`` builds its ``GroupTransformer`` for
+  rotMNIST with our preset's settings (group, patch size, dropout 0.1 / 0.1, Swish, LayerNorm, whitening); its
+  ``src`` goes on ``sys.path`` in that row's child process only (nothing of it is copied into this project). The
+  table then gives every ratio against the original code, and the commit it was measured at; the two models'
+  parameter counts are printed and compared layer by layer. Without ``--original`` the ratios are against the
+  plain transcription, and the output says so.
+
 Columns: parameters, eval forward time (no grad), training step time (forward + backward + Adam step, train mode,
 dropout on as in the presets), peak memory. Times are medians over ``--repeats`` runs after one warm-up run.
 
 Memory: every (configuration, implementation) runs in a fresh subprocess. On CPU the peak is the process's peak
 resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, read in the child at the end), reported both as
 is and minus the child's peak before the first step (the interpreter, torch and the model: the baseline); on CUDA
-it is ``torch.cuda.max_memory_allocated``. If the plain path would not fit in memory at the requested batch size
-(predicted from a batch-2 run: baseline + batch/2 x the batch-2 increase, against 80% of MemAvailable), it is
-measured at batch 2 and the row says so.
+it is ``torch.cuda.max_memory_allocated``. If the plain path (or the original code) would not fit in memory at the
+requested batch size (predicted from a batch-2 run: baseline + batch/2 x the batch-2 increase, against 80% of
+MemAvailable), it is measured at batch 2, the row says so, and its ratios are per image.
 
     python benchmarks/gevit_speed.py                 # CPU (and CUDA when available), full table
     python benchmarks/gevit_speed.py --quick         # small run (batch 2, p4 patch 5 only)
+    python benchmarks/gevit_speed.py --device cpu --original ../GEVit-DL2-Project   # against the original code
     python benchmarks/gevit_speed.py --out runs/bench/gevit_speed.json
     python benchmarks/gevit_speed.py --device cpu --chunked   # also the chunked torch backend of the fast path
 
 On CPU "fast" is the fused C++ kernel (gevit_lib.nn.cpu_kernel, built on first use) when it builds, on CUDA the
 Triton kernels (gevit_lib.nn.triton_attention) when triton runs, otherwise the chunked torch path; the row says
-which.
+which. On CUDA the original's forward runs under its own fp16 autocast (its ``GroupTransformer.forward`` is
+decorated with ``torch.cuda.amp.autocast()``); on CPU that decorator does nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +56,113 @@ CONFIGS = [  # (group, patch size, batch)
 ]
 
 
+# ---- the original repository's code, in a fresh process ------------------------------------------------------
+class OriginalCheckoutError(ValueError):
+    """``--original PATH`` is not a usable checkout of the original repository."""
+
+
+def original_checkout(path: str | Path) -> dict[str, Any]:
+    """Check that ``path`` is a checkout of the original repository; its ``src`` folder, the commit (``git
+    rev-parse HEAD``; None when it is not a git checkout) and whether ``src`` has local changes."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise OriginalCheckoutError(f"--original {path}: no such directory")
+    if not root.is_dir():
+        raise OriginalCheckoutError(f"--original {path}: not a directory")
+    for need in ("src/g_selfatt", "src/models", "src/model.py"):
+        if not (root / need).exists():
+            raise OriginalCheckoutError(f"--original {path}: not a checkout of the original GE-ViT repository "
+                                        f"(no {need})")
+
+    def git(*cmd: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {"src": str((root / "src").resolve()), "commit": commit,
+            "modified": bool(commit and git("status", "--porcelain", "--", "src"))}
+
+
+def original_label(checkout: dict[str, Any], short: bool = True) -> str:
+    commit = checkout.get("commit")
+    if not commit:
+        return "original repository code (not a git checkout: commit unknown)"
+    return (f"original repository code (commit {commit[:12] if short else commit}"
+            + (", with local changes in src/)" if checkout.get("modified") else ")"))
+
+
+def import_original(src: str) -> Any:
+    """The original's ``src/model.py`` as a module, with ``src`` put on ``sys.path`` (call it in a child process
+    only); a one-line SystemExit naming the problem when it does not import."""
+    sys.path.insert(0, src)
+    try:
+        import model as original  # the original's src/model.py
+    except ModuleNotFoundError as err:
+        top = (err.name or "").split(".")[0]
+        if top and not any((Path(src) / name).exists() for name in (top, top + ".py")):
+            raise SystemExit(f"the original code needs the package {top!r}, which this Python environment lacks "
+                             f"(install it there to run --original)") from None
+        raise SystemExit(f"cannot import the original code (src/model.py): {type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any failure of the user's checkout, in one line
+        raise SystemExit(f"cannot import the original code (src/model.py): {type(err).__name__}: {err}") from None
+    if not Path(original.__file__).resolve().is_relative_to(Path(src).resolve()):
+        raise SystemExit(f"'import model' found {original.__file__}, not the original's src/model.py")
+    return original
+
+
+def build_original(src: str, group: str, patch: int) -> Any:
+    """The original repository's rotMNIST ``GroupTransformer``, built by its own ``model.get_model`` with our
+    rotmnist preset's settings, imported from ``src`` (put on ``sys.path`` in this process only)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from gevit_lib.models.gevit import PRESETS
+
+    original = import_original(src)
+    cfg = PRESETS["rotmnist"]
+    config = SimpleNamespace(  # the fields get_model reads; the architecture (20 channels, 9 heads, ...) is its own
+        dataset="rotMNIST", model=f"{group}sa", attention_type="Local", patch_size=patch, only_3_and_8=False,
+        norm_type=cfg.norm, activation_function=cfg.activation, dropout_att=cfg.attention_dropout,
+        dropout_values=cfg.value_dropout, whitening_scale=cfg.whitening_scale)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # get_model prints; stdout carries the result
+            net = original.get_model(config)
+    except KeyError as err:
+        raise SystemExit(f"the original code has no group {group!r} (get_model: KeyError {err})") from None
+    except Exception as err:  # noqa: BLE001
+        raise SystemExit(f"the original code cannot build {group} patch {patch}: {type(err).__name__}: {err}") \
+            from None
+    return getattr(net, "module", net)  # get_model wraps it in DataParallel
+
+
+def param_sections(model: Any, original: bool) -> dict[str, int]:
+    """Parameters per layer, under gevit_lib's names (the original's ``lifting_self_attention`` is ``lift``,
+    ``lifting_normalization`` ``lift_norm``, ``transformer.i`` ``blocks.i``: the same modules in the same order)."""
+    rename = {"lifting_self_attention": "lift", "lifting_normalization": "lift_norm", "transformer": "blocks"}
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        head = rename.get(parts[0], parts[0]) if original else parts[0]
+        key = f"{head}.{parts[1]}" if head == "blocks" and len(parts) > 1 else head
+        out[key] = out.get(key, 0) + p.numel()
+    return out
+
+
 # ---- the measurement, in a fresh process --------------------------------------------------------------------
+def _public(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without the original's path (a path of this machine: not for tables or JSON files)."""
+    return {k: v for k, v in spec.items() if k != "original_src"}
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One row (``spec``: group, patch, batch, impl, device, repeats, ...), or with ``import_only`` just whether
+    the original code imports, with ``build_only`` just the parameter counts."""
+    if spec.get("import_only"):  # --original's first check: does the user's checkout import here?
+        import_original(spec["original_src"])
+        return _public(spec)
     if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of a fused kernel
         os.environ["GEVIT_CPU_KERNEL"] = "0"
         os.environ["GEVIT_CUDA_KERNEL"] = "chunked"
@@ -63,7 +179,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    model = build_gevit("rotmnist", spec["group"], patch_size=spec["patch"], impl=spec["impl"]).to(device)
+    original = spec["impl"] == "original"
+    if original:
+        model = build_original(spec["original_src"], spec["group"], spec["patch"]).to(device)
+    else:
+        model = build_gevit("rotmnist", spec["group"], patch_size=spec["patch"], impl=spec["impl"]).to(device)
+    sections = param_sections(model, original)
+    if spec.get("build_only"):
+        return {**_public(spec), "params": sum(sections.values()), "param_sections": sections}
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(spec["batch"], 1, 28, 28, device=device)
     y = torch.randint(0, 10, (spec["batch"],), device=device)
@@ -99,10 +222,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     fwd = timed(forward)
     model.train()
     step = timed(train_step)
-    out = {**spec, "params": sum(p.numel() for p in model.parameters()), "eval_forward_s": statistics.median(fwd),
-           "train_step_s": statistics.median(step), "eval_forward_all_s": fwd, "train_step_all_s": step,
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "backend": ("plain" if spec["impl"] == "plain" else
+    out = {**_public(spec), "params": sum(sections.values()), "param_sections": sections,
+           "eval_forward_s": statistics.median(fwd), "train_step_s": statistics.median(step),
+           "eval_forward_all_s": fwd, "train_step_all_s": step, "threads": torch.get_num_threads(),
+           "torch": torch.__version__,
+           "backend": ("plain" if spec["impl"] == "plain" else "original" if original else
                        "kernel" if device.type == "cpu" and cpu_kernel.available() else
                        "triton" if triton_attention.selected("auto", device) else "chunked")}
     if device.type == "cuda":
@@ -119,7 +243,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           cwd=REPO)
     if proc.returncode != 0:
-        return {**spec, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
+        return {**_public(spec), "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -141,57 +265,113 @@ def _load() -> str:
         return "n/a"
 
 
-def plain_batch(group: str, patch: int, batch: int, device: str, repeats: int, threads: int | None,
-                log) -> tuple[int, dict[str, Any] | None]:
-    """Batch size at which the plain path fits (CPU): predicted from a batch-2 run."""
-    if device != "cpu" or batch <= 2:
-        return batch, None
-    probe = run_child(dict(group=group, patch=patch, batch=2, impl="plain", device=device, repeats=1, threads=threads))
+def fitting_batch(spec: dict[str, Any], log) -> int:
+    """Batch size at which the plain path or the original code fits (CPU): predicted from a batch-2 run."""
+    batch = spec["batch"]
+    if spec["device"] != "cpu" or batch <= 2:
+        return batch
+    probe = run_child({**spec, "batch": 2, "repeats": 1})
     if "error" in probe:
-        return 2, probe
+        return 2
     predicted = probe["baseline_rss_gib"] + probe["peak_gib"] * batch / 2
     available = _mem_available_gib()
-    log(f"  plain {group} P={patch}: batch 2 peak {probe['peak_rss_gib']:.2f} GiB -> batch {batch} predicted "
-        f"{predicted:.1f} GiB, available {available:.1f} GiB")
-    return (batch, None) if predicted < 0.8 * available else (2, probe)
+    log(f"  {spec['impl']} {spec['group']} P={spec['patch']}: batch 2 peak {probe['peak_rss_gib']:.2f} GiB -> batch "
+        f"{batch} predicted {predicted:.1f} GiB, available {available:.1f} GiB")
+    return batch if predicted < 0.8 * available else 2
 
 
 def fmt_row(cells: list[str], widths: list[int]) -> str:
     return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def _ratios(r: dict[str, Any], ref: dict[str, Any] | None) -> list[str]:
+    """Training speed-up of row ``r`` over ``ref`` and its peak memory (above the baseline) as a fraction of
+    ``ref``'s; per image when they ran at different batch sizes."""
+    if not ref or "error" in ref or "error" in r or ref is r:
+        return ["", ""]
+    scale = r["batch"] / ref["batch"]
+    speed = f"{ref['train_step_s'] * scale / r['train_step_s']:.1f}x"
+    ratio = f"{r['peak_gib'] / (ref['peak_gib'] * scale):.2f}"
+    if "peak_rss_gib" in r and scale == 1:
+        ratio += f" (RSS {r['peak_rss_gib'] / ref['peak_rss_gib']:.2f})"
+    return [speed, ratio]
+
+
+def param_note(ours: dict[str, Any] | None, orig: dict[str, Any]) -> str | None:
+    """None when the original's parameters equal ours layer by layer, else what differs."""
+    if not ours or "error" in ours or "error" in orig:
+        return None
+    a, b = ours.get("param_sections", {}), orig.get("param_sections", {})
+    if a == b:
+        return None
+    diff = [f"{k}: ours {a.get(k, 0):,}, original {b.get(k, 0):,}" for k in sorted(set(a) | set(b), key=str)
+            if a.get(k, 0) != b.get(k, 0)]
+    return (f"{orig['group']} P={orig['patch']}: the original has {orig['params']:,} parameters, ours "
+            f"{ours['params']:,}; they differ in " + "; ".join(diff))
+
+
+def table(rows: list[dict[str, Any]], checkout: dict[str, Any] | None = None) -> str:
+    """The markdown table: ratios against the plain transcription, and against the original code when measured."""
+    with_original = any(r["impl"] == "original" for r in rows)
     head = ["device", "model", "batch", "params", "impl", "eval fwd (s)", "train step (s)", "peak mem (GiB)",
-            "speed-up (train)", "memory ratio"]
-    lines = []
+            "speed-up vs plain (train)", "memory vs plain"]
+    if with_original:
+        head += ["speed-up vs original (train)", "memory vs original"]
     by_key: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        by_key[(r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"])] = r  # (fast rows: any backend)
+        by_key.setdefault((r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"]), r)
     body = []
     for r in rows:
+        key = (r["device"], r["group"], r["patch"], r.get("autocast"))
         name = f"rotmnist {r['group']} P={r['patch']}" + (f" {r['autocast']}" if r.get("autocast") else "")
-        impl = {"kernel": "fast (fused CPU kernel)", "chunked": "fast (chunked torch)",
-                "triton": "fast (Triton kernel)"}.get(
-            r.get("backend", ""), "fast") if r["impl"] == "fast" else "reference (original algorithm)"
+        impl = ({"kernel": "fast (fused CPU kernel)", "chunked": "fast (chunked torch)",
+                 "triton": "fast (Triton kernel)"}.get(r.get("backend", ""), "fast") if r["impl"] == "fast" else
+                "reference (original algorithm)" if r["impl"] == "plain" else original_label(checkout or {}))
+        extra = [""] * (len(head) - 8)
         if "error" in r:
-            body.append([r["device"], name, str(r["batch"]), "", impl, "error", " ".join(r["error"]), "", "", ""])
+            body.append([r["device"], name, str(r["batch"]), "", impl, "error", " ".join(r["error"]), ""] + extra)
             continue
         mem = f"{r['peak_gib']:.2f}" + (f" (RSS {r['peak_rss_gib']:.2f})" if "peak_rss_gib" in r else "")
-        speed = ratio = ""
-        ref = by_key.get((r["device"], r["group"], r["patch"], r.get("autocast"), "plain"))
-        if r["impl"] == "fast" and ref and "error" not in ref:
-            scale = r["batch"] / ref["batch"]  # per-image comparison if the reference ran at a smaller batch
-            speed = f"{ref['train_step_s'] * scale / r['train_step_s']:.1f}x"
-            ratio = f"{r['peak_gib'] / (ref['peak_gib'] * scale):.2f}"
-            if "peak_rss_gib" in r:
-                ratio += f" (RSS {r['peak_rss_gib'] / ref['peak_rss_gib']:.2f})" if scale == 1 else ""
+        params = f"{r['params']:,}"
+        ours = by_key.get((*key, "fast")) or by_key.get((*key, "plain"))
+        if r["impl"] == "original" and ours and "error" not in ours:
+            params += " (= ours)" if param_note(ours, r) is None else f" (ours {ours['params']:,})"
+        cells = _ratios(r, by_key.get((*key, "plain"))) if r["impl"] == "fast" else ["", ""]
+        if with_original:
+            cells += _ratios(r, by_key.get((*key, "original"))) if r["impl"] != "original" else ["", ""]
         batch = str(r["batch"]) + (" (memory)" if r.get("reduced_batch") else "")
-        body.append([r["device"], name, batch, f"{r['params']:,}", impl, f"{r['eval_forward_s']:.3f}",
-                     f"{r['train_step_s']:.3f}", mem, speed, ratio])
+        body.append([r["device"], name, batch, params, impl, f"{r['eval_forward_s']:.3f}", f"{r['train_step_s']:.3f}",
+                     mem] + cells)
     widths = [max(len(x[i]) for x in body + [head]) for i in range(len(head))]
-    lines.append(fmt_row(head, widths))
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += [fmt_row(b, widths) for b in body]
+    lines = [fmt_row(head, widths), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(lines + [fmt_row(b, widths) for b in body])
+
+
+def reference_text(rows: list[dict[str, Any]], checkout: dict[str, Any] | None) -> str:
+    """What the ratios are against, which original rows are missing and why, and any parameter difference."""
+    if checkout is None:
+        return ("Reference: the plain transcription of the original computation in gevit_lib (impl=\"plain\"), not "
+                "the original repository's code (give --original PATH, a checkout of the original repository, to "
+                "measure that too).")
+    lines = [f"Reference: the {original_label(checkout, short=False)}, built by its get_model and measured in this "
+             "run, each row in its own process; \"plain\" is gevit_lib's transcription of the original computation."]
+    by_key = {(r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"]): r for r in rows}
+    for r in rows:
+        if r["impl"] != "original":
+            continue
+        key = (r["device"], r["group"], r["patch"], r.get("autocast"))
+        if "error" in r:
+            lines.append(f"Missing: the original code on {r['device']} {r['group']} P={r['patch']}: "
+                         + " ".join(r["error"]))
+            continue
+        ours = by_key.get((*key, "fast")) or by_key.get((*key, "plain"))
+        note = param_note(ours, r)
+        lines.append(f"Parameters {r['group']} P={r['patch']}: original {r['params']:,}, ours "
+                     + (f"{ours['params']:,}" if ours and "error" not in ours else "not measured")
+                     + (f" ({note})" if note else " (the same in every layer)" if ours and "error" not in ours
+                        else ""))
+    if any(r["impl"] == "original" and r["device"] == "cuda" for r in rows):
+        lines.append("On CUDA the original's forward runs under its own fp16 autocast (torch.cuda.amp.autocast).")
     return "\n".join(lines)
 
 
@@ -201,16 +381,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    ap.add_argument("--skip-plain", action="store_true", help="only the fast path")
+    ap.add_argument("--skip-plain", action="store_true", help="only the fast path (and the original with --original)")
     ap.add_argument("--chunked", action="store_true",
                     help="also time the fast path's chunked torch backend (the default is the fused kernel on CPU, "
                          "the Triton kernels on CUDA)")
+    ap.add_argument("--original", type=str, default=None, metavar="PATH",
+                    help="a checkout of the original repository (WouterBant/GEVit-DL2-Project): also measure its "
+                         "code, and give every ratio against it")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
+
+    checkout = None
+    if args.original is not None:
+        try:
+            checkout = original_checkout(args.original)
+        except OriginalCheckoutError as err:
+            sys.exit(f"error: {err}")
+        probe = run_child(dict(group="p4", patch=5, batch=1, impl="original", original_src=checkout["src"],
+                               device="cpu", repeats=1, import_only=True))
+        if "error" in probe:
+            sys.exit(f"error: --original {args.original}: " + " ".join(probe["error"]))
 
     import torch
 
@@ -221,6 +415,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"load average before: {_load()}")
+    if checkout:
+        log(f"original: {original_label(checkout, short=False)}")
     for device in devices:
         variants = [(None, None)] if device == "cpu" else [(None, None), ("bf16", None), (None, 64), ("bf16", 64)]
         for group, patch, batch in configs:
@@ -229,37 +425,48 @@ def main() -> None:
                 impls = ["fast"] if args.skip_plain or (device == "cuda" and big_batch) else ["fast", "plain"]
                 if args.chunked:
                     impls.insert(1, "fast-chunked")
+                if checkout and amp is None and big_batch is None:
+                    impls.append("original")
                 for impl in impls:
                     spec = dict(group=group, patch=patch, batch=b, impl=impl, device=device, repeats=repeats,
                                 threads=args.threads, autocast=amp)
                     if impl == "fast-chunked":
                         spec.update(impl="fast", backend="chunked")
-                    if impl == "plain":
-                        b_plain, _ = plain_batch(group, patch, b, device, repeats, args.threads, log)
-                        if b_plain != b:
-                            spec.update(batch=b_plain, reduced_batch=True)
+                    if impl == "original":
+                        spec.update(original_src=checkout["src"])
+                    if impl in ("plain", "original"):
+                        b_fit = fitting_batch(spec, log)
+                        if b_fit != b:
+                            spec.update(batch=b_fit, reduced_batch=True)
                     log(f"{device} {group} P={patch} batch {spec['batch']} {impl} {amp or ''} ... (load {_load()})")
                     t0 = time.perf_counter()
                     result = run_child(spec)
                     log(f"  done in {time.perf_counter() - t0:.0f}s: " + (
                         f"train {result['train_step_s']:.3f}s, eval {result['eval_forward_s']:.3f}s, "
-                        f"peak {result['peak_gib']:.2f} GiB" if "error" not in result else f"error {result['error']}"))
+                        f"peak {result['peak_gib']:.2f} GiB, {result['params']:,} params" if "error" not in result
+                        else f"error {result['error']}"))
                     rows.append(result)
-    text = table(rows)
-    print(text)
+    text = table(rows, checkout)
+    reference = reference_text(rows, checkout)
+    print(reference + "\n\n" + text)
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch "
           f"{torch.__version__}, load average after: {_load()}. Peak memory on CPU = peak RSS minus the process's "
           "peak before the first step (interpreter + torch + model); RSS in brackets. Times: median of "
-          f"{repeats} runs after one warm-up.")
+          f"{repeats} runs after one warm-up. Memory ratios: peak above the baseline, this row over the reference.")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                 "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 "memory_method": "CPU: ru_maxrss of a fresh subprocess per row (peak_rss_gib), minus its peak before "
                                  "the first step (baseline_rss_gib) = peak_gib; CUDA: torch.cuda.max_memory_allocated",
-                "reference": "impl='plain' = transcription of the original algorithm (materialised 9-D logits)",
+                "reference": "impl='plain' = transcription of the original algorithm (materialised 9-D logits)"
+                             + ("; impl='original' = " + original_label(checkout, short=False) if checkout else
+                                "; the original repository's code was not measured"),
+                "original_commit": checkout["commit"] if checkout else None,
+                "original_modified": checkout["modified"] if checkout else None,
                 "repeats": repeats}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "table": text}, indent=2))
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "reference_text": reference, "table": text},
+                                       indent=2))
         print(f"wrote {args.out}")
 
 

@@ -1,14 +1,22 @@
-"""Speed and memory measurement (gevit_lib.benchmark): budgets, measuring on a copy, the peak-memory probe."""
+"""Speed and memory measurement (gevit_lib.benchmark): budgets, measuring on a copy, the peak-memory probe; and
+benchmarks/gevit_speed.py's side-by-side comparison with the original repository's code (``--original PATH``)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from gevit_lib.benchmark import (PeakMemory, images_per_second, machine_description, measure_speed, speed_columns,
                                  speed_row, time_calls, time_to_accuracy)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny() -> torch.nn.Module:
@@ -111,3 +119,98 @@ def test_time_to_accuracy_is_the_end_of_the_first_epoch_at_the_target() -> None:
 def test_machine_description_names_cores_and_threads() -> None:
     text = machine_description("cpu")
     assert f"{torch.get_num_threads()} torch threads" in text and "GPU" not in text
+
+
+# ---- benchmarks/gevit_speed.py --original --------------------------------------------------------------------
+def _gevit_speed():
+    spec = importlib.util.spec_from_file_location("gevit_speed", REPO / "benchmarks" / "gevit_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_original_path_is_checked(tmp_path) -> None:
+    speed = _gevit_speed()
+    with pytest.raises(speed.OriginalCheckoutError, match="no such directory"):
+        speed.original_checkout(tmp_path / "absent")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(speed.OriginalCheckoutError, match="not a directory"):
+        speed.original_checkout(tmp_path / "file")
+    (tmp_path / "src" / "models").mkdir(parents=True)
+    with pytest.raises(speed.OriginalCheckoutError, match=r"not a checkout of the original .*\(no src/g_selfatt\)"):
+        speed.original_checkout(tmp_path)
+    # the command line: one line naming the problem, before anything is measured
+    proc = subprocess.run([sys.executable, "benchmarks/gevit_speed.py", "--original", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: --original {tmp_path}: not a checkout of the original GE-ViT "
+                                                "repository (no src/g_selfatt)"]
+
+
+def test_original_import_failure_is_one_line(tmp_path) -> None:
+    """A checkout whose code needs a package this environment lacks: the run stops with its name."""
+    (tmp_path / "src" / "g_selfatt").mkdir(parents=True)
+    (tmp_path / "src" / "models").mkdir()
+    (tmp_path / "src" / "model.py").write_text("import no_such_package_for_gevit_speed\n")
+    proc = subprocess.run([sys.executable, "benchmarks/gevit_speed.py", "--original", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --original {tmp_path}: the original code needs the package 'no_such_package_for_gevit_speed', "
+        "which this Python environment lacks (install it there to run --original)")
+    assert "Traceback" not in proc.stderr
+
+
+def test_speed_table_ratios_against_the_original() -> None:
+    speed = _gevit_speed()
+    base = dict(device="cpu", group="p4", patch=5, batch=8, params=100, param_sections={"lift": 60, "blocks.0": 40})
+    rows = [{**base, "impl": "fast", "backend": "kernel", "eval_forward_s": 0.1, "train_step_s": 1.0, "peak_gib": 0.1},
+            {**base, "impl": "plain", "eval_forward_s": 1.0, "train_step_s": 8.0, "peak_gib": 1.0},
+            {**base, "impl": "original", "eval_forward_s": 1.5, "train_step_s": 12.0, "peak_gib": 2.0},
+            {**base, "patch": 9, "impl": "fast", "eval_forward_s": 0.1, "train_step_s": 1.0, "peak_gib": 0.1},
+            {**base, "patch": 9, "impl": "original", "error": ["out of memory"]}]
+    checkout = {"commit": "1cee23428b19af200e497e81bb47ddf2265482b4", "modified": False}
+    lines = speed.table(rows, checkout).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    head = cells[0]
+    fast, plain, orig = (dict(zip(head, c)) for c in cells[2:5])
+    assert (fast["speed-up vs plain (train)"], fast["memory vs plain"]) == ("8.0x", "0.10")
+    assert (fast["speed-up vs original (train)"], fast["memory vs original"]) == ("12.0x", "0.05")
+    assert (plain["speed-up vs original (train)"], plain["memory vs original"]) == ("1.5x", "0.50")
+    assert orig["impl"] == "original repository code (commit 1cee23428b19)" and orig["params"] == "100 (= ours)"
+    assert orig["speed-up vs original (train)"] == ""
+    text = speed.reference_text(rows, checkout)
+    assert "commit 1cee23428b19af200e497e81bb47ddf2265482b4" in text
+    assert "Missing: the original code on cpu p4 P=9: out of memory" in text
+    assert "Parameters p4 P=5: original 100, ours 100 (the same in every layer)" in text
+    # parameters that differ: the row and the note say so, and in which layer
+    rows[2] = {**rows[2], "params": 110, "param_sections": {"lift": 60, "blocks.0": 50}}
+    assert "110 (ours 100)" in speed.table(rows, checkout)
+    assert "they differ in blocks.0: ours 40, original 50" in speed.reference_text(rows, checkout)
+    # without --original: no original columns, and the reference is said to be the plain transcription
+    assert "vs original" not in speed.table(rows[:2])
+    assert "not the original repository's code" in speed.reference_text(rows[:2], None)
+
+
+@pytest.mark.skipif(not os.environ.get("GEVIT_ORIGINAL"),
+                    reason="set GEVIT_ORIGINAL to a checkout of the original repository (WouterBant/GEVit-DL2-Project) "
+                           "to build its model beside ours")
+def test_original_p4_model_has_our_parameters() -> None:
+    from gevit_lib.models.gevit import build_gevit
+
+    speed = _gevit_speed()
+    checkout = speed.original_checkout(os.environ["GEVIT_ORIGINAL"])
+    row = speed.run_child(dict(group="p4", patch=5, batch=1, impl="original", original_src=checkout["src"],
+                               device="cpu", repeats=1, threads=2))
+    assert "error" not in row, row["error"]
+    assert "original_src" not in row  # no path of this machine in the results
+    assert row["backend"] == "original" and row["train_step_s"] > 0 and row["eval_forward_s"] > 0
+    ours = build_gevit("rotmnist", "p4", patch_size=5)
+    assert row["params"] == sum(p.numel() for p in ours.parameters())
+    assert row["param_sections"] == speed.param_sections(ours, original=False)
+    for group, patch in (("p4", 9), ("p4m", 5)):  # the benchmark's other configurations: built only
+        built = speed.run_child(dict(group=group, patch=patch, batch=1, impl="original", original_src=checkout["src"],
+                                     device="cpu", repeats=1, build_only=True))
+        assert "error" not in built, built["error"]
+        ours = build_gevit("rotmnist", group, patch_size=patch)
+        assert built["param_sections"] == speed.param_sections(ours, original=False), (group, patch)
