@@ -27,6 +27,7 @@ MemAvailable), it is measured at batch 2, the row says so, and its ratios are pe
     python benchmarks/gevit_speed.py --device cpu --original ../GEVit-DL2-Project   # against the original code
     python benchmarks/gevit_speed.py --out runs/bench/gevit_speed.json
     python benchmarks/gevit_speed.py --device cpu --chunked   # also the chunked torch backend of the fast path
+    python benchmarks/gevit_speed.py --device cpu --configs p4:5   # one row of the table
 
 On CPU "fast" is the fused C++ kernel (gevit_lib.nn.cpu_kernel, built on first use) when it builds, on CUDA the
 Triton kernels (gevit_lib.nn.triton_attention) when triton runs, otherwise the chunked torch path; the row says
@@ -379,6 +380,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 2, p4 patch 5 only, 2 repeats")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="GROUP:PATCH",
+                    help="only these configurations of the table, e.g. p4:5 (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--skip-plain", action="store_true", help="only the fast path (and the original with --original)")
@@ -411,6 +414,12 @@ def main() -> None:
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu", "cuda"]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     configs = [("p4", 5, 2)] if args.quick else CONFIGS
+    if args.configs:
+        known = {f"{g}:{p}" for g, p, _ in configs}
+        if set(args.configs) - known:
+            sys.exit(f"error: --configs {' '.join(sorted(set(args.configs) - known))}: not in the table; choose among "
+                     f"{' '.join(sorted(known))}")
+        configs = [c for c in configs if f"{c[0]}:{c[1]}" in args.configs]
     repeats = 2 if args.quick else args.repeats
     rows: list[dict[str, Any]] = []
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -187,7 +187,7 @@ ax.set(xscale="log", xlabel=f"training seconds (optimizer steps only; {train_dev
 ax.legend(loc="upper left", fontsize=9)
 ax.grid(True, ls="--", alpha=0.5)
 fig.tight_layout()
-save_figure(fig, out_dir / "equal_compute_rotmnist.png", **meta,
+save_figure(fig, out_dir / "equal_compute_rotmnist_curves.png", **meta,
             curves={name: {"train_s": x, "val_acc": y} for name, (x, y) in curves.items()})
 
 # %% [markdown]
