@@ -311,6 +311,15 @@ def param_note(ours: dict[str, Any] | None, orig: dict[str, Any]) -> str | None:
             f"{ours['params']:,}; they differ in " + "; ".join(diff))
 
 
+def _by_key(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Rows by (device, group, patch, autocast, impl); the first of several "fast" rows (the kernel, before
+    --chunked's) stands for ours."""
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        by_key.setdefault((r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"]), r)
+    return by_key
+
+
 def table(rows: list[dict[str, Any]], checkout: dict[str, Any] | None = None) -> str:
     """The markdown table: ratios against the plain transcription, and against the original code when measured."""
     with_original = any(r["impl"] == "original" for r in rows)
@@ -318,9 +327,7 @@ def table(rows: list[dict[str, Any]], checkout: dict[str, Any] | None = None) ->
             "speed-up vs plain (train)", "memory vs plain"]
     if with_original:
         head += ["speed-up vs original (train)", "memory vs original"]
-    by_key: dict[tuple, dict[str, Any]] = {}
-    for r in rows:
-        by_key.setdefault((r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"]), r)
+    by_key = _by_key(rows)
     body = []
     for r in rows:
         key = (r["device"], r["group"], r["patch"], r.get("autocast"))
@@ -356,7 +363,7 @@ def reference_text(rows: list[dict[str, Any]], checkout: dict[str, Any] | None) 
                 "measure that too).")
     lines = [f"Reference: the {original_label(checkout, short=False)}, built by its get_model and measured in this "
              "run, each row in its own process; \"plain\" is gevit_lib's transcription of the original computation."]
-    by_key = {(r["device"], r["group"], r["patch"], r.get("autocast"), r["impl"]): r for r in rows}
+    by_key = _by_key(rows)
     for r in rows:
         if r["impl"] != "original":
             continue
@@ -458,9 +465,11 @@ def main() -> None:
     text = table(rows, checkout)
     reference = reference_text(rows, checkout)
     print(reference + "\n\n" + text)
-    print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch "
-          f"{torch.__version__}, load average after: {_load()}. Peak memory on CPU = peak RSS minus the process's "
-          "peak before the first step (interpreter + torch + model); RSS in brackets. Times: median of "
+    sys.path.insert(0, str(REPO))
+    from gevit_lib.benchmark import machine_description
+
+    print(f"\nCPU: {machine_description('cpu')}, torch {torch.__version__}, load average after: {_load()}. "
+          "Peak memory on CPU = peak RSS minus the process's peak before the first step (interpreter + torch + model); RSS in brackets. Times: median of "
           f"{repeats} runs after one warm-up. Memory ratios: peak above the baseline, this row over the reference.")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
