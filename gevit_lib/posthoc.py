@@ -1,21 +1,10 @@
 """Post-hoc invariance for any image classifier: run it on every transformed copy of the input, then aggregate.
 
-``PostHoc(backbone, method, group)`` wraps a classifier that exposes an embedding and a head: timm-style models
-(``forward_head(forward_features(x), pre_logits=True)`` and ``get_classifier()``; for the post's ViT the CLS
-vector *before* the head's LayerNorm, as in the original code), torchvision ResNets (pooled features and ``fc``),
-or anything else through :class:`SplitBackbone` ``(features, head)``.
-
-:class:`TransformStack` builds the copies as the original ``get_transforms`` did (identity, counter-clockwise
-rotations by ``i * 360 / n`` degrees, nearest neighbour, corners filled with 0, then their horizontal flips for
-dihedral groups) with one gather from an index map cached per image size; all copies go through the backbone in
-one batched forward. Multiples of 90 degrees and flips are exact pixel permutations, so the wrapper is exactly
-invariant to C4 / D4; other angles are interpolated and only approximately so.
-
-The methods (:data:`METHODS`) and where the original code and the post's formulas differ (``variant="original"``,
-the default, is the code that produced the published numbers; ``variant="post"`` the formula as written) are
-derived in docs/posthoc_formulas.md. For the post-hoc notebooks, :class:`EmbeddingCache` computes the per-copy
-embeddings of the evaluation images once per group while the backbone stays frozen (:func:`shares_embeddings`
-says when), and :func:`load_pcam_cnn` loads the pretrained PCam CNN of experiment 4.
+``PostHoc(backbone, method, group)`` wraps a timm-style classifier, a torchvision ResNet or a :class:`SplitBackbone`;
+:class:`TransformStack` builds the copies (exact pixel permutations for C4 / D4), :class:`EmbeddingCache` reuses
+their embeddings across methods in the post-hoc notebooks and :func:`load_pcam_cnn` loads experiment 4's PCam CNN.
+The methods, and where the original code (``variant="original"``) and the post (``"post"``) differ, are in
+docs/posthoc_formulas.md.
 """
 
 from __future__ import annotations
@@ -27,20 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gevit_lib.groups import Group, get_group, rotate
 
-__all__ = ["METHODS", "MethodInfo", "FINETUNE_MODES", "VARIANTS", "TransformStack", "SplitBackbone", "ScoreAggregator",
-           "AttentionAggregator", "BackboneWrapper", "PostHoc", "resolve_method", "aggregate", "has_batchnorm",
-           "shares_embeddings", "EmbeddingCache", "CACHED_TRAINING_NOTE", "KEPT_EPOCH_NOTE", "PCAM_BACKBONES",
-           "load_pcam_cnn"]
+__all__ = ["METHODS", "TransformStack", "SplitBackbone", "ScoreAggregator", "AttentionAggregator", "BackboneWrapper",
+           "PostHoc", "resolve_method", "aggregate", "has_batchnorm", "shares_embeddings", "EmbeddingCache",
+           "CACHED_TRAINING_NOTE", "KEPT_EPOCH_NOTE", "PCAM_BACKBONES", "load_pcam_cnn"]
 
 FINETUNE_MODES = ("none", "head", "model")
 CPU_CHUNK = 128  # images per backbone forward on the CPU when max_batch="auto"
 VARIANTS = ("original", "post")
-INTERPOLATIONS = ("nearest", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -86,10 +72,6 @@ def resolve_method(name: str) -> str:
     return key
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Transformed copies
-
-
 def _commute_with_rot90(sources: Tensor) -> Tensor:
     """Make a nearest-neighbour source map (image of 1-based source pixel numbers, 0 = outside) commute with
     rot90: the value at each output pixel is taken from its rot90-orbit's first pixel and rotated along."""
@@ -107,21 +89,17 @@ def _commute_with_rot90(sources: Tensor) -> Tensor:
 # Index maps, not groups.rotate per batch: rotating an image of pixel numbers once per size gives exactly the
 # original's nearest-neighbour source pixels; afterwards a batch needs one gather for all T copies.
 class TransformStack:
-    """The copies ``[B, T, C, H, W]`` of a batch under a group: identity, CCW rotations, then flipped (see module doc).
+    """The copies ``[B, T, C, H, W]`` of a batch, as the original ``get_transforms``: identity, CCW rotations by
+    ``i * 360 / n`` degrees (nearest; exposed corners = ``fill``, 0 = the normalised mean), then their horizontal
+    flips for dihedral groups.
 
-    ``interpolation``: "nearest" (the original's) or "bilinear" for the non-exact angles (multiples of 90 degrees
-    and flips are always pixel permutations); ``fill``: the value of the exposed corners (0 = the normalised mean).
-    ``subgroup_exact``: the original's stack samples each angle on its own grid, so a C16 wrapper is not exactly
-    invariant even to rot90 (the parity README measures 0.21 on logits); True builds the copy at ``a + 90 k`` as
-    ``rot90(copy at a, k)``, exactly invariant to C4 (implemented for cyclic groups C_4m).
+    ``subgroup_exact``: the original samples each angle on its own grid, so a C16 wrapper is not exactly invariant
+    even to rot90 (0.21 on logits in the parity reference); True builds the copy at ``a + 90 k`` as
+    ``rot90(copy at a, k)``, exactly invariant to C4 (cyclic groups C_4m).
     """
 
-    def __init__(self, group: str | Group, interpolation: str = "nearest", fill: float = 0.0,
-                 subgroup_exact: bool = False) -> None:
+    def __init__(self, group: str | Group, fill: float = 0.0, subgroup_exact: bool = False) -> None:
         self.group = get_group(group)
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {INTERPOLATIONS}")
-        self.interpolation = interpolation
         self.fill = float(fill)
         n = self.group.n_rotations
         if subgroup_exact and self.group.mirror and n > 4:
@@ -129,43 +107,28 @@ class TransformStack:
                              f"not for {self.group.name}")
         self.subgroup_exact = bool(subgroup_exact) and n % 4 == 0
         # stack index -> (rotation steps CCW, flipped)
-        self.steps: list[tuple[int, bool]] = [(i, False) for i in range(n)]
-        if self.group.mirror:
-            self.steps += [(i, True) for i in range(n)]
+        self.steps = [(i, False) for i in range(n)] + ([(i, True) for i in range(n)] if self.group.mirror else [])
         # group element of each copy (groups.py turns element (1, 0) clockwise; see Group docstring)
-        self.elements: list[int] = [self.group.index(-i, int(f)) for i, f in self.steps]
-        self._maps: dict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = {}
+        self.elements = [self.group.index(-i, int(f)) for i, f in self.steps]
+        self._maps: dict[tuple[int, int, str], Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.steps)
 
-    @property
-    def exact(self) -> bool:
-        """True when every copy is an exact pixel permutation (C1, C2, C4, D1, D2, D4)."""
-        return all(4 * i % self.group.n_rotations == 0 for i, _ in self.steps)
-
-    def _split(self, i: int) -> tuple[int, int]:
-        """Rotation step i -> (quarter turns done by rot90, remaining steps sampled on a grid)."""
-        n = self.group.n_rotations
-        if 4 * i % n == 0:
-            return 4 * i // n, 0
-        if self.subgroup_exact:
-            return divmod(i, n // 4)
-        return 0, i
-
     def index_map(self, h: int, w: int) -> Tensor:
-        """int64 ``[T, H*W]``: source pixel of each output pixel of each copy (``H*W`` = the fill value).
-
-        Exact copies come from ``torch.rot90`` / ``torch.flip``, the others from torchvision's nearest ``rotate``
-        (float32 grid, as in the original) of an image of pixel numbers.
-        """
+        """int64 ``[T, H*W]``: source pixel of each output pixel of each copy (``H*W`` = the fill value); exact
+        copies from ``torch.rot90`` / ``flip``, the others from torchvision's nearest ``rotate`` (float32 grid)."""
         if h * w + 1 >= 2**24:
             raise ValueError(f"image {h}x{w} too large for a float32 index map")
         n = self.group.n_rotations
         numbers = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)  # 0 = outside
         maps = []
         for i, flipped in self.steps:
-            quarter, rest = self._split(i)
+            quarter, rest = 0, i  # quarter turns done by rot90, remaining steps sampled on a grid
+            if 4 * i % n == 0:
+                quarter, rest = 4 * i // n, 0
+            elif self.subgroup_exact:
+                quarter, rest = divmod(i, n // 4)
             if quarter % 2 and h != w:
                 raise ValueError(f"a 90-degree rotation of a non-square {h}x{w} image is not a symmetry")
             img = numbers
@@ -181,79 +144,31 @@ class TransformStack:
         idx = torch.stack(maps).round().long() - 1
         return torch.where(idx < 0, torch.full_like(idx, h * w), idx)
 
-    def _grids(self, h: int, w: int) -> Tensor:
-        """Bilinear sampling grids ``[R, H, W, 2]`` of the interpolated copies (align_corners=False, as torchvision)."""
-        ys = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
-        xs = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
-        pts = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [H, W, 2] (x, y) about the centre
-        grids = []
-        for t in self._bilinear_copies():
-            rest = self._split(self.steps[t][0])[1]
-            a = torch.deg2rad(torch.tensor(rest * 360.0 / self.group.n_rotations, dtype=torch.float64))
-            c, s = torch.cos(a), torch.sin(a)  # output-to-input map of the CCW rotation (x right, y down):
-            src = pts @ torch.stack([torch.stack([c, -s]), torch.stack([s, c])]).T
-            grids.append(src / torch.tensor([w / 2, h / 2], dtype=torch.float64))
-        return torch.stack(grids) if grids else torch.empty(0, h, w, 2, dtype=torch.float64)
-
-    def _bilinear_copies(self) -> list[int]:
-        """Unflipped copies that are interpolated (their flipped twins and rot90 multiples are derived)."""
-        return [t for t in range(self.group.n_rotations) if self._split(self.steps[t][0])[1]]
-
-    def _cached(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        key = (h, w, str(device), dtype if self.interpolation == "bilinear" else None)
-        if key not in self._maps:
-            grids = None
-            if self.interpolation == "bilinear" and not self.exact:
-                grids = self._grids(h, w).to(device, dtype)
-            self._maps[key] = (self.index_map(h, w).to(device), grids)
-        return self._maps[key]
-
-    def _padded(self, x: Tensor) -> Tensor:
-        """``[B, C, H*W + 1]``: the flattened images and the fill value, the source of every index map."""
+    def _source(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The flattened images with the fill value appended ``[B, C, H*W + 1]``, and the index map of their size."""
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         b, c, h, w = x.shape
-        return torch.cat([x.reshape(b, c, h * w), x.new_full((b, c, 1), self.fill)], dim=-1)
+        key = (h, w, str(x.device))
+        if key not in self._maps:
+            self._maps[key] = self.index_map(h, w).to(x.device)
+        return torch.cat([x.reshape(b, c, h * w), x.new_full((b, c, 1), self.fill)], dim=-1), self._maps[key]
 
     def pick(self, x: Tensor, copy: Tensor) -> Tensor:
-        """Copy ``copy[b]`` of each image: ``[B, C, H, W]``, equal to ``self(x)[arange(B), copy]`` without building
-        the other copies (one gather; the whole stack only when the picked copies are bilinear)."""
-        padded = self._padded(x)
+        """Copy ``copy[b]`` of each image ``[B, C, H, W]``: ``self(x)[arange(B), copy]`` in one gather."""
+        padded, idx = self._source(x)
         b, c, h, w = x.shape
-        idx, grids = self._cached(h, w, x.device, x.dtype)
-        if grids is not None:
-            return self(x)[torch.arange(b, device=x.device), copy]
         return padded.gather(2, idx[copy][:, None].expand(b, c, -1)).view(b, c, h, w)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, T, C, H, W]`` on ``x``'s device and dtype."""
-        padded = self._padded(x)
+        """``[B, C, H, W]`` -> ``[B, T, C, H, W]`` on ``x``'s device and dtype, one gather for every copy."""
+        padded, idx = self._source(x)
         b, c, h, w = x.shape
-        idx, grids = self._cached(h, w, x.device, x.dtype)
-        out = padded[:, :, idx].transpose(1, 2).reshape(b, len(self), c, h, w)  # one gather for every copy
-        if grids is not None:  # replace the interpolated copies (and their flips) by bilinear ones
-            copies = self._bilinear_copies()
-            r = len(copies)
-            src = x.repeat_interleave(r, dim=0) - self.fill  # sample x - fill with zero padding, add fill back
-            sampled = F.grid_sample(src, grids.repeat(b, 1, 1, 1), mode="bilinear", padding_mode="zeros",
-                                    align_corners=False).reshape(b, r, c, h, w) + self.fill
-            quarters = [self._split(self.steps[t][0])[0] for t in copies]
-            sampled = torch.stack([torch.rot90(sampled[:, j], q, dims=(-2, -1)) if q else sampled[:, j]
-                                   for j, q in enumerate(quarters)], 1)
-            out = out.clone()
-            out[:, copies] = sampled
-            if self.group.mirror:
-                out[:, [t + self.group.n_rotations for t in copies]] = torch.flip(sampled, dims=(-1,))
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backbones
+        return padded[:, :, idx].transpose(1, 2).reshape(b, len(self), c, h, w)
 
 
 class SplitBackbone(nn.Module):
-    """A classifier given as ``features`` (images -> embeddings ``[N, D]``) and ``head`` (embeddings -> logits),
-    with the timm-style interface :class:`PostHoc` uses."""
+    """A classifier as ``features`` (images -> embeddings ``[N, D]``) and ``head``, with the timm-style interface."""
 
     def __init__(self, features: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -301,16 +216,9 @@ def backbone_head(model: nn.Module) -> nn.Module:
     return m.get_classifier() if backbone_interface(model) == "timm" else m.fc
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Aggregation
-
-
 class ScoreAggregator(nn.Module):
-    """Learned weighted average: ``w_t = Linear(D, hidden) -> GELU -> Linear(hidden, 1)`` of each embedding.
-
-    ``variant="original"``: weights divided by their sum (unconstrained, may be negative or near 0, as in the
-    code); ``"post"``: softmax over the copies (positive, sums to one).
-    """
+    """Learned weighted average: ``w_t = Linear(D, hidden) -> GELU -> Linear(hidden, 1)`` of each embedding, divided
+    by their sum (``variant="original"``) or softmaxed over the copies (``"post"``)."""
 
     def __init__(self, dim: int, hidden: int = 128, variant: str = "original") -> None:
         super().__init__()
@@ -347,8 +255,8 @@ class _AttentionOnlyBlock(nn.Module):
 
 
 class AttentionAggregator(nn.Module):
-    """Learned attention aggregation: a CLS token (init randn) prepended to the T embeddings, no positional
-    encoding, ``num_layers`` attention-only blocks; returns the CLS output. Permutation invariant over the copies."""
+    """Learned attention aggregation: a CLS token prepended to the T embeddings (no positional encoding), then
+    ``num_layers`` attention-only blocks; returns the CLS output."""
 
     def __init__(self, dim: int, num_heads: int = 4, num_layers: int = 2) -> None:
         super().__init__()
@@ -374,7 +282,7 @@ class AttentionAggregator(nn.Module):
 
 def aggregate(method: str, embeddings: Tensor, head: nn.Module, variant: str = "original",
               aggregator: nn.Module | None = None) -> Tensor:
-    """Logits ``[B, K]`` from per-copy embeddings ``[B, T, D]`` (the methods' formulas; see the module doc)."""
+    """Logits ``[B, K]`` from per-copy embeddings ``[B, T, D]`` (docs/posthoc_formulas.md)."""
     method = resolve_method(method)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
@@ -412,13 +320,8 @@ def aggregate(method: str, embeddings: Tensor, head: nn.Module, variant: str = "
     raise AssertionError(method)  # pragma: no cover
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The wrapper
-
-
 class BackboneWrapper(nn.Module):
-    """What every post-hoc wrapper shares (:class:`PostHoc`, ``canonical.Canonicalized``): the backbone and its
-    head, its transformed copies (``transforms``), freezing by finetune mode, and the backbone's own logits."""
+    """What :class:`PostHoc` and ``canonical.Canonicalized`` share: backbone, head, copies, freezing, plain logits."""
 
     backbone: nn.Module
     transforms: TransformStack
@@ -426,7 +329,7 @@ class BackboneWrapper(nn.Module):
 
     @property
     def head(self) -> nn.Module:
-        """The backbone's head (part of the backbone; looked up each time so copies stay consistent)."""
+        """The backbone's head (looked up each time so copies of the wrapper stay consistent)."""
         return backbone_head(self.backbone)
 
     @property
@@ -438,8 +341,8 @@ class BackboneWrapper(nn.Module):
         return []
 
     def set_finetune(self, mode: str) -> BackboneWrapper:
-        """Freeze by ``requires_grad``: "none" (backbone and head), "head" (head trains), "model" (nothing
-        frozen); :meth:`learned_modules` always train."""
+        """Freeze by ``requires_grad``: "none" (backbone and head), "head" (head trains), "model" (nothing frozen);
+        :meth:`learned_modules` always train."""
         if mode not in FINETUNE_MODES:
             raise ValueError(f"unknown finetune mode {mode!r}; choose one of {FINETUNE_MODES}")
         self.finetune = mode
@@ -461,18 +364,17 @@ class BackboneWrapper(nn.Module):
 class PostHoc(BackboneWrapper):
     """Invariant classifier from ``backbone``: aggregate its outputs over the group's transformed copies.
 
-    ``method``: a key of :data:`METHODS` (or the post's / original class name); ``group``: "C4", "D4" (exact),
-    any "C<n>" / "D<n>" or a :class:`~gevit_lib.groups.Group`; ``variant``: "original" (the code) or "post";
-    ``interpolation``, ``fill``, ``subgroup_exact``: see :class:`TransformStack`. ``max_batch``: chunk size of
-    the ``B*T`` backbone batch; None: one forward; "auto": one forward on accelerators, chunks of
-    :data:`CPU_CHUNK` on the CPU (the post's ViT runs a third slower per image in CPU batches of 256-512).
-    ``aggregator_options`` go to a learned method's aggregator. ``finetune``: see :meth:`set_finetune`;
-    ``train()`` puts the whole wrapper in training mode as the original did (a frozen backbone's dropout is on).
+    ``method``: a key of :data:`METHODS` (or the post's / original class name); ``group``: a name such as "C16" or
+    "D4" or a :class:`~gevit_lib.groups.Group`; ``variant``: "original" (the code) or "post"; ``fill``,
+    ``subgroup_exact``: see :class:`TransformStack`. ``max_batch``: chunk size of the ``B*T`` backbone batch; None:
+    one forward; "auto": one forward on accelerators, chunks of :data:`CPU_CHUNK` on the CPU (the post's ViT runs a
+    third slower per image in CPU batches of 256-512). ``train()`` puts the whole wrapper in training mode as the
+    original did (a frozen backbone's dropout is on).
     """
 
     def __init__(self, backbone: nn.Module, method: str, group: str | Group = "C16", *, variant: str = "original",
-                 interpolation: str = "nearest", fill: float = 0.0, subgroup_exact: bool = False,
-                 finetune: str = "none", max_batch: int | str | None = "auto", embed_dim: int | None = None,
+                 fill: float = 0.0, subgroup_exact: bool = False, finetune: str = "none",
+                 max_batch: int | str | None = "auto", embed_dim: int | None = None,
                  aggregator_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.method = resolve_method(method)
@@ -480,20 +382,17 @@ class PostHoc(BackboneWrapper):
             raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
         if not (max_batch is None or max_batch == "auto" or (isinstance(max_batch, int) and max_batch >= 1)):
             raise ValueError(f"max_batch must be an int >= 1, None or 'auto', got {max_batch!r}")
-        self.variant = variant
-        self.backbone = backbone
-        self.interface = backbone_interface(backbone)
-        self.transforms = TransformStack(group, interpolation=interpolation, fill=fill,
-                                         subgroup_exact=subgroup_exact)
+        backbone_interface(backbone)  # TypeError naming SplitBackbone for anything else
+        self.backbone, self.variant, self.max_batch = backbone, variant, max_batch
+        self.transforms = TransformStack(group, fill=fill, subgroup_exact=subgroup_exact)
         self.group = self.transforms.group
-        self.max_batch = max_batch
         try:
             self.embed_dim: int | None = embed_dim or _embedding_dim(backbone, self.head)
         except ValueError:
             self.embed_dim = None
         self.aggregator: nn.Module | None = None
         if METHODS[self.method].learned:
-            dim = embed_dim or _embedding_dim(backbone, self.head)
+            dim = self.embed_dim or _embedding_dim(backbone, self.head)  # the ValueError asking for embed_dim=
             opts = aggregator_options or {}
             self.aggregator = (ScoreAggregator(dim, variant=variant, **opts) if self.method == "learned_score"
                                else AttentionAggregator(dim, **opts))
@@ -535,11 +434,8 @@ class PostHoc(BackboneWrapper):
         chunk = self.max_batch
         if chunk == "auto":
             chunk = CPU_CHUNK if x.device.type == "cpu" else None
-        if chunk is None or b * t <= chunk:
-            e = backbone_embed(self.backbone, flat)
-        else:
-            e = torch.cat([backbone_embed(self.backbone, part) for part in flat.split(int(chunk))])
-        return e.reshape(b, t, -1)
+        parts = [flat] if chunk is None or b * t <= chunk else flat.split(int(chunk))
+        return torch.cat([backbone_embed(self.backbone, part) for part in parts]).reshape(b, t, -1)
 
     def aggregate(self, embeddings: Tensor) -> Tensor:
         """Logits from per-copy embeddings ``[B, T, D]`` (lets several methods share one backbone pass)."""
@@ -560,8 +456,7 @@ class PostHoc(BackboneWrapper):
 
     def extra_repr(self) -> str:
         return (f"method={self.method!r}, group={self.group.name!r} (T={self.num_transforms}), "
-                f"variant={self.variant!r}, interpolation={self.transforms.interpolation!r}, "
-                f"finetune={self.finetune!r}")
+                f"variant={self.variant!r}, finetune={self.finetune!r}")
 
 
 def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int:
@@ -575,10 +470,6 @@ def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int:
     if isinstance(first, nn.LayerNorm):
         return int(first.normalized_shape[0])
     raise ValueError(f"cannot tell the embedding size of {type(backbone).__name__}; pass embed_dim=")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluating many methods on one backbone (the post-hoc notebooks)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -602,15 +493,11 @@ KEPT_EPOCH_NOTE = ("the finetuning epoch kept by validation accuracy; 0: no epoc
 class EmbeddingCache:
     """Per-copy embeddings ``[N, T, D]`` (CPU, float32) and labels of fixed datasets, each copy computed once.
 
-    ``evaluate(wrapper, cache(wrapper, "test"))`` equals ``evaluate(wrapper, test_images)`` at a fraction of the
-    cost (:class:`PostHoc` accepts embeddings in place of images) where :func:`shares_embeddings` is true.
-    ``data``: split name -> Dataset or ``(inputs, labels)``, never changed afterwards.
-
-    Every transformed copy is embedded on its own, in batches of ``batch_size`` images of that copy, and stored
-    under a fingerprint of the backbone's embedding weights (not its head, so finetuning the head keeps them
-    valid), the split's data and the copy's pixels: groups that share copies share embeddings, bit for bit (D4's
-    four rotations are C16's copies 0, 4, 8, 12). ``directory``: each (split, copy) is also saved there, named by
-    its fingerprint, so an interrupted run resumes and a changed checkpoint, subset or transform is recomputed.
+    ``cache(wrapper, "test")`` stands in for the test images where :func:`shares_embeddings` is true (:class:`PostHoc`
+    accepts embeddings). ``data``: split name -> Dataset or ``(inputs, labels)``, never changed afterwards. Each copy
+    is stored under a fingerprint of the backbone's embedding weights (not its head), the split's data and the
+    copy's pixels, so groups that share copies share embeddings (D4's rotations are C16's copies 0, 4, 8, 12);
+    ``directory``: also saved there per (split, copy), so an interrupted run resumes and a change is recomputed.
     """
 
     def __init__(self, data: dict[str, Any], batch_size: int = 128, device: str | torch.device = "cpu",
@@ -646,18 +533,14 @@ class EmbeddingCache:
         for name, t in wrapper.backbone.state_dict(keep_vars=True).items():
             if id(t) not in head:
                 h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode() + t.detach().float().cpu().numpy().tobytes())
-        probe = torch.rand((1, *self.data_shape(split)), generator=torch.Generator().manual_seed(0))
-        copies = wrapper.transforms(probe)[0]  # the copy's pixels: map, interpolation and fill in one
+        probe = torch.rand((1, *self.data[split][0][0].shape), generator=torch.Generator().manual_seed(0))
+        copies = wrapper.transforms(probe)[0]  # the copy's pixels: index map and fill in one
         fps = []
         for c in copies:
             one = h.copy()
             one.update(c.numpy().tobytes())
             fps.append(one.hexdigest())
         return fps
-
-    def data_shape(self, split: str) -> tuple[int, ...]:
-        """Shape of one input of ``split`` (the first item of a tuple's inputs or of a Dataset's pairs)."""
-        return tuple(self.data[split][0][0].shape)
 
     def _file(self, split: str, fp: str) -> Path | None:
         return self.directory / f"{split}-{fp[:24]}.pt" if self.directory is not None else None
@@ -712,11 +595,10 @@ PCAM_BACKBONES: dict[str, str] = {
 }
 
 
-def load_pcam_cnn(name: str = "densenet161.tiatoolbox-pcam", weights: str | os.PathLike[str] | None = None,
-                  download: bool = True) -> nn.Module:
+def load_pcam_cnn(name: str = "densenet161.tiatoolbox-pcam",
+                  weights: str | os.PathLike[str] | None = None) -> nn.Module:
     """The TIAToolbox PCam CNN through timm: ``hf-hub:1aurent/<name>`` (Hugging Face cache or download), or the
-    architecture with a local ``weights`` file (``model.safetensors`` / ``pytorch_model.bin`` of that repo).
-    Missing weights raise :class:`~gevit_lib.files.MissingFileError` saying what to download."""
+    architecture with a local ``weights`` file of that repo; missing weights raise ``MissingFileError``."""
     import timm
 
     from gevit_lib.files import MissingFileError
@@ -740,13 +622,6 @@ def load_pcam_cnn(name: str = "densenet161.tiatoolbox-pcam", weights: str | os.P
             state = torch.load(path, map_location="cpu", weights_only=True)
         model = timm.create_model(name.split(".")[0], pretrained=False, num_classes=2)
         return load_into(model, state, source=str(path)).eval()
-    if not download:
-        from huggingface_hub import try_to_load_from_cache
-
-        if not any(isinstance(try_to_load_from_cache(repo, f), str)
-                   for f in ("model.safetensors", "pytorch_model.bin")):
-            raise MissingFileError(f"the PCam CNN {name} is not in the Hugging Face cache and download=False. "
-                                   f"{how_to}")
     try:
         return timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()
     except Exception as exc:  # offline, hub errors, missing huggingface_hub
