@@ -1,11 +1,7 @@
 """Learned canonicalization as a post-hoc method (Kaba et al., ICML 2023; Mondal et al., NeurIPS 2023, equiadapt).
 
-A small G-CNN (:mod:`gevit_lib.nn.gconv`) scores every group element, the input is transformed by the *inverse* of
-the best-scoring element (its canonical pose) and the backbone runs once. The scores permute exactly under the group
-(``scores(T_h x)[g] = scores(x)[h^-1 g]``), so the argmax moves from g to h g and every transformed input lands on
-the same canonical image: exactly C4 / D4 invariant; for C8 / C16 only the quarter turns are exact (``exact`` is
-False). Training: straight-through one-hot, optionally with the canonicalization prior of Mondal et al.
-(``prior_weight``; :meth:`Canonicalized.loss` is a ``loss_fn`` for ``train.fit``). See docs/posthoc_formulas.md.
+A small G-CNN scores every group element, the input is turned back by the best-scoring one (its canonical pose) and
+the backbone runs once: exactly C4 / D4 invariant, for C8 / C16 only to quarter turns. See docs/posthoc_formulas.md.
 """
 
 from __future__ import annotations
@@ -24,8 +20,8 @@ __all__ = ["CanonicalizationNet", "Canonicalized"]
 
 
 def _halve(f: Tensor) -> Tensor:
-    """2x average pooling of a group signal ``[B, C, G, H, W]``; adaptive bins are mirror-symmetric for any size,
-    so the pooling commutes with rot90 and flips (a plain stride-2 pool of an odd size would not)."""
+    """2x average pooling of a group signal ``[B, C, G, H, W]``; adaptive bins commute with rot90 and flips for any
+    size (a plain stride-2 pool of an odd size would not)."""
     b, c, g, h, w = f.shape
     out = F.adaptive_avg_pool2d(f.flatten(1, 2), ((h + 1) // 2, (w + 1) // 2))
     return out.view(b, c, g, *out.shape[-2:])
@@ -34,12 +30,9 @@ def _halve(f: Tensor) -> Tensor:
 class CanonicalizationNet(nn.Module):
     """Scores ``[B, |G|]`` of every group element, equivariant: ``scores(T_h x)[g] = scores(x)[h^-1 g]``.
 
-    Lifting conv, then ``num_layers - 1`` times (2x average pool, group conv), each conv followed by
-    ``GroupSignalNorm`` and ReLU; the mean over space and a linear map over channels (shared by all group elements)
-    give one score per element. ``hidden``: channels per element, default ``32 // |G|`` (at least 4), so that C4 and
-    D4 cost about the same. Images larger than ``input_size`` are first average-pooled to it (adaptive bins keep
-    the equivariance). Groups: C1, C2, C4, D1, D2, D4 (exact), and C_4m (C8, C16): there the C4 net scores the m
-    copies at ``j * 360 / n`` degrees (j < m, built to commute with rot90), so only the quarter turns are exact.
+    Lifting conv, then ``num_layers - 1`` times (2x average pool, group conv), each with ``GroupSignalNorm`` and
+    ReLU, the mean over space and one linear map over channels. ``hidden``: channels per element, default
+    ``32 // |G|`` (at least 4: C4 and D4 cost about the same); larger images are first pooled to ``input_size``.
     """
 
     def __init__(self, group: str | Group, in_channels: int, hidden: int | None = None, num_layers: int = 3,
@@ -94,14 +87,9 @@ def _in_channels(backbone: nn.Module) -> int:
 class Canonicalized(BackboneWrapper):
     """Invariant classifier from ``backbone``: the backbone's logits of the canonical image (one backbone pass).
 
-    Interface of :class:`~gevit_lib.posthoc.PostHoc` where it applies (``backbone``, ``head``, ``group``,
-    ``transforms``, ``set_finetune``, ``trainable_parameters``, ``base_logits``); the net always trains.
-    ``prior_weight``: of :meth:`prior_loss` in :meth:`loss` (0 = off); ``temperature``: of the gradient's softmax.
-
-    Ties: argmax takes the first of equal scores, which is not equivariant. Ties from a symmetry of the input
-    (``T_r x = x``: a constant image, a 180-degree symmetric digit) are harmless: every tied pose gives the same
-    canonical image. Other exact ties are measure-zero with random float64 weights, but transformed scores agree
-    only up to rounding, so near-ties (relative gap ~1e-16 in float64, ~1e-7 in float32) can flip the pose.
+    The interface of :class:`~gevit_lib.posthoc.PostHoc` where it applies; the net always trains. ``prior_weight``:
+    of :meth:`prior_loss` in :meth:`loss` (0 = off); ``temperature``: of the gradient's softmax. Near-ties of the
+    scores can flip the pose (docs/posthoc_formulas.md, "Ties").
     """
 
     def __init__(self, backbone: nn.Module, group: str | Group = "C4", *, in_channels: int | None = None,
@@ -124,23 +112,19 @@ class Canonicalized(BackboneWrapper):
         ref = next(backbone.parameters(), None)
         if ref is not None:
             self.net.to(device=ref.device, dtype=ref.dtype)
-        self.finetune = "none"
         self.set_finetune(finetune)
 
     @property
     def backbone_passes(self) -> int:
-        """Backbone passes per input image: one, on the canonical image (plus the small net)."""
+        """Backbone passes per input image: one (plus the small net)."""
         return 1
 
     def learned_modules(self) -> list[nn.Module]:
         return [self.net]
 
     def canonicalize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Canonical images ``[B, C, H, W]`` and the chosen element of each ``[B]`` (the image is ``T_{g^-1} x``).
-
-        Training with gradients: straight-through, ``sum_g w_g T_{g^-1} x`` with ``w = onehot + softmax -
-        softmax.detach()`` (exactly the argmax copy forward, the softmax's gradient backward); otherwise one gather.
-        """
+        """Canonical images ``T_{g^-1} x`` ``[B, C, H, W]`` and the chosen elements g ``[B]``; when training with
+        gradients, straight-through: ``sum_g w_g T_{g^-1} x``, ``w = onehot + softmax - softmax.detach()``."""
         dtype = self.net.out.weight.dtype
         if x.dim() != 4 or x.shape[0] == 0 or (x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)):
             raise ValueError(f"expected a non-empty batch of images [B, C, H, W] of the model's dtype {dtype}, got "
@@ -156,10 +140,10 @@ class Canonicalized(BackboneWrapper):
     def forward(self, x: Tensor) -> Tensor:
         return self.base_logits(self.canonicalize(x)[0])
 
-    def prior_loss(self, scores: Tensor | None = None) -> Tensor:
-        """Mondal et al.'s prior for backbones trained on upright data: cross-entropy of the scores (default: of the
-        last forward) toward the identity element (index 0), so that upright inputs stay upright."""
-        s = self.last_scores if scores is None else scores
+    def prior_loss(self) -> Tensor:
+        """Mondal et al.'s prior for backbones trained on upright data: cross-entropy of the last forward's scores
+        toward the identity element (index 0), so that upright inputs stay upright."""
+        s = self.last_scores
         if s is None:
             raise RuntimeError("prior_loss() needs the scores of a forward pass; call the wrapper first")
         return F.cross_entropy(s.float() / self.temperature, torch.zeros(len(s), dtype=torch.long, device=s.device))
