@@ -1,10 +1,7 @@
 """Measuring invariance and equivariance errors under group actions and under arbitrary rotation angles.
 
-Exact symmetries (multiples of 90 degrees, mirrors) are what tests assert; other angles go through interpolation
-and are only measured (:func:`rotation_sweep`), never asserted to be exact. :func:`exact_invariance` names the
-exact transforms of a square image (rot90, rot180, rot270, flip); :func:`rotate_lifting_attention` says how a
-lifting layer's attention maps must move when its input is turned by quarter turns, and
-:func:`lifting_attention_error` measures how far a layer is from that.
+Exact symmetries (quarter turns, mirrors) are what tests assert; other angles are interpolated and only measured
+(:func:`rotation_sweep`). :func:`rotate_lifting_attention` says how a lifting layer's attention maps must move.
 """
 
 from __future__ import annotations
@@ -40,10 +37,8 @@ def invariance_errors(model: Callable[[Tensor], Tensor], x: Tensor, group: Group
 def equivariance_errors(fn: Callable[[Tensor], Tensor], x: Tensor, group: Group | str,
                         elements: Iterable[int] | None = None, side: str = "right",
                         lifted_input: bool = False) -> dict[int, float]:
-    """Relative error of ``fn(T_g x) == T_g fn(x)`` for group signals ``[B, C, G, H, W]`` (regular action on G).
-
-    ``lifted_input=False`` means ``x`` is an image ``[B, C, H, W]`` (a lifting layer); otherwise a group signal.
-    """
+    """Relative error of ``fn(T_g x) == T_g fn(x)`` for outputs ``[B, C, G, H, W]``; ``x`` is an image
+    ``[B, C, H, W]`` (a lifting layer) or, with ``lifted_input``, a group signal."""
     group = get_group(group)
     out = fn(x)
     elems = group.exact_elements if elements is None else list(elements)
@@ -57,10 +52,7 @@ def equivariance_errors(fn: Callable[[Tensor], Tensor], x: Tensor, group: Group 
 @torch.no_grad()
 def rotation_sweep(model: Callable[[Tensor], Tensor], x: Tensor, angles: Iterable[float],
                    interpolation: str = "bilinear") -> Tensor:
-    """Relative change of ``model(x)`` for inputs rotated counter-clockwise by each angle in degrees.
-
-    Multiples of 90 degrees use ``torch.rot90`` (exact); other angles are interpolated, zero fill.
-    """
+    """Relative change of ``model(x)`` for inputs rotated CCW by each angle in degrees (zero fill)."""
     ref = model(x)
     errs = [relative_error(model(rotate(x, float(angle), interpolation)), ref) for angle in angles]
     return torch.tensor(errs, dtype=torch.float64)
@@ -68,9 +60,7 @@ def rotation_sweep(model: Callable[[Tensor], Tensor], x: Tensor, angles: Iterabl
 
 # The exact symmetries of a square pixel grid that the notebooks measure: pixel permutations, no interpolation.
 EXACT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
-    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),
-    "rot180": lambda x: torch.rot90(x, 2, dims=(-2, -1)),
-    "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
+    **{f"rot{90 * k}": (lambda x, k=k: torch.rot90(x, k, dims=(-2, -1))) for k in (1, 2, 3)},
     "flip": lambda x: torch.flip(x, dims=(-1,)),
 }
 
@@ -78,16 +68,15 @@ EXACT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
 @torch.no_grad()
 def exact_invariance(model: Callable[[Tensor], Tensor], x: Tensor,
                      transforms: Sequence[str] = ("rot90", "rot180", "rot270")) -> dict[str, float]:
-    """Relative change ``max|f(T x) - f(x)| / max|f(x)|`` for each named transform of :data:`EXACT_TRANSFORMS`:
-    an invariant model gives rounding noise (about 1e-7 in float32, 1e-15 in float64)."""
+    """:func:`relative_error` of ``model`` for each named transform of :data:`EXACT_TRANSFORMS`."""
     ref = model(x)
     return {name: relative_error(model(EXACT_TRANSFORMS[name](x)), ref) for name in transforms}
 
 
 def rotate_lifting_attention(maps: Tensor, group: Group | str, k: int = 1, side: str = "right") -> Tensor:
-    """What lifting attention maps ``[B, heads, G, H, W, P, P]`` of an image must become when the image is turned
-    by ``k`` quarter turns (``torch.rot90(x, k)``): the group axis permuted by the regular action (``side``:
-    "right" for GE-ViT, "left" for GSA-Nets) of the rotation, the pixel axes and the neighbourhood axes turned."""
+    """What lifting attention maps ``[B, heads, G, H, W, P, P]`` must become when the image is turned by ``k``
+    quarter turns: the group axis permuted by the regular action (``side``: "right" for GE-ViT, "left" for
+    GSA-Nets), the pixel and neighbourhood axes turned."""
     group = get_group(group)
     t = group.rot90_element(k)
     perm = group.right_regular(t) if side == "right" else group.left_regular(t)
@@ -98,7 +87,7 @@ def rotate_lifting_attention(maps: Tensor, group: Group | str, k: int = 1, side:
 @torch.no_grad()
 def lifting_attention_error(layer: torch.nn.Module, x: Tensor, k: int = 1) -> float:
     """Largest absolute difference between a lifting layer's attention for ``rot90(x, k)`` and its attention for
-    ``x`` moved by :func:`rotate_lifting_attention` (images ``[B, C, H, W]``): ~1e-7 in float32 when equivariant."""
+    ``x`` moved by :func:`rotate_lifting_attention` (~1e-7 in float32 when equivariant)."""
     _, maps = layer(x, return_attention=True)
     _, turned = layer(torch.rot90(x, k, dims=(-2, -1)), return_attention=True)
     expected = rotate_lifting_attention(maps, layer.group, k, layer.feature_side)
