@@ -21,17 +21,14 @@ def random_rotation(degrees: float = 180.0, fill: float = 0.0, flips: bool = Fal
     ``RandomRotation``; exposed corners = ``fill``), then with ``flips`` flip H and W each with probability 1/2."""
 
     def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-        b = x.shape[0]
-        angle = (torch.rand(b, generator=generator, device=generator.device) * 2 - 1) * math.radians(degrees)
+        angle = (torch.rand(x.shape[0], generator=generator, device=generator.device) * 2 - 1) * math.radians(degrees)
         angle = angle.to(x.device, x.dtype)
         c, s = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(c)
         theta = torch.stack([torch.stack([c, -s, zero], -1), torch.stack([s, c, zero], -1)], -2)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         out = F.grid_sample(x - fill, grid, mode=interpolation, padding_mode="zeros", align_corners=False) + fill
-        if flips:
-            out = _random_flips(out, generator)
-        return out
+        return _random_flips(out, generator) if flips else out
 
     return augment
 
