@@ -1,17 +1,10 @@
-"""The post's reported post-hoc accuracies (experiments 1-4), as data, so every table can show them beside ours.
+"""The post's reported post-hoc accuracies (experiments 1-4) as data, so every table can show them beside ours.
 
-Source: the blog post "E(2) Equivariant Vision Transformer" (Bant, Bot, Eppink, Feng, Six Dijkstra, 2024); the
-numbers are transcribed unchanged from the authors' ``results/*.csv`` (repository WouterBant/GEVit-DL2-Project,
-commit 1cee23428b19af200e497e81bb47ddf2265482b4; one file per experiment and mode, :data:`SOURCE_FILES`).
-
-Experiments: "rotmnist" (ViT trained and tested on rotated MNIST), "mnist_to_rotmnist" (trained on upright MNIST),
-"low_data" (10% of rotated MNIST), "pcam" (a pretrained CNN on PatchCamelyon). Modes: "none", "head", "model"
-(what was finetuned). Methods: the keys of :data:`gevit_lib.posthoc.METHODS` and "base" (the backbone alone); no
-"tta" rows, and PCam has no learned aggregators and no "model" mode.
-
-Also here, as data with its provenance, the published checkpoints' accuracies this project measured
-(:data:`CHECKPOINT_ACCURACY`, docs/published_checkpoints.md): the post's numbers for GE-ViT p4 are not those of the
-checkpoint the authors published.
+Transcribed unchanged from the authors' ``results/*.csv`` (WouterBant/GEVit-DL2-Project, commit
+1cee23428b19af200e497e81bb47ddf2265482b4; :data:`SOURCE_FILES`). Experiments: "rotmnist", "mnist_to_rotmnist"
+(trained on upright MNIST), "low_data" (10% of rotated MNIST), "pcam"; modes: what was finetuned; methods: the keys
+of ``posthoc.METHODS`` and "base" (no "tta"; PCam: no learned aggregators, no "model" mode). Also the published
+checkpoints' accuracies this project measured (:data:`CHECKPOINT_ACCURACY`, docs/published_checkpoints.md).
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ __all__ = ["PostResult", "POST_RESULTS", "SOURCE_FILES", "post_result", "Measure
 
 
 class PostResult(NamedTuple):
-    """One reported number pair: accuracy in percent on the validation and test split."""
+    """One reported accuracy pair, in percent, on the validation and test split."""
 
     experiment: str
     mode: str
@@ -130,17 +123,16 @@ POST_RESULTS: tuple[PostResult, ...] = (
 )
 
 
+_INDEX = {(r.experiment, r.mode, r.method): r for r in POST_RESULTS}
+
+
 def post_result(experiment: str, mode: str, method: str) -> PostResult | None:
     """The post's numbers for one table cell, or None where the post reports none (e.g. "tta")."""
     return _INDEX.get((experiment, mode, method))
 
 
-_INDEX = {(r.experiment, r.mode, r.method): r for r in POST_RESULTS}
-
-
 class MeasuredAccuracy(NamedTuple):
-    """A published checkpoint's test accuracy measured by this project: ``correct`` of ``n`` digits of a split
-    (``data``, its ``split_checksum``), by ``command``."""
+    """A published checkpoint's test accuracy measured by this project: ``correct`` of ``n`` digits of ``data``."""
 
     checkpoint: str
     correct: int
@@ -150,8 +142,7 @@ class MeasuredAccuracy(NamedTuple):
     command: str
 
     @property
-    def accuracy(self) -> float:
-        """In percent."""
+    def accuracy(self) -> float:  # percent
         return 100.0 * self.correct / self.n
 
 
