@@ -386,20 +386,18 @@ class PostHoc(BackboneWrapper):
         self.backbone, self.variant, self.max_batch = backbone, variant, max_batch
         self.transforms = TransformStack(group, fill=fill, subgroup_exact=subgroup_exact)
         self.group = self.transforms.group
-        try:
-            self.embed_dim: int | None = embed_dim or _embedding_dim(backbone, self.head)
-        except ValueError:
-            self.embed_dim = None
+        self.embed_dim = embed_dim or _embedding_dim(backbone, self.head)
         self.aggregator: nn.Module | None = None
         if METHODS[self.method].learned:
-            dim = self.embed_dim or _embedding_dim(backbone, self.head)  # the ValueError asking for embed_dim=
+            dim = self.embed_dim
+            if dim is None:
+                raise ValueError(f"cannot tell the embedding size of {type(backbone).__name__}; pass embed_dim=")
             opts = aggregator_options or {}
             self.aggregator = (ScoreAggregator(dim, variant=variant, **opts) if self.method == "learned_score"
                                else AttentionAggregator(dim, **opts))
             ref = next(backbone.parameters(), None)
             if ref is not None:
                 self.aggregator.to(device=ref.device, dtype=ref.dtype)
-        self.finetune = "none"
         self.set_finetune(finetune)
 
     @property
@@ -459,7 +457,7 @@ class PostHoc(BackboneWrapper):
                 f"variant={self.variant!r}, finetune={self.finetune!r}")
 
 
-def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int:
+def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int | None:
     for attr in ("num_features", "embed_dim"):
         value = getattr(backbone, attr, None)
         if isinstance(value, int):
@@ -467,9 +465,7 @@ def _embedding_dim(backbone: nn.Module, head: nn.Module) -> int:
     first = next((m for m in head.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))), None)
     if isinstance(first, nn.Linear):
         return first.in_features
-    if isinstance(first, nn.LayerNorm):
-        return int(first.normalized_shape[0])
-    raise ValueError(f"cannot tell the embedding size of {type(backbone).__name__}; pass embed_dim=")
+    return int(first.normalized_shape[0]) if isinstance(first, nn.LayerNorm) else None
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -558,7 +554,7 @@ class EmbeddingCache:
     def __call__(self, wrapper: PostHoc, split: str) -> tuple[Tensor, Tensor]:
         from tqdm import tqdm
 
-        from gevit_lib.files import atomic_write
+        from gevit_lib.files import atomic_torch_save
 
         fps = self.copy_fingerprints(wrapper, split)
         key = (split, *fps)
@@ -581,8 +577,7 @@ class EmbeddingCache:
                     bar.update()
                 self._copies[fps[t]] = torch.cat(out)
                 if (path := self._file(split, fps[t])) is not None:
-                    with atomic_write(path) as tmp:
-                        torch.save({"fingerprint": fps[t], "embeddings": self._copies[fps[t]]}, tmp)
+                    atomic_torch_save({"fingerprint": fps[t], "embeddings": self._copies[fps[t]]}, path)
             bar.close()
         self._store[key] = (torch.stack([self._copies[fp] for fp in fps], dim=1), self._labels[split])
         return self._store[key]
