@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -126,13 +126,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "milestones": list(self.milestones)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown TrainConfig fields {sorted(set(d) - known)}; known fields: {sorted(known)}")
-        return cls(**d)
-
 
 @dataclass
 class FitResult:
@@ -190,19 +183,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def _as_dataset(data: Data, what: str) -> Dataset:
-    if isinstance(data, Dataset):
-        dataset = data
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        inputs, labels = data
-        if len(inputs) != len(labels):
-            raise ValueError(f"{what}: {len(inputs)} inputs but {len(labels)} labels")
-        dataset = TensorDataset(inputs, labels)
-    else:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        if len(data[0]) != len(data[1]):
+            raise ValueError(f"{what}: {len(data[0])} inputs but {len(data[1])} labels")
+        data = TensorDataset(*data)
+    elif not isinstance(data, Dataset):
         raise TypeError(f"{what} must be a torch Dataset of (input, label) pairs or a tuple (inputs, labels), "
                         f"got {type(data).__name__}")
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(data) == 0:  # type: ignore[arg-type]
         raise ValueError(f"{what} is empty")
-    return dataset
+    return data
 
 
 def _seed_worker(worker_id: int, rank: int = 0) -> None:
@@ -225,19 +215,6 @@ def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generat
         return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, **common)  # type: ignore[arg-type]
     sampler = ShardedBatchSampler(len(dataset), config.batch_size, generator, rank, world_size)  # type: ignore
     return DataLoader(dataset, batch_sampler=sampler, **common)  # type: ignore[arg-type]
-
-
-def _eval_loader(dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1) -> tuple[DataLoader, tuple[int, int]]:
-    """Rank ``rank``'s contiguous block of whole dataset-order batches, and (its first batch, number of batches).
-    A private generator keeps evaluation from consuming the global torch RNG."""
-    n = len(dataset)  # type: ignore[arg-type]
-    total = math.ceil(n / batch_size)
-    lo, hi = shard_bounds(total, rank, world_size)
-    batches = [list(range(j * batch_size, min(n, (j + 1) * batch_size))) for j in range(lo, hi)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
-                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
-    return loader, (lo, total)
 
 
 def build_optimizer(params: nn.Module | Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -279,51 +256,54 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 
 
 @torch.no_grad()
-def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, loss_fn: LossFn,
-               progress: bool, desc: str, shard: tuple[int, int] | None = None) -> dict[str, float]:
-    """Metrics over ``loader``. With ``shard=(first, total)`` the loader holds batches ``first, first+1, ...`` of
-    ``total`` split over the processes; the per-batch loss sums are added in batch order after the reduction, so
-    the result is bit-identical to one process going through all batches."""
+def _eval_pass(model: nn.Module, data: Dataset, batch_size: int, device: torch.device, precision: str,
+               loss_fn: LossFn, *, num_workers: int = 0, progress: bool = False, desc: str = "eval",
+               sharded: bool = False) -> dict[str, float]:
+    """Metrics over ``data`` in dataset order. ``sharded``: each process evaluates a contiguous block of the batches
+    and the per-batch loss sums are added in batch order after the reduction, so the result is bit-identical to one
+    process going through all batches. A private generator keeps the global torch RNG untouched."""
+    size = len(data)  # type: ignore[arg-type]
+    total = math.ceil(size / batch_size)
+    lo, hi = shard_bounds(total, dist_utils.rank(), dist_utils.world_size()) if sharded else (0, total)
+    batches = [list(range(j * batch_size, min(size, (j + 1) * batch_size))) for j in range(lo, hi)]
+    loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    batch_sums = torch.zeros(total, dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
-    batch_sums = torch.zeros(shard[1] if shard else 0, dtype=torch.float64, device=device)
     try:
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)):
+        for j, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True),
+                                   start=lo):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)
             logits = logits.float()
-            if shard is None:
-                loss_sum += loss_fn(logits, y).double() * len(y)
-            else:
-                batch_sums[shard[0] + i] = loss_fn(logits, y).double() * len(y)
+            batch_sums[j] = loss_fn(logits, y).double() * len(y)
             correct += (logits.argmax(dim=-1) == y).sum()
             n += len(y)
     finally:
         model.train(was_training)
-    if shard is not None:  # each slot has exactly one non-zero contributor, so the sum over ranks is exact
+    if sharded:  # each slot has exactly one non-zero contributor, so the sum over ranks is exact
         dist_utils.all_reduce_sum(batch_sums)
         counts = dist_utils.all_reduce_sum(torch.stack([correct, torch.tensor(n, device=device)]))
         correct, n = counts[0], int(counts[1].item())
-        for value in batch_sums:
-            loss_sum += value
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for value in batch_sums:
+        loss_sum += value
     return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
 
 
-def evaluate(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256, device: str = "cpu",
-             precision: str = "fp32", progress: bool = False, loss_fn: LossFn | None = None,
-             num_workers: int = 0) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Data, *, batch_size: int = 256, device: str = "cpu", precision: str = "fp32",
+             progress: bool = False, loss_fn: LossFn | None = None, num_workers: int = 0) -> dict[str, float]:
     """Mean loss (cross-entropy unless ``loss_fn``), accuracy (fraction) and count on ``data``, in eval mode.
     Moves ``model`` to ``device`` and restores its train/eval mode; does not consume the global RNG."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    if not isinstance(data, DataLoader):
-        data, _ = _eval_loader(_as_dataset(data, "data"), batch_size, dev, num_workers)
-    return _eval_pass(model, data, dev, prec, loss_fn or nn.CrossEntropyLoss(), progress, "eval")
+    return _eval_pass(model, _as_dataset(data, "data"), batch_size, dev, prec, loss_fn or nn.CrossEntropyLoss(),
+                      num_workers=num_workers, progress=progress)
 
 
 class _Splits(NamedTuple):
@@ -390,10 +370,9 @@ def _validate(loop: _Loop, data: Dataset, desc: str, epoch: int | None = None, g
     """Metrics on ``data`` (split over the processes under torchrun). With ``epoch`` (a selection pass) a
     non-finite loss stops the run."""
     config = loop.config
-    loader, shard = _eval_loader(data, config.eval_batch_size or config.batch_size, loop.device, config.num_workers,
-                                 dist_utils.rank(), dist_utils.world_size())
-    metrics = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, loop.progress, desc,
-                         shard if loop.distributed else None)
+    metrics = _eval_pass(loop.model, data, config.eval_batch_size or config.batch_size, loop.device, loop.precision,
+                         loop.loss_fn, num_workers=config.num_workers, progress=loop.progress, desc=desc,
+                         sharded=loop.distributed)
     if epoch is not None and not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, config.label, split="validation")
     return metrics
