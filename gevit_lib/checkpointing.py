@@ -1,14 +1,9 @@
 """The state of a training run on disk: the run folder, its atomic checkpoints, RNG capture and the resume checks.
 
-A run folder holds ``config.json`` (training settings, model configuration, library version), ``metrics.csv``
-(one row per epoch), ``metrics.json`` (summary), ``best.pt`` (the selected weights, a plain state dict) and
-``last.pt`` (everything needed to continue: weights, optimizer, scheduler, scaler, every RNG, the loop's counters
-and the best weights so far). Every file is written through a temporary file and a rename, so a killed process
-leaves either the previous or the new version, never a torn one.
-
-Resuming compares the checkpoint with the new call: the training settings may only change in
-``RESUMABLE_CHANGES``, the model configuration not at all (another patch size, positional encoding or group table
-would load the same weight shapes into a different function), and a run is never shortened.
+A run folder holds ``config.json``, ``metrics.csv``, ``metrics.json``, ``best.pt`` (the selected weights) and
+``last.pt`` (everything needed to continue), each written through a temporary file and a rename. Resuming refuses
+another model configuration, training settings outside ``RESUMABLE_CHANGES`` and fewer epochs
+(docs/architecture.md, "Training").
 """
 
 from __future__ import annotations
@@ -29,16 +24,15 @@ from torch import Tensor, nn
 from gevit_lib import __version__
 from gevit_lib.files import atomic_torch_save, atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "RunState", "RunFolder",
-           "UnreadableFileError", "load_file", "read_checkpoint", "check_resume", "save_checkpoint",
-           "restore_checkpoint", "rng_state", "set_rng_state", "json_record"]
+__all__ = ["RESUMABLE_CHANGES", "CheckpointError", "ResumeError", "UnreadableFileError", "RunState", "RunFolder",
+           "load_file", "check_resume", "save_checkpoint", "restore_checkpoint", "json_record"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gevit-train/1"
 CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "scheduler", "scaler", "rng", "state", "best_weights")
-# Training settings that may differ between an interrupted run and its resumption (they do not change the maths of
-# the epochs already run; a larger ``epochs`` with a cosine schedule does change the remaining LR curve).
+# Training settings that may differ between an interrupted run and its resumption (a larger ``epochs`` with a
+# cosine schedule does change the remaining LR curve).
 RESUMABLE_CHANGES = frozenset({"epochs", "early_stopping_patience", "device", "num_workers", "eval_batch_size",
                                "label"})
 # seconds: the epoch's wall time (training and validation); train_seconds: its training steps alone
@@ -61,6 +55,14 @@ class ResumeError(ValueError):
     """A run folder cannot be continued with the given model or settings (the message lists the differences)."""
 
 
+class UnreadableFileError(ValueError):
+    """A torch file (weights, checkpoint) that cannot be loaded safely: missing, truncated, corrupt, or unsafe."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot read {path}: {reason}")
+
+
 @dataclass
 class RunState:
     """The loop's counters and selection state, besides the model/optimizer/scheduler/RNG states."""
@@ -78,10 +80,6 @@ class RunState:
     def finished(self, epochs: int) -> bool:
         return self.stopped_early or self.epoch >= epochs
 
-    def counters(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("epoch", "global_step", "history", "best_epoch", "best_val",
-                                              "initial_val", "since_best", "stopped_early")}
-
 
 def json_record(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``obj`` as it reads back from JSON (tuples become lists), so that records compare equal after a round trip."""
@@ -93,80 +91,17 @@ def json_record(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
         raise TypeError(f"model_config must be a JSON-serialisable mapping (names, numbers, lists): {exc}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# RNG state
-
-
-def rng_state(loader_generator: torch.Generator, augment_generator: torch.Generator) -> dict[str, Any]:
-    """Every random stream a run draws from: python, numpy, torch (CPU and CUDA) and the loop's two generators."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "loader": loader_generator.get_state(),
-        "augment": augment_generator.get_state(),
-    }
-
-
-def set_rng_state(rng: dict[str, Any], loader_generator: torch.Generator,
-                  augment_generator: torch.Generator) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only on a machine with as many devices)."""
-    random.setstate(rng["python"])
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    loader_generator.set_state(rng["loader"])
-    if augment_generator.device.type == "cpu" or len(rng["augment"]) == len(augment_generator.get_state()):
-        augment_generator.set_state(rng["augment"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _short(exc: BaseException) -> str:
-    """The exception's type and first line; torch's advice to load unsafely is left out."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
-
-
-class UnreadableFileError(ValueError):
-    """A torch file (weights, checkpoint) that cannot be loaded safely: missing, truncated, corrupt, or unsafe."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path, self.reason = path, reason
-        super().__init__(f"cannot read {path}: {reason}")
-
-
 def load_file(path: str | Path) -> Any:
     """``torch.load`` of tensors and plain containers only; any failure is one UnreadableFileError naming the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (every way a file can be unreadable ends in the same advice)
-        reason = ("it holds objects other than tensors and plain containers" if "weights_only" in str(exc)
-                  else _short(exc))
+        if "weights_only" in str(exc):
+            reason = "it holds objects other than tensors and plain containers"
+        else:  # the first line; torch's advice to load unsafely is left out
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
         raise UnreadableFileError(Path(path), reason) from None
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The content of a ``last.pt``; any failure (missing, truncated, corrupt, other format) is a CheckpointError."""
-    path = Path(path)
-    try:
-        ckpt = load_file(path)
-    except UnreadableFileError as exc:
-        raise CheckpointError(path, exc.reason) from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(path, f"it holds a {type(ckpt).__name__}, not a training checkpoint")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(path, f"its format is {ckpt.get('format')!r}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(path, f"it lacks {missing}")
-    return ckpt
 
 
 def _flatten(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -178,13 +113,9 @@ def _flatten(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
 
 
 def _model_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
-    if old == new:
-        return []
     if old is None or new is None:
-        return [f"model_config: {'not recorded' if old is None else old} -> "
-                f"{'not recorded' if new is None else new}"]
-    a, b = dict(_flatten(old, "model_config")), dict(_flatten(new, "model_config"))
-    absent = "(absent)"
+        return [f"model_config: {'not recorded' if old is None else old} -> {'not recorded' if new is None else new}"]
+    a, b, absent = dict(_flatten(old, "model_config")), dict(_flatten(new, "model_config")), "(absent)"
     return [f"{k}: {a.get(k, absent)!r} -> {b.get(k, absent)!r}" for k in sorted(set(a) | set(b))
             if a.get(k, absent) != b.get(k, absent)]
 
@@ -196,44 +127,46 @@ def check_resume(path: Path, ckpt: dict[str, Any], config: dict[str, Any],
     old = ckpt["config"]
     changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
                if old.get(k) != config.get(k) and k not in RESUMABLE_CHANGES]
-    changed += _model_changes(ckpt.get("model_config"), model_config)
+    if ckpt.get("model_config") != model_config:
+        changed += _model_changes(ckpt.get("model_config"), model_config)
     if changed:
         raise ResumeError(f"cannot resume {path}: the run was made with other settings ({'; '.join(changed)}). Only "
-                         f"the training settings {sorted(RESUMABLE_CHANGES)} may change on resume; use a new run "
-                         f"folder for a different run.")
+                          f"the training settings {sorted(RESUMABLE_CHANGES)} may change on resume; use a new run "
+                          f"folder for a different run.")
     done = ckpt["state"]["epoch"]
     if config["epochs"] < done:
         raise ResumeError(f"cannot resume {path} with epochs={config['epochs']}: it has already run {done} epochs. "
-                         f"A run is never shortened (its files stay as they are); pass epochs >= {done}, or use a "
-                         f"new run folder.")
+                          f"A run is never shortened (its files stay as they are); pass epochs >= {done}, or use a "
+                          f"new run folder.")
     if ckpt.get("gevit_lib_version") not in (None, __version__):
         log.warning("%s was written by gevit_lib %s, this is %s", path, ckpt["gevit_lib_version"], __version__)
 
 
-def save_checkpoint(path: Path, *, config: dict[str, Any], model_config: dict[str, Any] | None, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    scaler: torch.amp.GradScaler | None, loader_generator: torch.Generator,
-                    augment_generator: torch.Generator, state: RunState) -> None:
-    """Write ``last.pt`` atomically: everything :func:`restore_checkpoint` needs to continue bit-identically."""
+def save_checkpoint(path: Path, config: dict[str, Any], model_config: dict[str, Any] | None, state: RunState, *,
+                    model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                    loader_generator: torch.Generator, augment_generator: torch.Generator) -> None:
+    """Write ``last.pt`` atomically: everything :func:`restore_checkpoint` needs to continue bit-identically,
+    including every random stream (python, numpy, torch CPU and CUDA, the loop's two generators)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+           "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+           "loader": loader_generator.get_state(), "augment": augment_generator.get_state()}
+    counters = {k: v for k, v in vars(state).items() if k != "best_weights"}
     atomic_torch_save({
-        "format": CHECKPOINT_FORMAT,
-        "config": config,
-        "model_config": model_config,
-        "gevit_lib_version": __version__,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(loader_generator, augment_generator),
-        "state": state.counters(),
-        "best_weights": state.best_weights,
+        "format": CHECKPOINT_FORMAT, "config": config, "model_config": model_config,
+        "gevit_lib_version": __version__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng, "state": counters, "best_weights": state.best_weights,
     }, path)
 
 
 def restore_checkpoint(path: Path, ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
                        loader_generator: torch.Generator, augment_generator: torch.Generator) -> RunState:
-    """Load ``ckpt`` (read from ``path``, already checked) into the run's objects; return its counters."""
+    """Load ``ckpt`` (read from ``path``, already checked) into the run's objects; return its counters. CUDA RNG
+    states are restored only on a machine with as many devices."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -243,12 +176,17 @@ def restore_checkpoint(path: Path, ckpt: dict[str, Any], *, model: nn.Module, op
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], loader_generator, augment_generator)
+    rng = ckpt["rng"]
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    loader_generator.set_state(rng["loader"])
+    if augment_generator.device.type == "cpu" or len(rng["augment"]) == len(augment_generator.get_state()):
+        augment_generator.set_state(rng["augment"])
     return RunState(**ckpt["state"], best_weights=ckpt["best_weights"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run folder
 
 
 class RunFolder:
@@ -259,17 +197,29 @@ class RunFolder:
         self.last, self.best = self.path / "last.pt", self.path / "best.pt"
 
     def read_last(self) -> dict[str, Any] | None:
-        """``last.pt``'s content when resuming; None for a new run. An existing run without ``resume`` is an error."""
+        """``last.pt``'s content when resuming (any failure is a CheckpointError); None for a new run. An existing
+        run without ``resume`` is an error."""
         if not self.last.exists():
             return None
         if not self.resume:
             raise FileExistsError(f"{self.last} exists: pass resume=True to continue (or reuse) that run, or "
                                   f"choose another run_dir")
-        return read_checkpoint(self.last)
+        try:
+            ckpt = load_file(self.last)
+        except UnreadableFileError as exc:
+            raise CheckpointError(self.last, exc.reason) from None
+        if not isinstance(ckpt, dict):
+            raise CheckpointError(self.last, f"it holds a {type(ckpt).__name__}, not a training checkpoint")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(self.last, f"its format is {ckpt.get('format')!r}")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+        if missing:
+            raise CheckpointError(self.last, f"it lacks {missing}")
+        return ckpt
 
     def write_config(self, config: dict[str, Any], model_config: dict[str, Any] | None) -> None:
-        _write_json(self.path / "config.json", {"train": config, "model": model_config,
-                                                "gevit_lib_version": __version__, "torch_version": torch.__version__})
+        self._write_json("config.json", {"train": config, "model": model_config, "gevit_lib_version": __version__,
+                                         "torch_version": torch.__version__})
 
     def save_best(self, model: nn.Module) -> None:
         atomic_torch_save(model.state_dict(), self.best)
@@ -282,9 +232,8 @@ class RunFolder:
                 writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _write_json(self.path / "metrics.json", summary)
+        self._write_json("metrics.json", summary)
 
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    def _write_json(self, name: str, obj: dict[str, Any]) -> None:
+        with atomic_write(self.path / name) as tmp:
+            tmp.write_text(json.dumps(obj, indent=2) + "\n")

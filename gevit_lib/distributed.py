@@ -1,11 +1,6 @@
-"""Multi-process (torchrun) helpers for ``gevit_lib.train``: process-group setup/teardown, rank and world queries,
-per-rank devices, reductions, "rank 0 does it, everyone gets the result", and the sharded batch sampler that gives
-each process its part of the single-process batches.
-
-The distributed environment is read from torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``). ``fit`` calls :func:`setup` itself, so a script launched with
-``torchrun --nproc-per-node N script.py`` needs no code beyond calling ``fit``. Without those variables (or with
-``WORLD_SIZE=1``) every function here is a cheap single-process no-op.
+"""Multi-process (torchrun) helpers for ``gevit_lib.train``: process-group setup, rank queries, reductions,
+"rank 0 does it, everyone gets the result", and the sampler that gives each process its part of the
+single-process batches. Outside torchrun (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) every function is a cheap no-op.
 """
 
 from __future__ import annotations
@@ -22,17 +17,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-__all__ = ["env_world_size", "is_distributed", "rank", "local_rank", "world_size", "is_main_process", "setup",
-           "teardown", "device_for_rank", "barrier", "all_reduce_sum", "on_main_then_broadcast", "shard_bounds",
-           "ShardedBatchSampler"]
+__all__ = ["is_distributed", "rank", "local_rank", "world_size", "is_main_process", "setup", "device_for_rank",
+           "barrier", "all_reduce_sum", "on_main_then_broadcast", "shard_bounds", "ShardedBatchSampler"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def env_world_size() -> int:
-    """``WORLD_SIZE`` as set by torchrun (1 when absent)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_distributed() -> bool:
@@ -61,10 +50,8 @@ def is_main_process() -> bool:
 
 def setup(device_type: str = "cpu") -> bool:
     """Join the process group described by torchrun's environment, if any; return whether this run is distributed.
-
-    Backend: NCCL for ``device_type="cuda"`` (after selecting ``cuda:LOCAL_RANK``), gloo for CPU. An already
-    initialised group is reused (its backend must suit the device). A group created here is destroyed at exit.
-    """
+    NCCL on ``cuda`` (device ``cuda:LOCAL_RANK``), gloo on CPU; an existing group is reused, a new one is destroyed
+    at exit."""
     if dist.is_available() and dist.is_initialized():
         backend = str(dist.get_backend())
         if device_type == "cpu" and "gloo" not in backend:
@@ -73,14 +60,15 @@ def setup(device_type: str = "cpu") -> bool:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank())
         return is_distributed()
-    if env_world_size() <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return False
     if not dist.is_available():
-        raise RuntimeError(f"WORLD_SIZE={env_world_size()} asks for distributed training, but this torch build has "
-                           f"no torch.distributed")
+        raise RuntimeError(f"WORLD_SIZE={world} asks for distributed training, but this torch build has no "
+                           f"torch.distributed")
     missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={env_world_size()} is set but {missing} are not; launch with torchrun "
+        raise RuntimeError(f"WORLD_SIZE={world} is set but {missing} are not; launch with torchrun "
                            f"(python -m torch.distributed.run --nproc-per-node N script.py)")
     if device_type == "cuda":
         if torch.cuda.device_count() <= local_rank():
@@ -89,15 +77,9 @@ def setup(device_type: str = "cpu") -> bool:
         torch.cuda.set_device(local_rank())
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
-    atexit.register(teardown)
+    atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
     log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return is_distributed()
-
-
-def teardown() -> None:
-    """Leave and destroy the process group (no-op when none is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def device_for_rank(device: torch.device) -> torch.device:
@@ -123,8 +105,8 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 
 def on_main_then_broadcast(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only and return its result (any picklable object) on every rank. An exception raised
-    by ``fn`` is re-raised on every rank, so the others do not wait for a collective that rank 0 never joins."""
+    """Run ``fn`` on rank 0 only and return its result (picklable) on every rank. An exception raised by ``fn`` is
+    re-raised on every rank, so the others do not wait for a collective that rank 0 never joins."""
     if not is_distributed():
         return fn()
     box: list[Any] = [None]
@@ -134,7 +116,11 @@ def on_main_then_broadcast(fn: Callable[[], T]) -> T:
             box[0] = ("ok", fn())
         except Exception as exc:  # noqa: BLE001 (forwarded to every rank and re-raised)
             error = exc
-            box[0] = ("error", _picklable(exc))
+            try:  # sent as it is when it survives pickling, else as a RuntimeError with its type and message
+                pickle.loads(pickle.dumps(exc))
+                box[0] = ("error", exc)
+            except Exception:  # noqa: BLE001
+                box[0] = ("error", RuntimeError(f"rank 0 failed with {type(exc).__name__}: {exc}"))
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if error is not None:
@@ -142,15 +128,6 @@ def on_main_then_broadcast(fn: Callable[[], T]) -> T:
     if status == "error":
         raise value
     return value
-
-
-def _picklable(exc: Exception) -> Exception:
-    """``exc`` itself when it survives pickling, else a RuntimeError carrying its type and message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"rank 0 failed with {type(exc).__name__}: {exc}")
 
 
 def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -162,14 +139,11 @@ def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
-    """This process's part of every batch of the single-process training loader.
+    """This process's part of every batch of ``DataLoader(shuffle=True, batch_size, generator)``.
 
-    The global batches are those of ``DataLoader(shuffle=True, batch_size, generator)`` (the same ``RandomSampler``
-    and ``BatchSampler``, so the same draws from ``generator``); every rank holds an identically seeded generator,
-    so all ranks see the same permutation each epoch (the generator's state advances per epoch, which plays the
-    role of ``DistributedSampler.set_epoch`` and is checkpointed). Rank r takes ``shard_bounds(len(batch), r, N)``
-    of each batch; when that part is empty (a last batch smaller than N) it gets the batch's first sample, which
-    the training loop weights by 0 (``shares`` tells it the true counts).
+    Every rank holds an identically seeded generator and draws the same batches; rank r takes
+    ``shard_bounds(len(batch), r, N)`` of each. When that part is empty (a last batch smaller than N) it gets the
+    batch's first sample, which the training loop weights by 0 (``shares`` gives the true counts).
     """
 
     def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator, rank: int,

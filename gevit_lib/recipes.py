@@ -1,15 +1,12 @@
 """The post's training runs as data: model, data, augmentation, optimiser, schedule, epochs and batch size of each
-experiment that ``python -m gevit_lib.run`` trains.
+experiment that ``python -m gevit_lib.run`` trains. :func:`get_recipe` scales a recipe to a profile
+(:mod:`gevit_lib.profiles`) and applies the caller's checked changes; the helpers below turn it into what ``fit``
+takes.
 
-A :class:`Recipe` holds the post's (full-scale) settings; :func:`get_recipe` scales it to a profile with the
-table in :mod:`gevit_lib.profiles` (smoke / quick: small subsets, few epochs) and applies the caller's changes,
-checked for type and range. The helpers below turn a recipe into what ``fit`` takes: the model, the data splits,
-the augmentation and a ``TrainConfig``.
-
-Sources of the settings: GE-ViT, the README commands of the original GE-ViT repository (rotated MNIST: Adam 1e-3,
-weight decay 1e-4, batch 8, 300 epochs; PCam: SGD 1e-2 with momentum 0.9, weight decay 1e-4, 10 warm-up epochs
-then cosine, batch 16, 100 epochs); the post's ViT, its training script (Adam 1e-3, 500 epochs, batch 128, random
-rotations and flips on rotated MNIST; batch 1024 without augmentation on upright MNIST).
+Sources: GE-ViT, the original repository's README commands (rotated MNIST: Adam 1e-3, weight decay 1e-4, batch 8,
+300 epochs; PCam: SGD 1e-2, momentum 0.9, weight decay 1e-4, 10 warm-up epochs then cosine, batch 16, 100 epochs);
+the post's ViT, its training script (Adam 1e-3, 500 epochs, batch 128, random rotations and flips on rotated MNIST;
+batch 1024 without augmentation on upright MNIST).
 """
 
 from __future__ import annotations
@@ -17,11 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
-from .augment import Augment, random_d4, random_rotation
+from .augment import Augment, random_rotation
 from .data import MNIST_BACKGROUND, mnist, pcam, random_subset, rotated_mnist, take_subset
 from .groups import get_group
 from .models.gevit import build_gevit
@@ -36,7 +33,6 @@ MODEL_BUILDERS = {"build_gevit": build_gevit, "build_vit": build_vit}
 AUGMENTATIONS = {
     # RandomRotation(-180, 180) + horizontal and vertical flips, exposed corners black (the post's ViT)
     "rotations_and_flips": lambda: random_rotation(180.0, fill=MNIST_BACKGROUND, flips=True),
-    "d4": random_d4,  # multiples of 90 degrees + flips
 }
 
 
@@ -71,18 +67,17 @@ class Recipe:
 
 
 _GEVIT_ROTMNIST = dict(family="gevit_rotmnist", model="build_gevit", dataset="rotated_mnist", optimizer="adam",
-                       lr=1e-3, weight_decay=1e-4, epochs=300, batch_size=8)
+                       lr=1e-3, weight_decay=1e-4, epochs=300, batch_size=8, options=("group", "patch_size"),
+                       model_args={"preset": "rotmnist", "group": "p4", "patch_size": 9})
 _VIT_MNIST = dict(family="vit_mnist", model="build_vit", model_args={"preset": "mnist"}, optimizer="adam", lr=1e-3,
                   epochs=500, batch_size=128, eval_batch_size=128)
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("gevit_rotmnist", "GE-ViT on rotated MNIST (post: p4, patch 9, 300 epochs)", **_GEVIT_ROTMNIST,
-           model_args={"preset": "rotmnist", "group": "p4", "patch_size": 9}, options=("group", "patch_size")),
-    Recipe("gevit_rotmnist_10pct", "GE-ViT on 10% of rotated MNIST", **_GEVIT_ROTMNIST,
-           model_args={"preset": "rotmnist", "group": "p4", "patch_size": 9}, data_args={"fraction": 0.1},
-           options=("group", "patch_size")),
-    Recipe("gevit_rotmnist_3v8", "GE-ViT p4m on the threes and eights of rotated MNIST", **_GEVIT_ROTMNIST,
-           model_args={"preset": "rotmnist", "group": "p4m", "patch_size": 9, "num_classes": 2},
-           data_args={"digits": [3, 8]}, options=("patch_size",)),
+    Recipe("gevit_rotmnist", "GE-ViT on rotated MNIST (post: p4, patch 9, 300 epochs)", **_GEVIT_ROTMNIST),
+    Recipe("gevit_rotmnist_10pct", "GE-ViT on 10% of rotated MNIST", **_GEVIT_ROTMNIST, data_args={"fraction": 0.1}),
+    Recipe("gevit_rotmnist_3v8", "GE-ViT p4m on the threes and eights of rotated MNIST",
+           **{**_GEVIT_ROTMNIST, "options": ("patch_size",),
+              "model_args": {"preset": "rotmnist", "group": "p4m", "patch_size": 9, "num_classes": 2}},
+           data_args={"digits": [3, 8]}),
     Recipe("gevit_pcam", "GE-ViT on PCam (post: p4, patch 5, 100 epochs)", family="gevit_pcam", model="build_gevit",
            model_args={"preset": "pcam", "group": "p4", "patch_size": 5}, dataset="pcam", optimizer="sgd", lr=1e-2,
            momentum=0.9, weight_decay=1e-4, schedule="warmup_cosine", warmup_epochs=10.0, epochs=100,
@@ -96,17 +91,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
-@dataclass(frozen=True)
-class _Setting:
+class _Setting(NamedTuple):
     kind: type  # int or float
     minimum: float
     strict: bool = False  # value > minimum instead of >=
     none: str = ""  # what None means, when allowed
-
-    def describe(self) -> str:
-        what = "an integer" if self.kind is int else "a number"
-        text = f"{what} {'>' if self.strict else '>='} {self.minimum:g}"
-        return f"{text} or null ({self.none})" if self.none else text
 
 
 # Recipe fields a user may change (``--set FIELD=VALUE``), with their type and range.
@@ -125,12 +114,11 @@ def check_setting(name: str, value: Any) -> Any:
     s = SETTINGS[name]
     if value is None and s.none:
         return None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (isinstance(value, int) if s.kind is int else math.isfinite(value))
-    if ok:
-        ok = value > s.minimum if s.strict else value >= s.minimum
-    if not ok:
-        raise ValueError(f"{name} must be {s.describe()}, got {value!r}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (isinstance(value, int) if s.kind is int else math.isfinite(value))
+    if not (ok and (value > s.minimum if s.strict else value >= s.minimum)):
+        what = f"{'an integer' if s.kind is int else 'a number'} {'>' if s.strict else '>='} {s.minimum:g}"
+        raise ValueError(f"{name} must be {what}{f' or null ({s.none})' if s.none else ''}, got {value!r}")
     return s.kind(value)
 
 

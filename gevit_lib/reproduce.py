@@ -28,15 +28,12 @@ def find_notebooks(folder: Path, only: list[str] | None = None) -> list[Path]:
 def outputs_since(out_dir: Path, start: float) -> list[tuple[Path, dict]]:
     """Files written into ``out_dir`` after ``start`` that have a provenance sidecar, with that sidecar."""
     found = []
-    for sidecar in sorted(out_dir.glob("*.json")):
-        if sidecar.stat().st_mtime < start:
-            continue
+    for sidecar in sorted(p for p in out_dir.glob("*.json") if p.stat().st_mtime >= start):
         try:
             meta = json.loads(sidecar.read_text())
         except json.JSONDecodeError:
             continue
-        for name in meta.get("files", []):
-            found.append((out_dir / name, meta))
+        found += [(out_dir / name, meta) for name in meta.get("files", [])]
     return found
 
 
@@ -69,6 +66,7 @@ def default_cell_timeout(profile: str) -> int | None:
 
 def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_dir: Path, data_dir: str | None,
         seed: int, only: list[str] | None = None, cell_timeout: int | None = None) -> int:
+    """Execute the notebooks one at a time and say where their outputs went; exit status 0, 1 (one failed) or 2."""
     books = find_notebooks(notebooks_dir, only)
     if not books:
         known = ", ".join(p.stem for p in find_notebooks(notebooks_dir)) or "none"
@@ -80,7 +78,6 @@ def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_di
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = []
-    failed = 0
     for book in books:
         start = time.time()
         target = run_dir / book.name
@@ -96,7 +93,6 @@ def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_di
             status = "ok"
         except Exception as exc:  # noqa: BLE001 - report every failing notebook, then fail at the end
             status = f"FAILED: {failure_message(exc)}"
-            failed += 1
         seconds = time.time() - start
         summary.append((book.name, status, seconds, outputs_since(out_dir, start), target))
         print(f"    {status} in {seconds:.0f} s -> {target}", flush=True)
@@ -107,7 +103,7 @@ def run(profile: str, device: str, *, notebooks_dir: Path, out_dir: Path, run_di
         for path, meta in outputs:
             src = ", ".join(f"{k}={meta[k]}" for k in ("data_source", "checkpoint") if meta.get(k))
             print(f"    {path}" + (f"  ({src})" if src else ""))
-    return 1 if failed else 0
+    return 1 if any(status != "ok" for _, status, *_ in summary) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

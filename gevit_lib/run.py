@@ -1,8 +1,7 @@
 """Command line for the long training runs: ``python -m gevit_lib.run --experiment NAME --profile full``.
 
-Each experiment is a recipe of :mod:`gevit_lib.recipes` (the post's model, data and training settings) trained
-with ``fit``: resumable (``--resume``) and runnable under torchrun, e.g.
-``torchrun --nproc-per-node 4 -m gevit_lib.run --experiment gevit_rotmnist --device cuda --resume``.
+Each experiment is a recipe of :mod:`gevit_lib.recipes` trained with ``fit``: resumable (``--resume``) and runnable
+under torchrun, e.g. ``torchrun --nproc-per-node 4 -m gevit_lib.run --experiment gevit_rotmnist --device cuda``.
 ``--list`` prints the experiments.
 """
 
@@ -29,25 +28,23 @@ NOTEBOOKS = ("The post-hoc studies of a trained ViT and the model zoo are notebo
              "`python -m gevit_lib.reproduce --only 06 --profile full`")
 
 
-def default_run_dir(recipe: Recipe, profile: str) -> Path:
-    """``runs/<experiment>[_<group>_p<patch size>]/<profile>``."""
-    args = recipe.model_args
-    suffix = f"_{args['group']}_p{args['patch_size']}" if "patch_size" in args else ""
-    return Path("runs") / f"{recipe.name}{suffix}" / profile
-
-
 def train(recipe: Recipe, *, profile: str = "full", run_dir: str | Path | None = None, resume: bool = False,
           seed: int = 0, device: str = "auto", data_dir: str | None = None, num_workers: int = 0,
           compile: bool = False, progress: bool = True) -> FitResult:
     """Train ``recipe`` (from :func:`gevit_lib.recipes.get_recipe`) with ``fit``; the best validation weights end
-    in the run folder's ``best.pt``. ``compile`` wraps the model in ``torch.compile`` (pays off on GPUs)."""
+    in the run folder's ``best.pt`` (default ``runs/<experiment>[_<group>_p<patch size>]/<profile>``).
+    ``compile`` wraps the model in ``torch.compile`` (pays off on GPUs)."""
+    if not run_dir:
+        args = recipe.model_args
+        suffix = f"_{args['group']}_p{args['patch_size']}" if "patch_size" in args else ""
+        run_dir = Path("runs") / f"{recipe.name}{suffix}" / profile
     seed_everything(seed)
     train_data, val_data, test_data = load_splits(recipe, data_dir, seed)
     model = build_model(recipe)
     label = f"{recipe.name} ({profile})"
     return fit(torch.compile(model) if compile else model, train_data, val_data,
                recipe_train_config(recipe, seed=seed, device=device, num_workers=num_workers, label=label),
-               run_dir=run_dir or default_run_dir(recipe, profile), resume=resume, augment=augmentation(recipe),
+               run_dir=run_dir, resume=resume, augment=augmentation(recipe),
                test_data=test_data, progress=progress, model_config=model_config(recipe))
 
 
@@ -101,22 +98,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _recipe(args: argparse.Namespace) -> Recipe:
     """The experiment's recipe with the command line's changes; an option it does not use is an error."""
-    name = args.experiment
-    if name not in RECIPES:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(RECIPES)} (--list). {NOTEBOOKS}")
-    options = {"group": args.group, "patch_size": args.patch_size}
+    if args.experiment not in RECIPES:
+        raise ValueError(f"unknown experiment {args.experiment!r}; choose one of {', '.join(RECIPES)} (--list). "
+                         f"{NOTEBOOKS}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    return get_recipe(name, args.profile, model_changes={k: v for k, v in options.items() if v is not None},
+    options = {"group": args.group, "patch_size": args.patch_size}
+    return get_recipe(args.experiment, args.profile, model_changes={k: v for k, v in options.items() if v is not None},
                       **_settings(args.set))
-
-
-def _result_line(name: str, profile: str, result: FitResult) -> str:
-    val, test = result.best_val or {}, result.test or {}
-    return json.dumps({"experiment": name, "profile": profile, "run_dir": str(result.run_dir),
-                       "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
-                       "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"), "n_val": val.get("n"),
-                       "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"), "n_test": test.get("n")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if distributed.is_main_process():
-        print(_result_line(args.experiment, args.profile, result))
+        val, test = result.best_val or {}, result.test or {}
+        print(json.dumps({"experiment": args.experiment, "profile": args.profile, "run_dir": str(result.run_dir),
+                          "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
+                          "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"), "n_val": val.get("n"),
+                          "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
+                          "n_test": test.get("n")}))
     return 0
 
 

@@ -1,32 +1,9 @@
 """Training and evaluation loop shared by every experiment: ``fit`` and ``evaluate``.
 
-One small loop (nanoGPT style) for GE-ViT, the post's ViT, post-hoc finetuning and the hybrids:
-
-- seeded and deterministic on CPU (python / numpy / torch seeds, one generator for shuffling, another for
-  augmentation, seeded workers);
-- Adam, AdamW or SGD (+ Nesterov) with a constant, linear warm-up + cosine or multistep schedule, stepped per batch;
-- mixed precision on CUDA (bf16 preferred, else fp16 with a GradScaler; always fp32 on CPU);
-- best-on-validation selection (highest accuracy, ties broken by lower loss); the test set, if given, is evaluated
-  once at the end with the selected weights and never used for selection (the original code selected on it);
-- a run folder (:mod:`gevit_lib.checkpointing`) written atomically every epoch; ``resume=True`` continues an
-  interrupted run bit-identically on CPU and refuses a changed model or changed training settings;
-- a non-finite training or validation loss raises ``NonFiniteLossError`` (the original code skipped such batches).
-
-Under ``torchrun --nproc-per-node N`` the same ``fit`` trains with DistributedDataParallel (NCCL on GPUs, gloo on
-CPU) and computes the same optimizer steps as a single process, up to float rounding:
-
-- ``config.batch_size`` is the global batch: ``ShardedBatchSampler`` gives each rank a contiguous part of every
-  batch of the single-process loader (same seeded generator on every rank).
-- each rank's mean loss is weighted by ``rank_count * N / global_count``, so DDP's gradient average is the mean
-  over the global batch, also for uneven splits (nothing is dropped or padded; a rank left with no sample of a
-  tiny last batch runs one sample with weight 0 to join the all-reduce).
-- validation/test: each rank evaluates whole single-process batches and the per-batch loss sums are added in the
-  single-process order, so metrics, selection and early stopping are exactly the single-process ones.
-- training metrics are reduced over ranks; BatchNorm-style buffers are broadcast from rank 0 after every epoch.
-- only rank 0 touches ``run_dir`` and shows progress (the checkpoint is broadcast; errors reach every rank).
-- checkpoints hold global state only (epoch, global step, loader generator, rank 0's RNG), so a run resumes with
-  any number of processes. Dropout and ``augment`` draw from per-rank streams (rank r > 0 reseeds from
-  (seed, r, epoch) each epoch), so those draws differ from a single process; BatchNorm statistics are per rank.
+Seeded and deterministic on CPU, per-batch LR schedules, mixed precision on CUDA, best-on-validation selection (the
+test set is evaluated once at the end), an atomically written run folder that resumes bit-identically, and a
+``NonFiniteLossError`` instead of skipped batches. Under torchrun the same ``fit`` trains with DDP and computes the
+single-process optimizer steps; docs/architecture.md ("Training") explains how.
 """
 
 from __future__ import annotations
@@ -38,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -53,14 +30,7 @@ from tqdm import tqdm
 from gevit_lib import __version__
 from gevit_lib import distributed as dist_utils
 from gevit_lib.augment import Augment
-from gevit_lib.checkpointing import (
-    RunFolder,
-    RunState,
-    check_resume,
-    json_record,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from gevit_lib.checkpointing import RunFolder, RunState, check_resume, json_record, restore_checkpoint, save_checkpoint
 from gevit_lib.distributed import ShardedBatchSampler, shard_bounds
 
 __all__ = ["TrainConfig", "FitResult", "NonFiniteLossError", "fit", "evaluate", "build_optimizer", "build_scheduler",
@@ -78,36 +48,31 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training (or validation) loss became NaN or infinite; the run stops instead of skipping the batch.
-
+    """The training or validation loss became NaN or infinite; the run stops instead of skipping the batch.
     ``step`` is None for a validation loss; ``epoch`` 0 is the initial model's validation (``select_initial``)."""
 
     def __init__(self, value: float, epoch: int, step: int | None, global_step: int, label: str = "",
                  split: str = "training") -> None:
         self.value, self.epoch, self.step, self.global_step, self.split = value, epoch, step, global_step, split
-        where = f" in run {label!r}" if label else ""
         if step is not None:
-            super().__init__(
-                f"{split} loss is {value} at epoch {epoch}, step {step} (global step {global_step}){where}. "
-                f"The run was stopped before this step changed the weights; the checkpoint of the previous epoch "
-                f"is intact. Lower the learning rate, set grad_clip, check the inputs for NaN/inf, or use "
-                f"precision='bf16'/'fp32' instead of 'fp16'.")
+            when, before = f"at epoch {epoch}, step {step} (global step {global_step})", "step changed the weights"
         else:
             when = f"after epoch {epoch}" if epoch else "of the initial model"
-            super().__init__(
-                f"{split} loss is {value} {when}{where}. The run was stopped before this epoch's files were "
-                f"written; the checkpoint of the previous epoch is intact. Check the {split} data for NaN/inf, "
-                f"lower the learning rate, set grad_clip, or use precision='bf16'/'fp32' instead of 'fp16'.")
+            before = "epoch's files were written"
+        where = f" in run {label!r}" if label else ""
+        super().__init__(
+            f"{split} loss is {value} {when}{where}. The run was stopped before this {before}; the checkpoint of the "
+            f"previous epoch is intact. Check the {split} data for NaN/inf, lower the learning rate, set grad_clip, "
+            f"or use precision='bf16'/'fp32' instead of 'fp16'.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (written to ``config.json``).
 
-    ``milestones`` are 0-based epoch indices as in ``torch.optim.lr_scheduler.MultiStepLR``: ``(30,)`` multiplies
-    the LR by ``gamma`` from the 31st epoch on. ``warmup_epochs`` may be fractional (it is converted to steps).
-    ``select_initial``: evaluate the model before training and count it as the starting best (the post's
-    finetuning); if no epoch beats it, the initial weights are restored (the reference kept the last epoch's).
+    ``milestones``: 0-based epoch indices as in ``MultiStepLR``. ``warmup_epochs`` may be fractional.
+    ``select_initial``: the model before training is the starting best (the post's finetuning); if no epoch beats
+    it, the initial weights are restored.
     """
 
     epochs: int
@@ -134,48 +99,32 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "optimizer", self.optimizer.lower())
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            problems.append(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            problems.append("nesterov=True needs optimizer='sgd' and momentum > 0")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            problems.append(f"warmup_epochs must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 0 for m in self.milestones):
-            problems.append(f"milestones must be increasing non-negative epoch indices, got {self.milestones}")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            problems.append(f"early_stopping_patience must be >= 1 or None, got {self.early_stopping_patience}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        m, patience, clip = self.milestones, self.early_stopping_patience, self.grad_clip
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {PRECISIONS}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "nesterov=True needs optimizer='sgd' and momentum > 0"),
+            (0 <= self.warmup_epochs <= self.epochs,
+             f"warmup_epochs must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}"),
+            (list(m) == sorted(set(m)) and all(i >= 0 for i in m),
+             f"milestones must be increasing non-negative epoch indices, got {m}"),
+            (patience is None or patience >= 1, f"early_stopping_patience must be >= 1 or None, got {patience}"),
+            (clip is None or clip > 0, f"grad_clip must be > 0 or None, got {clip}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return {**asdict(self), "milestones": list(self.milestones)}
 
 
 @dataclass
@@ -194,10 +143,6 @@ class FitResult:
     precision: str
     run_dir: Path | None = None
     seconds: float = 0.0  # wall time of the epochs run by this call
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Seeding, device, precision
 
 
 def seed_everything(seed: int) -> None:
@@ -237,30 +182,22 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
 def _as_dataset(data: Data, what: str) -> Dataset:
-    if isinstance(data, Dataset):
-        dataset = data
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        inputs, labels = data
-        if len(inputs) != len(labels):
-            raise ValueError(f"{what}: {len(inputs)} inputs but {len(labels)} labels")
-        dataset = TensorDataset(inputs, labels)
-    else:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        if len(data[0]) != len(data[1]):
+            raise ValueError(f"{what}: {len(data[0])} inputs but {len(data[1])} labels")
+        data = TensorDataset(*data)
+    elif not isinstance(data, Dataset):
         raise TypeError(f"{what} must be a torch Dataset of (input, label) pairs or a tuple (inputs, labels), "
                         f"got {type(data).__name__}")
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(data) == 0:  # type: ignore[arg-type]
         raise ValueError(f"{what} is empty")
-    return dataset
+    return data
 
 
 def _seed_worker(worker_id: int, rank: int = 0) -> None:
-    """Seed numpy and ``random`` in a data-loader worker from its torch seed (itself drawn from the loader's
-    generator), so worker-side augmentation is reproducible. Every rank's loader draws the same seeds, so ranks
-    > 0 first derive their own torch seed from (seed, rank): per-item random transforms differ between ranks."""
+    """Seed numpy and ``random`` in a loader worker from its torch seed; ranks > 0 first derive their own torch
+    seed from (seed, rank), so per-item random transforms differ between ranks."""
     seed = torch.initial_seed()
     if rank > 0:
         seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
@@ -271,33 +208,13 @@ def _seed_worker(worker_id: int, rank: int = 0) -> None:
 
 def train_loader(dataset: Dataset, config: TrainConfig, generator: torch.Generator, device: torch.device, *,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Shuffled training batches, all randomness drawn from ``generator``. With ``world_size > 1`` this rank's
-    part of the same global batches (``ShardedBatchSampler``)."""
+    """Shuffled training batches drawn from ``generator``; with ``world_size > 1`` this rank's part of them."""
     common = dict(generator=generator, num_workers=config.num_workers,
-                  worker_init_fn=functools.partial(_seed_worker, rank=rank),
-                  pin_memory=device.type == "cuda")
+                  worker_init_fn=functools.partial(_seed_worker, rank=rank), pin_memory=device.type == "cuda")
     if world_size == 1:
         return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, **common)  # type: ignore[arg-type]
-    n = len(dataset)  # type: ignore[arg-type]
-    sampler = ShardedBatchSampler(n, config.batch_size, generator, rank, world_size)
+    sampler = ShardedBatchSampler(len(dataset), config.batch_size, generator, rank, world_size)  # type: ignore
     return DataLoader(dataset, batch_sampler=sampler, **common)  # type: ignore[arg-type]
-
-
-def _eval_loader(dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1) -> tuple[DataLoader, tuple[int, int]]:
-    """Rank ``rank``'s contiguous block of whole dataset-order batches, and (its first batch, number of batches).
-    A private generator keeps evaluation from consuming the global torch RNG."""
-    n = len(dataset)  # type: ignore[arg-type]
-    total = math.ceil(n / batch_size)
-    lo, hi = shard_bounds(total, rank, world_size)
-    batches = [list(range(j * batch_size, min(n, (j + 1) * batch_size))) for j in range(lo, hi)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
-                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
-    return loader, (lo, total)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Optimizers and schedules
 
 
 def build_optimizer(params: nn.Module | Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -316,11 +233,9 @@ def build_optimizer(params: nn.Module | Iterable[nn.Parameter], config: TrainCon
 
 
 def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
-    """Multiplier of ``config.lr`` for the 0-based optimizer ``step``.
-
-    constant: 1. multistep: ``gamma ** (number of milestones <= epoch index)``. warmup_cosine: linear warm-up
-    reaching 1 at the last warm-up step, then a half cosine that would reach 0 one step after the last step.
-    """
+    """Multiplier of ``config.lr`` for the 0-based optimizer ``step``. multistep: ``gamma ** (milestones <= epoch
+    index)``; warmup_cosine: linear warm-up reaching 1 at the last warm-up step, then a half cosine that would reach
+    0 one step after the last step."""
     if config.schedule == "constant":
         return 1.0
     if config.schedule == "multistep":
@@ -329,8 +244,7 @@ def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     warmup = round(config.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
-    total = config.epochs * steps_per_epoch
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, config.epochs * steps_per_epoch - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -338,66 +252,58 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     """Per-batch ``LambdaLR`` following ``lr_factor`` (call ``.step()`` after every optimizer step)."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-
     return LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
 @torch.no_grad()
-def _eval_pass(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, loss_fn: LossFn,
-               progress: bool, desc: str, shard: tuple[int, int] | None = None) -> dict[str, float]:
-    """Metrics over ``loader``. ``shard=(first, total)``: ``loader`` holds batches ``first, first+1, ...`` of
-    ``total`` batches split over the processes; the result is reduced over them, adding the per-batch loss sums
-    in batch order, so it is bit-identical to one process going through all ``total`` batches."""
+def _eval_pass(model: nn.Module, data: Dataset, batch_size: int, device: torch.device, precision: str,
+               loss_fn: LossFn, *, num_workers: int = 0, progress: bool = False, desc: str = "eval",
+               sharded: bool = False) -> dict[str, float]:
+    """Metrics over ``data`` in dataset order. ``sharded``: each process evaluates a contiguous block of the batches
+    and the per-batch loss sums are added in batch order after the reduction, so the result is bit-identical to one
+    process going through all batches. A private generator keeps the global torch RNG untouched."""
+    size = len(data)  # type: ignore[arg-type]
+    total = math.ceil(size / batch_size)
+    lo, hi = shard_bounds(total, dist_utils.rank(), dist_utils.world_size()) if sharded else (0, total)
+    batches = [list(range(j * batch_size, min(size, (j + 1) * batch_size))) for j in range(lo, hi)]
+    loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers, worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    batch_sums = torch.zeros(total, dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
-    batch_sums = torch.zeros(shard[1] if shard else 0, dtype=torch.float64, device=device)
     try:
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)):
+        for j, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True),
+                                   start=lo):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)
             logits = logits.float()
-            if shard is None:
-                loss_sum += loss_fn(logits, y).double() * len(y)
-            else:
-                batch_sums[shard[0] + i] = loss_fn(logits, y).double() * len(y)
+            batch_sums[j] = loss_fn(logits, y).double() * len(y)
             correct += (logits.argmax(dim=-1) == y).sum()
             n += len(y)
     finally:
         model.train(was_training)
-    if shard is not None:  # each slot has exactly one non-zero contributor, so the sum over ranks is exact
+    if sharded:  # each slot has exactly one non-zero contributor, so the sum over ranks is exact
         dist_utils.all_reduce_sum(batch_sums)
         counts = dist_utils.all_reduce_sum(torch.stack([correct, torch.tensor(n, device=device)]))
         correct, n = counts[0], int(counts[1].item())
-        for value in batch_sums:
-            loss_sum += value
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for value in batch_sums:
+        loss_sum += value
     return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
 
 
-def evaluate(model: nn.Module, data: Data | DataLoader, *, batch_size: int = 256, device: str = "cpu",
-             precision: str = "fp32", progress: bool = False, loss_fn: LossFn | None = None,
-             num_workers: int = 0) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Data, *, batch_size: int = 256, device: str = "cpu", precision: str = "fp32",
+             progress: bool = False, loss_fn: LossFn | None = None, num_workers: int = 0) -> dict[str, float]:
     """Mean loss (cross-entropy unless ``loss_fn``), accuracy (fraction) and count on ``data``, in eval mode.
-
-    Moves ``model`` to ``device``; restores its train/eval mode afterwards. Does not consume the global RNG.
-    """
+    Moves ``model`` to ``device`` and restores its train/eval mode; does not consume the global RNG."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    if not isinstance(data, DataLoader):
-        data, _ = _eval_loader(_as_dataset(data, "data"), batch_size, dev, num_workers)
-    return _eval_pass(model, data, dev, prec, loss_fn or nn.CrossEntropyLoss(), progress, "eval")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training
+    return _eval_pass(model, _as_dataset(data, "data"), batch_size, dev, prec, loss_fn or nn.CrossEntropyLoss(),
+                      num_workers=num_workers, progress=progress)
 
 
 class _Splits(NamedTuple):
@@ -408,7 +314,7 @@ class _Splits(NamedTuple):
 
 @dataclass
 class _Loop:
-    """What one call of ``fit`` trains with: built by :func:`_prepare`, used by the epoch and evaluation steps."""
+    """What one call of ``fit`` trains with (built by :func:`_prepare`)."""
 
     model: nn.Module  # the caller's model: evaluated, saved, returned
     train_model: nn.Module  # the same model, wrapped in DistributedDataParallel under torchrun
@@ -464,10 +370,9 @@ def _validate(loop: _Loop, data: Dataset, desc: str, epoch: int | None = None, g
     """Metrics on ``data`` (split over the processes under torchrun). With ``epoch`` (a selection pass) a
     non-finite loss stops the run."""
     config = loop.config
-    loader, shard = _eval_loader(data, config.eval_batch_size or config.batch_size, loop.device, config.num_workers,
-                                 dist_utils.rank(), dist_utils.world_size())
-    metrics = _eval_pass(loop.model, loader, loop.device, loop.precision, loop.loss_fn, loop.progress, desc,
-                         shard if loop.distributed else None)
+    metrics = _eval_pass(loop.model, data, config.eval_batch_size or config.batch_size, loop.device, loop.precision,
+                         loop.loss_fn, num_workers=config.num_workers, progress=loop.progress, desc=desc,
+                         sharded=loop.distributed)
     if epoch is not None and not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(metrics["loss"], epoch, None, global_step, config.label, split="validation")
     return metrics
@@ -494,20 +399,14 @@ def _select(state: RunState, record: dict[str, Any], val: dict[str, float] | Non
     return False
 
 
-def _seed_rank_streams(seed: int, rank: int, epoch: int, augment_generator: torch.Generator) -> None:
-    """Per-rank randomness (dropout, augmentation) for rank > 0, derived from (seed, rank, epoch) so that it is
-    distinct from the other ranks and reproducible after a resume without storing per-rank state."""
-    rank_seed = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-    seed_everything(rank_seed)
-    augment_generator.manual_seed(rank_seed + 2)
-
-
 def _train_epoch(loop: _Loop, epoch: int, state: RunState) -> dict[str, float]:
     """One epoch of optimizer steps; returns the training loss and accuracy (reduced over the processes)."""
     config, device = loop.config, loop.device
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    if rank > 0:
-        _seed_rank_streams(config.seed, rank, epoch, loop.augment_generator)
+    if rank > 0:  # per-rank dropout and augmentation, reproducible after a resume without per-rank state
+        rank_seed = int(np.random.SeedSequence([config.seed, rank, epoch]).generate_state(1)[0])
+        seed_everything(rank_seed)
+        loop.augment_generator.manual_seed(rank_seed + 2)
     # (this rank's samples, global batch size) of a step; None in a single process
     shares = loop.loader.batch_sampler.shares if loop.distributed else None  # type: ignore[union-attr]
     loop.train_model.train()
@@ -526,9 +425,7 @@ def _train_epoch(loop: _Loop, epoch: int, state: RunState) -> dict[str, float]:
         if shares is None:
             loss_value = loss.item()
             count, step_sum = len(y), loss_value * len(y)
-        else:
-            # DDP averages gradients over ranks: weighting each rank's mean loss by count * world / total makes
-            # that average the mean over the global batch (weight 1 for evenly split batches).
+        else:  # weight count * world / total: DDP's gradient average becomes the mean over the global batch
             count, total = shares(step - 1)
             step_sum = dist_utils.all_reduce_sum(loss.detach().double() * count).item()  # sum of loss * n
             loss_value = step_sum / total
@@ -568,13 +465,10 @@ def _step(loop: _Loop, loss: Tensor, params: list[nn.Parameter]) -> None:
     loop.scheduler.step()
 
 
-def _count(model: nn.Module, trainable: bool) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
-
-
 def _summary(loop: _Loop, state: RunState, splits: _Splits, test: dict[str, float] | None) -> dict[str, Any]:
     """What ``metrics.json`` holds."""
     n = [len(s) if s is not None else None for s in splits]  # type: ignore[arg-type]
+    params = list(loop.model.parameters())
     return {
         "label": loop.config.label, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
         "best_epoch": state.best_epoch if splits.val is not None else state.epoch, "best_val": state.best_val,
@@ -582,55 +476,38 @@ def _summary(loop: _Loop, state: RunState, splits: _Splits, test: dict[str, floa
         "world_size": dist_utils.world_size(), "global_steps": state.global_step,
         "steps_per_epoch": len(loop.loader), "seconds_total": sum(r["seconds"] for r in state.history),
         "n_train": n[0], "n_val": n[1], "n_test": n[2],
-        "trainable_parameters": _count(loop.model, True), "total_parameters": _count(loop.model, False),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in params),
         "torch_version": torch.__version__, "gevit_lib_version": __version__,
     }
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+def _report(loop: _Loop, line: str) -> None:
+    """A line in the log (rank 0) and on screen (``progress``)."""
+    if dist_utils.is_main_process():
+        log.info(line)
+    if loop.progress:
+        tqdm.write(line)
 
 
 def _report_epoch(loop: _Loop, state: RunState, record: dict[str, Any], improved: bool,
                   epoch_seconds: list[float]) -> None:
-    """The epoch's line in the log and (rank 0, ``progress``) on screen, with an ETA from this call's epochs."""
+    """The epoch's line, with an ETA from the epochs of this call."""
     config = loop.config
     epoch_seconds.append(record["seconds"])
     remaining = 0 if state.stopped_early else config.epochs - record["epoch"]
+    eta = int(round(remaining * sum(epoch_seconds) / len(epoch_seconds)))
+    h, m, s = eta // 3600, eta // 60 % 60, eta % 60
+    eta_text = f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
     parts = [f"{config.label + ' ' if config.label else ''}epoch {record['epoch']}/{config.epochs}",
              f"lr {record['lr']:.2e}",
              f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
     if record["val_loss"] is not None:
         parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%{' *' if improved else ''}")
-    parts += [f"{record['seconds']:.1f} s/epoch",
-              f"ETA {_format_seconds(remaining * sum(epoch_seconds) / len(epoch_seconds))}"]
-    line = " | ".join(parts)
-    if dist_utils.is_main_process():
-        log.info(line)
-    if loop.progress:
-        tqdm.write(line)
-        if state.stopped_early:
-            tqdm.write(f"early stopping: no validation improvement for {state.since_best} epochs")
-
-
-def _report_resume(loop: _Loop, run: RunFolder, state: RunState, finished: bool) -> None:
-    note = "already finished: nothing to train, its files stay as they are" if finished else "resuming"
-    if dist_utils.is_main_process():
-        log.info("%s: %s after epoch %d", run.last, note, state.epoch)
-    if loop.progress:
-        tqdm.write(f"{run.last}: {note} (epoch {state.epoch}/{loop.config.epochs})")
-
-
-def _report_result(loop: _Loop, state: RunState, test: dict[str, float] | None) -> None:
-    if loop.progress and state.best_val is not None:
-        msg = (f"best epoch {state.best_epoch}: val acc {100 * state.best_val['accuracy']:.2f}% "
-               f"loss {state.best_val['loss']:.4f}")
-        if test is not None:
-            msg += f" | test acc {100 * test['accuracy']:.2f}% loss {test['loss']:.4f} (n={test['n']})"
-        tqdm.write(msg)
+    parts += [f"{record['seconds']:.1f} s/epoch", f"ETA {eta_text}"]
+    _report(loop, " | ".join(parts))
+    if loop.progress and state.stopped_early:
+        tqdm.write(f"early stopping: no validation improvement for {state.since_best} epochs")
 
 
 def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: TrainConfig, *,
@@ -642,17 +519,11 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
 
     Data: Datasets of (input, label) or tuples (inputs, labels); ``val_data=None`` keeps the final weights;
     ``test_data`` is evaluated once at the end. ``augment(x, generator)`` transforms each training batch on the
-    device, drawing randomness only from ``generator``. ``loss_fn(logits, labels)`` -> mean loss (default
-    cross-entropy; also for validation/test). ``run_dir``: config.json, metrics.csv, metrics.json, best.pt (state
-    dict) and last.pt (full state), written atomically every epoch. ``model_config``: a JSON-serialisable
-    description of the model, recorded there. ``resume=True`` continues from ``run_dir/last.pt``, refusing another
-    ``model_config``, settings outside ``checkpointing.RESUMABLE_CHANGES`` or fewer epochs; a finished run is not
-    retrained or rewritten (its best weights are loaded, the test set evaluated). Without ``resume`` an existing
-    checkpoint is an error. ``on_epoch_end(record, model)`` runs after each epoch's files are written.
-
-    Under torchrun (``WORLD_SIZE > 1``) ``fit`` joins the process group itself and trains with DDP on the same
-    global batches (see the module docstring); only rank 0 touches ``run_dir`` and shows progress, and every rank
-    returns the same ``FitResult`` and weights.
+    device. ``loss_fn(logits, labels)`` -> mean loss (default cross-entropy). ``run_dir`` receives the run folder
+    (:mod:`gevit_lib.checkpointing`) every epoch, recording ``model_config`` (JSON-serialisable). ``resume=True``
+    continues from ``run_dir/last.pt``, refusing another ``model_config``, other settings or fewer epochs; a
+    finished run is not retrained or rewritten. ``on_epoch_end(record, model)`` runs after each epoch's files.
+    Under torchrun only rank 0 touches ``run_dir``; every rank returns the same result and weights.
     """
     distributed = dist_utils.setup(resolve_device(config.device).type)
     main = dist_utils.is_main_process()
@@ -663,17 +534,17 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
     run = RunFolder(run_dir, resume) if run_dir is not None else None
     checkpoint = dist_utils.on_main_then_broadcast(run.read_last) if run is not None else None
     loop = _prepare(model, splits.train, config, augment, loss_fn, progress, distributed)
+    stateful = dict(model=model, optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
+                    loader_generator=loop.loader_generator, augment_generator=loop.augment_generator)
 
     state, finished = RunState(), False
-    if checkpoint is not None:
-        assert run is not None
+    if run is not None and checkpoint is not None:
         check_resume(run.last, checkpoint, config.to_dict(), model_record)
-        state = restore_checkpoint(run.last, checkpoint, model=model, optimizer=loop.optimizer,
-                                   scheduler=loop.scheduler, scaler=loop.scaler,
-                                   loader_generator=loop.loader_generator, augment_generator=loop.augment_generator)
+        state = restore_checkpoint(run.last, checkpoint, **stateful)
         del checkpoint
         finished = state.finished(config.epochs)
-        _report_resume(loop, run, state, finished)
+        note = "already finished: nothing to train, its files stay as they are" if finished else "resuming"
+        _report(loop, f"{run.last}: {note} (epoch {state.epoch}/{config.epochs})")
     elif config.select_initial:
         assert splits.val is not None
         state.initial_val = state.best_val = _validate(loop, splits.val, "initial val", epoch=0)
@@ -697,10 +568,7 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
             if main:
                 if improved or val is None:
                     run.save_best(model)
-                save_checkpoint(run.last, config=config.to_dict(), model_config=model_record, model=model,
-                                optimizer=loop.optimizer, scheduler=loop.scheduler, scaler=loop.scaler,
-                                loader_generator=loop.loader_generator, augment_generator=loop.augment_generator,
-                                state=state)
+                save_checkpoint(run.last, config.to_dict(), model_record, state, **stateful)
                 run.write_history(state.history)
                 run.write_summary(_summary(loop, state, splits, None))
             dist_utils.barrier()  # the epoch's files are complete before any rank goes on (or is stopped)
@@ -715,7 +583,12 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
         if main:
             run.write_summary(_summary(loop, state, splits, test))
         dist_utils.barrier()
-    _report_result(loop, state, test)
+    if loop.progress and state.best_val is not None:
+        best = state.best_val
+        msg = f"best epoch {state.best_epoch}: val acc {100 * best['accuracy']:.2f}% loss {best['loss']:.4f}"
+        if test is not None:
+            msg += f" | test acc {100 * test['accuracy']:.2f}% loss {test['loss']:.4f} (n={test['n']})"
+        tqdm.write(msg)
     return FitResult(history=state.history, best_epoch=state.best_epoch if splits.val is not None else state.epoch,
                      best_val=state.best_val, initial_val=state.initial_val, test=test,
                      epochs_completed=state.epoch, stopped_early=state.stopped_early, device=str(loop.device),

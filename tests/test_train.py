@@ -186,7 +186,7 @@ def test_run_dir_files_are_complete_and_atomic(tmp_path: Path) -> None:
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.csv", "metrics.json", "last.pt", "best.pt"}
     assert not list(tmp_path.rglob("*.tmp"))
     recorded = json.loads((run / "config.json").read_text())
-    assert TrainConfig.from_dict(recorded["train"]) == config and recorded["model"] is None
+    assert TrainConfig(**recorded["train"]) == config and recorded["model"] is None
     assert recorded["gevit_lib_version"] == gevit_lib.__version__
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
