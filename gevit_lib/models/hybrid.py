@@ -6,8 +6,8 @@ and where they deviate from the post. Both have the interface of every model of 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,8 +20,6 @@ from ..nn.attention import check_impl
 from ..nn.gconv import GCNN, GroupPool, check_exact_group
 from ._registry import check_batch, register_model
 from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
-
-EMBED_METHODS: tuple[str, ...] = ("mean", "gcnn")
 
 # GE-ViT on the artificial image (the post's: p4, 20 channels, blocks [2, 3], crop [1, 0, 0, 0, 0], neighbourhood 3,
 # 9 heads, LayerNorm, Swish, dropouts 0.1 / 0.1, normalisation between layers, max-pool after block 0 only)
@@ -128,8 +126,8 @@ class InvariantPatchEmbedding(nn.Module):
                  method: str = "mean", hidden_dim: int | None = None, gcnn_channels: int = 8, gcnn_layers: int = 2,
                  gcnn_kernel: int = 3, impl: str = "fast") -> None:
         super().__init__()
-        if method not in EMBED_METHODS:
-            raise ValueError(f"embed method must be one of {EMBED_METHODS}, got {method!r}")
+        if method not in ("mean", "gcnn"):
+            raise ValueError(f"embed method must be one of ('mean', 'gcnn'), got {method!r}")
         if min(in_channels, patch_size, embed_dim) < 1:
             raise ValueError(f"in_channels, patch_size and embed_dim must be >= 1, got {in_channels}, {patch_size}, "
                              f"{embed_dim}")
@@ -177,46 +175,30 @@ class InvariantPatchEmbedding(nn.Module):
                 f"embed_dim={self.embed_dim}, impl={self.impl!r}")
 
 
-@dataclass(frozen=True)
-class PatchGEViTConfig:
-    """Invariant patch embeddings -> GE-ViT; ``attention_patch`` is GE-ViT's neighbourhood on the patch grid and
-    ``gevit`` overrides GE-ViT fields (default: the post's, with crops / pooling from :func:`grid_layout`)."""
-
-    group: str = "p4"
-    patch_group: str | None = None  # transforms averaged inside each patch (default: group; the post used p4m)
-    in_channels: int = 1
-    image_size: int = 28
-    patch_size: int = 4
-    embed_dim: int = 64
-    embed_method: str = "mean"
-    embed_hidden: int | None = None
-    gcnn_channels: int = 8
-    gcnn_layers: int = 2
-    gcnn_kernel: int = 3
-    attention_patch: int = 3
-    num_classes: int = 10
-    gevit: Mapping[str, Any] = field(default_factory=dict)
-
-
 class PatchGEViT(_GridGEViT):
-    """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. Logits ``[B, classes]``."""
+    """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. ``patch_group``: the
+    transforms averaged inside each patch (default: ``group``; the post used p4m); ``attention_patch``: GE-ViT's
+    neighbourhood on the grid; ``gevit``: GE-ViT fields (default: the post's, crops / pooling from
+    :func:`grid_layout`)."""
 
-    def __init__(self, config: PatchGEViTConfig) -> None:
+    def __init__(self, group: str = "p4", patch_group: str | None = None, in_channels: int = 1, image_size: int = 28,
+                 patch_size: int = 4, embed_dim: int = 64, embed_method: str = "mean", embed_hidden: int | None = None,
+                 gcnn_channels: int = 8, gcnn_layers: int = 2, gcnn_kernel: int = 3, attention_patch: int = 3,
+                 num_classes: int = 10, gevit: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        if config.image_size % config.patch_size:
-            raise ValueError(f"patch size {config.patch_size} must divide the image size {config.image_size}")
-        patch_group = get_group(config.patch_group or config.group)
-        _check_contains(patch_group, get_group(config.group), "patch_group")
-        self.config = config
-        self.embed = InvariantPatchEmbedding(config.in_channels, config.patch_size, config.embed_dim, patch_group,
-                                             config.embed_method, config.embed_hidden, config.gcnn_channels,
-                                             config.gcnn_layers, config.gcnn_kernel)
-        self.gevit = _build_grid_gevit(config.group, config.embed_dim, config.image_size // config.patch_size,
-                                       config.attention_patch, config.num_classes, config.gevit)
+        if image_size % patch_size:
+            raise ValueError(f"patch size {patch_size} must divide the image size {image_size}")
+        copies = get_group(patch_group or group)
+        _check_contains(copies, get_group(group), "patch_group")
+        self.image_size = image_size
+        self.embed = InvariantPatchEmbedding(in_channels, patch_size, embed_dim, copies, embed_method, embed_hidden,
+                                             gcnn_channels, gcnn_layers, gcnn_kernel)
+        self.gevit = _build_grid_gevit(group, embed_dim, image_size // patch_size, attention_patch, num_classes,
+                                       gevit or {})
 
     def artificial_image(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
-            raise ValueError(f"this model was built for {self.config.image_size}x{self.config.image_size} images, got "
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(f"this model was built for {self.image_size}x{self.image_size} images, got "
                              f"{tuple(x.shape[-2:])}")
         return self.embed(x)
 
@@ -229,51 +211,35 @@ class PatchGEViT(_GridGEViT):
         return self
 
 
-@dataclass(frozen=True)
-class HybridConfig:
-    """G-CNN front end -> invariant pooling -> GE-ViT (the post's hybrid); ``gcnn_group`` defaults to ``group`` and
-    ``gevit`` overrides GE-ViT fields of the back end."""
-
-    group: str = "p4"
-    gcnn_group: str | None = None
-    in_channels: int = 3
-    image_size: int = 96
-    gcnn_channels: int = 8
-    gcnn_layers: int = 8
-    gcnn_kernel: int = 5
-    gcnn_padding: int = 0
-    gcnn_bias: bool = False
-    pooled_size: int = 6
-    attention_patch: int = 5
-    num_classes: int = 2
-    gevit: Mapping[str, Any] = field(default_factory=lambda: {"maxpool_after_last_block": True})
-
-
 class HybridGEViT(_GridGEViT):
-    """Approach 2: exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size`` -> GE-ViT."""
+    """Approach 2 (the post's hybrid): exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size``
+    -> GE-ViT. ``gcnn_group`` defaults to ``group``; ``gevit`` overrides GE-ViT fields of the back end (default:
+    max-pool after every block, as the post's)."""
 
-    def __init__(self, config: HybridConfig) -> None:
+    def __init__(self, group: str = "p4", gcnn_group: str | None = None, in_channels: int = 3, image_size: int = 96,
+                 gcnn_channels: int = 8, gcnn_layers: int = 8, gcnn_kernel: int = 5, gcnn_padding: int = 0,
+                 gcnn_bias: bool = False, pooled_size: int = 6, attention_patch: int = 5, num_classes: int = 2,
+                 gevit: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        gcnn_group = check_exact_group(config.gcnn_group or config.group)
-        _check_contains(gcnn_group, get_group(config.group), "gcnn_group")
-        self.config = config
-        self.gcnn = GCNN(gcnn_group, config.in_channels, config.gcnn_channels, num_layers=config.gcnn_layers,
-                         kernel_size=config.gcnn_kernel, padding=config.gcnn_padding, bias=config.gcnn_bias,
-                         norm=True, norm_affine=False)
-        size = self.gcnn.output_size(config.image_size)
-        if size < config.pooled_size:
-            raise ValueError(f"the G-CNN turns {config.image_size}x{config.image_size} images into {size}x{size} maps, "
-                             f"smaller than pooled_size={config.pooled_size}")
+        front_group = check_exact_group(gcnn_group or group)
+        _check_contains(front_group, get_group(group), "gcnn_group")
+        self.in_channels, self.image_size = in_channels, image_size
+        self.gcnn = GCNN(front_group, in_channels, gcnn_channels, num_layers=gcnn_layers, kernel_size=gcnn_kernel,
+                         padding=gcnn_padding, bias=gcnn_bias, norm=True, norm_affine=False)
+        size = self.gcnn.output_size(image_size)
+        if size < pooled_size:
+            raise ValueError(f"the G-CNN turns {image_size}x{image_size} images into {size}x{size} maps, smaller than "
+                             f"pooled_size={pooled_size}")
         self.group_pool = GroupPool("max")
-        self.spatial_pool = nn.AdaptiveMaxPool2d(config.pooled_size)  # windows symmetric under rot90 / flips
-        self.gevit = _build_grid_gevit(config.group, config.gcnn_channels, config.pooled_size, config.attention_patch,
-                                       config.num_classes, config.gevit)
+        self.spatial_pool = nn.AdaptiveMaxPool2d(pooled_size)  # windows symmetric under rot90 / flips
+        gevit = {"maxpool_after_last_block": True} if gevit is None else gevit
+        self.gevit = _build_grid_gevit(group, gcnn_channels, pooled_size, attention_patch, num_classes, gevit)
 
     def artificial_image(self, x: Tensor) -> Tensor:
         """The artificial image ``[B, gcnn_channels, pooled_size, pooled_size]`` (invariant G-CNN features)."""
-        if x.dim() != 4 or x.shape[-2:] != (self.config.image_size, self.config.image_size):
-            raise ValueError(f"this model was built for images [B, {self.config.in_channels}, {self.config.image_size},"
-                             f" {self.config.image_size}], got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"this model was built for images [B, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}], got {tuple(x.shape)}")
         return self.spatial_pool(self.group_pool(self.gcnn(x)))
 
     def set_impl(self, impl: str) -> HybridGEViT:
@@ -282,52 +248,52 @@ class HybridGEViT(_GridGEViT):
         return self
 
 
-PATCH_PRESETS: dict[str, PatchGEViTConfig] = {
+# preset -> the options that differ from the model's defaults
+PATCH_PRESETS: dict[str, dict[str, Any]] = {
     # the post's patch model (n_embd 128 as in its code; the post's text says 64)
-    "pcam": PatchGEViTConfig(in_channels=3, image_size=96, patch_size=6, embed_dim=128, num_classes=2),
-    "rotmnist": PatchGEViTConfig(in_channels=1, image_size=28, patch_size=4, embed_dim=64, num_classes=10),
+    "pcam": dict(in_channels=3, image_size=96, patch_size=6, embed_dim=128, num_classes=2),
+    "rotmnist": dict(in_channels=1, image_size=28, patch_size=4, embed_dim=64, num_classes=10),
 }
-
-HYBRID_PRESETS: dict[str, HybridConfig] = {
+HYBRID_PRESETS: dict[str, dict[str, Any]] = {
     # the post's hybrid: 8 layers of 5x5 without padding (96 -> 64), max-pool to 6x6, GE-ViT patch 5, pool after
     # every block
-    "pcam": HybridConfig(),
+    "pcam": dict(gevit={"maxpool_after_last_block": True}),
     # rotated MNIST: 3 layers (28 -> 16), 2x2 max-pool to 8x8, GE-ViT neighbourhood 3, pool after the first block
-    "rotmnist": HybridConfig(in_channels=1, image_size=28, gcnn_layers=3, pooled_size=8, attention_patch=3,
-                             num_classes=10, gevit={}),
+    "rotmnist": dict(in_channels=1, image_size=28, gcnn_layers=3, pooled_size=8, attention_patch=3, num_classes=10),
 }
 
 
-def _config(presets: Mapping[str, Any], preset: str, kind: str, group: str, num_classes: int | None,
-            gevit: Mapping[str, Any] | None, overrides: Mapping[str, Any], **fixed: Any) -> Any:
-    """``presets[preset]`` with ``fixed`` and the checked ``overrides`` replaced, ``gevit`` merged into its own."""
+def _build(cls: type[nn.Module], presets: Mapping[str, dict[str, Any]], preset: str, group: str,
+           num_classes: int | None, gevit: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Any:
+    """``cls`` with the options of ``presets[preset]``, the checked ``overrides``, and ``gevit`` merged into its own."""
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-    base = presets[preset]
-    fields = set(base.__dataclass_fields__) - {"gevit"}
+    fields = set(inspect.signature(cls).parameters) - {"gevit"}
     unknown = set(overrides) - fields
     if unknown:
-        raise TypeError(f"unknown {kind} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    num_classes = base.num_classes if num_classes is None else int(num_classes)
-    return replace(base, group=get_group(group).name, num_classes=num_classes, gevit={**base.gevit, **(gevit or {})},
-                   **fixed, **overrides)
+        raise TypeError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    options = {**presets[preset], **overrides, "group": get_group(group).name}
+    if num_classes is not None:
+        options["num_classes"] = int(num_classes)
+    options["gevit"] = {**presets[preset].get("gevit", {}), **(gevit or {})}
+    return cls(**options)
 
 
 def build_patch_gevit(preset: str = "pcam", group: str = "p4", patch_size: int | None = None,
                       embed_method: str = "mean", num_classes: int | None = None,
                       gevit: Mapping[str, Any] | None = None, **overrides: Any) -> PatchGEViT:
-    """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace :class:`PatchGEViTConfig`
-    fields and ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
+    """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace its other options and
+    ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
     fixed: dict[str, Any] = {} if patch_size is None else {"patch_size": int(patch_size)}
-    return PatchGEViT(_config(PATCH_PRESETS, preset, "PatchGEViT", group, num_classes, gevit, overrides,
-                              embed_method=embed_method, **fixed))
+    return _build(PatchGEViT, PATCH_PRESETS, preset, group, num_classes, gevit,
+                  {**overrides, "embed_method": embed_method, **fixed})
 
 
 def build_hybrid(preset: str = "pcam", group: str = "p4", num_classes: int | None = None,
                  gevit: Mapping[str, Any] | None = None, **overrides: Any) -> HybridGEViT:
-    """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace
-    :class:`HybridConfig` fields and ``gevit`` GE-ViT fields."""
-    return HybridGEViT(_config(HYBRID_PRESETS, preset, "HybridGEViT", group, num_classes, gevit, overrides))
+    """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace its other
+    options and ``gevit`` GE-ViT fields."""
+    return _build(HybridGEViT, HYBRID_PRESETS, preset, group, num_classes, gevit, overrides)
 
 
 _ORIGINAL_GCNN_KEYS = ("gcnn.lifting_conv.kernel.weight", "gcnn.gconvs.0.kernel.transformed_grid_R2xH")
