@@ -1,74 +1,49 @@
-"""The model registry behind :mod:`gevit_lib.models` (a module of its own so that model files can register
-themselves without importing the package that imports them)."""
+"""The model registry behind :mod:`gevit_lib.models` (its own module, so that model files can register themselves
+without importing the package that imports them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
 from ..hub import PublishedWeights, load_original_state_dict
 
-__all__ = ["ModelEntry", "register_model", "create_model", "list_models", "load_published", "published_weights",
-           "check_batch"]
-
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+# (builder of the untrained model, published weights or None, converter from the original state dict or None)
+Entry = tuple[Callable[..., nn.Module], PublishedWeights | None, Callable[..., nn.Module] | None]
+_MODELS: dict[str, Entry] = {}
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registered name: ``build(**options)`` makes the untrained model; with ``weights``, ``convert(state,
-    **options)`` makes it from the original state dict, and ``weights.config`` gives the default options."""
-
-    name: str
-    build: Callable[..., nn.Module]
-    weights: PublishedWeights | None = None
-    convert: Callable[..., nn.Module] | None = None
-
-    def options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
-        return {**(self.weights.config if self.weights else {}), **overrides}
-
-
-_MODELS: dict[str, ModelEntry] = {}
-
-
-def register_model(build: Builder | None = None, *, name: str | None = None, weights: PublishedWeights | None = None,
-                   convert: Callable[..., nn.Module] | None = None) -> Any:
-    """Register a model builder under ``name`` (default: the function's name); usable as a bare decorator.
-
-    A model family registers its builder (``@register_model def gevit(...)``); a published checkpoint registers
-    the builder of its architecture with ``weights`` (name taken from them) and ``convert``, its converter from the
-    original state dict.
-    """
-    def add(fn: Builder) -> Builder:
-        key = name or (weights.name if weights else fn.__name__)
-        if key in _MODELS:
-            raise ValueError(f"model name {key!r} is already registered")
-        if (weights is None) != (convert is None):
-            raise ValueError(f"{key}: published weights and their converter come together")
-        _MODELS[key] = ModelEntry(key, fn, weights, convert)
-        return fn
-
-    return add if build is None else add(build)
-
-
-def _entry(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
-    return _MODELS[name]
+def register_model(build: Builder, *, name: str | None = None, weights: PublishedWeights | None = None,
+                   convert: Callable[..., nn.Module] | None = None) -> Builder:
+    """Register ``build`` under ``name`` (default: the weights' name, else the function's); usable as a decorator.
+    A published checkpoint comes with ``weights`` and ``convert``, its converter from the original state dict."""
+    key = name or (weights.name if weights else build.__name__)
+    if key in _MODELS:
+        raise ValueError(f"model name {key!r} is already registered")
+    if (weights is None) != (convert is None):
+        raise ValueError(f"{key}: published weights and their converter come together")
+    _MODELS[key] = (build, weights, convert)
+    return build
 
 
 def list_models(pretrained: bool | None = None) -> list[str]:
     """Registered names, sorted: all (``None``), those with published weights (``True``) or the families
     without (``False``)."""
-    return sorted(n for n, e in _MODELS.items() if pretrained is None or (e.weights is not None) == pretrained)
+    return sorted(n for n, (_, w, _) in _MODELS.items() if pretrained is None or (w is not None) == pretrained)
+
+
+def _entry(name: str) -> Entry:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name]
 
 
 def published_weights(name: str) -> PublishedWeights:
     """The published-weights entry (URL, sha256, config) of a pretrained name."""
-    weights = _entry(name).weights
+    weights = _entry(name)[1]
     if weights is None:
         raise ValueError(f"{name!r} is a model family without published weights; published: "
                          f"{', '.join(list_models(pretrained=True))}")
@@ -76,18 +51,15 @@ def published_weights(name: str) -> PublishedWeights:
 
 
 def create_model(name: str, pretrained: bool = False, *, download: bool = True, **overrides: Any) -> nn.Module:
-    """A registered model; ``overrides`` replace its builder's options.
-
-    For a published name, ``pretrained=False`` gives its architecture untrained and ``pretrained=True`` loads the
-    published weights (looked up locally, else downloaded when ``download``; sha256 verified). Families have no
-    weights: ``pretrained=True`` on them is an error.
-    """
-    entry = _entry(name)
+    """A registered model; ``overrides`` replace its builder's options. For a published name, ``pretrained=True``
+    loads the published weights (looked up locally, else downloaded when ``download``; sha256 verified)."""
+    build, weights, convert = _entry(name)
+    options = {**(weights.config if weights else {}), **overrides}
     if not pretrained:
-        return entry.build(**entry.options(overrides))
+        return build(**options)
     weights = published_weights(name)
-    assert entry.convert is not None
-    return entry.convert(load_original_state_dict(weights, download), **entry.options(overrides))
+    assert convert is not None
+    return convert(load_original_state_dict(weights, download), **options)
 
 
 def load_published(name: str, download: bool = True, **options: Any) -> nn.Module:

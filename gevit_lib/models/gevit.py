@@ -1,25 +1,17 @@
-"""GE-ViT / GSA-Net models (the original ``GroupTransformer``), presets, and the converter for published checkpoints.
+"""GE-ViT / GSA-Net models (the original ``GroupTransformer``), their presets, and the converter and registration
+of the published GE-ViT checkpoints (``create_model("gevit_p4sa_patch5_rotmnist", pretrained=True)``).
 
-Network: input dropout -> lifting self-attention -> norm -> activation -> ``blocks`` (transformer blocks, optional
-norm + activation after every layer, max-pool (1, 2, 2) between blocks, optional dropout after pooling, 1x1
-classifier without bias) -> sum over (H, W) -> max over the group axis. ``blocks`` has the same modules in the
-same order as the original's ``transformer`` Sequential, so ``forward_intermediates`` returns what the original's
-``forward(x, show_features=True)`` returned (7 tensors for rotMNIST). ``forward_head(features, pre_logits=True)``
-is the embedding ``[B, C * G]`` (features summed over (H, W)) that ``get_classifier()`` maps to the same logits
-(the classifier has no bias, so it commutes with the sum).
-
-``build_gevit(preset, group, ...)`` builds the rotMNIST, PCam and CIFAR-10 architectures of the GE-ViT paper for
-any group (z2, p4, p8, p12, p16, mz2, p4m, p8m); ``from_original_state_dict`` loads the authors' state dicts, and
-the published GE-ViT checkpoints are registered here (``create_model("gevit_p4sa_patch5_rotmnist",
-pretrained=True)``). Deviations from the original, on purpose: the border mask is computed for every input size
-(the original cached the first one), and there is no built-in fp16 autocast.
+``build_gevit(preset, group, ...)`` builds the GE-ViT paper's rotMNIST, PCam and CIFAR-10 architectures for any
+group; docs/architecture.md describes the network and where it deviates from the original.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,13 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..groups import GROUP_NAMES, Group, get_group
-from ..nn.attention import GroupSelfAttention, LiftingSelfAttention, Pointwise, check_impl
 from ..hub import IncompatibleCheckpointError, PublishedWeights, load_into
+from ..nn.attention import GroupSelfAttention, LiftingSelfAttention, Pointwise, check_impl
 from ..nn.positional import GROUP_INDEX, group_index_table, relative_coordinates
 from ._registry import check_batch, register_model
-
-__all__ = ["GEViTConfig", "PRESETS", "GEViT", "GroupMaxHead", "TransformerBlock", "build_gevit",
-           "from_original_state_dict", "convert_original_state_dict", "PUBLISHED_WEIGHTS"]
 
 
 @dataclass(frozen=True)
@@ -67,11 +56,10 @@ class GEViTConfig:
     def __post_init__(self) -> None:
         sizes = {k: getattr(self, k) for k in ("in_channels", "num_channels", "num_heads", "image_size", "num_classes")}
         sizes.update({"patch_size": self.patch_size} if self.patch_size is not None else {})
-        for key, tup in (("block_sizes", self.block_sizes), ("expansion_per_block", self.expansion_per_block),
-                         ("crop_per_layer", self.crop_per_layer)):
-            sizes.update({f"{key}[{i}]": v for i, v in enumerate(tup)})
+        for key in ("block_sizes", "expansion_per_block", "crop_per_layer"):
+            sizes.update({f"{key}[{i}]": v for i, v in enumerate(getattr(self, key))})
         for key, value in sizes.items():
-            least = 0 if key.startswith(("block_sizes", "expansion", "crop")) else 1
+            least = 0 if "[" in key else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"GEViTConfig.{key} must be an integer >= {least}, got {value!r}")
         for key in ("attention_dropout", "value_dropout", "input_dropout", "pool_dropout"):
@@ -81,37 +69,29 @@ class GEViTConfig:
 
     def layer_plan(self) -> list[tuple[str, int, int, int]]:
         """``("block", in, out, crop)`` / ``("pool", c, c, 0)`` entries in network order (after the lifting)."""
-        n_layers = sum(self.block_sizes)
+        n_layers, n_blocks = sum(self.block_sizes), len(self.block_sizes)
         crops = list(self.crop_per_layer) * (n_layers if len(self.crop_per_layer) == 1 else 1)
-        expansions = list(self.expansion_per_block)
-        expansions *= len(self.block_sizes) if len(expansions) == 1 else 1
+        expansions = list(self.expansion_per_block) * (n_blocks if len(self.expansion_per_block) == 1 else 1)
         if len(crops) != n_layers:
             raise ValueError(f"crop_per_layer has {len(self.crop_per_layer)} values, the blocks have {n_layers} layers")
-        if len(expansions) != len(self.block_sizes):
-            raise ValueError(f"expansion_per_block has {len(self.expansion_per_block)} values for "
-                             f"{len(self.block_sizes)} blocks")
+        if len(expansions) != n_blocks:
+            raise ValueError(f"expansion_per_block has {len(self.expansion_per_block)} values for {n_blocks} blocks")
         plan, c_in, layer = [], self.num_channels, 0
         for b, size in enumerate(self.block_sizes):
             c_out = c_in * (expansions[b] or 1)
             for _ in range(size):
                 plan.append(("block", c_in, c_out, crops[layer]))
                 c_in, layer = c_out, layer + 1
-            if b < len(self.block_sizes) - 1 or self.maxpool_after_last_block:
+            if b < n_blocks - 1 or self.maxpool_after_last_block:
                 plan.append(("pool", c_in, c_in, 0))
         return plan
 
     def output_size(self, size: int) -> int:
-        """Spatial size after the network's crops and poolings for an input of ``size`` (<= 0: too small)."""
+        """Spatial size after the network's crops and poolings for an input of ``size`` (0: too small)."""
         for kind, _, _, crop in self.layer_plan():
             size = size - 2 * crop if kind == "block" else size // 2
             if size < 1:
                 return 0
-        return size
-
-    def min_image_size(self) -> int:
-        size = 1
-        while self.output_size(size) < 1:
-            size += 1
         return size
 
 
@@ -136,11 +116,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 def _activation(kind: str) -> nn.Module:
-    if kind == "Swish":
-        return nn.SiLU()
-    if kind == "ReLU":
-        return nn.ReLU()
-    raise ValueError(f"activation must be 'Swish' or 'ReLU', got {kind!r}")
+    if kind not in ("Swish", "ReLU"):
+        raise ValueError(f"activation must be 'Swish' or 'ReLU', got {kind!r}")
+    return nn.SiLU() if kind == "Swish" else nn.ReLU()
 
 
 class TransformerBlock(nn.Module):
@@ -182,7 +160,7 @@ class GEViT(nn.Module):
             raise ValueError(f"group_index must be one of {GROUP_INDEX}, got {config.group_index!r}")
         self.config = config
         self.group: Group = get_group(config.group)
-        c = config.num_channels
+        c = c_out = config.num_channels
         local = config.patch_size is not None
         common = dict(num_heads=config.num_heads, patch_size=config.patch_size, positional=config.positional,
                       attention_dropout=config.attention_dropout, impl=config.impl)
@@ -207,17 +185,11 @@ class GEViT(nn.Module):
             if config.normalize_between_layers:
                 layers += [_norm(config.norm, c_out), _activation(config.activation)]
             size -= 2 * crop
-        c_last = config.layer_plan()[-1][2] if config.layer_plan() else c
-        layers.append(Pointwise(c_last, config.num_classes, bias=False))
+        layers.append(Pointwise(c_out, config.num_classes, bias=False))
         self.blocks = nn.Sequential(*layers)
-        self.reset_parameters(config.whitening_scale)
-
-    # ---- construction helpers ------------------------------------------------------------------------------
-    def reset_parameters(self, whitening_scale: float = 1.41421356) -> None:
-        """The original initialisation: 1x1 maps (and the positional MLPs) ~ N(0, scale^2 / fan_in), biases 0."""
-        for m in self.modules():
+        for m in self.modules():  # the original's init: 1x1 maps, positional MLPs ~ N(0, scale^2 / fan_in), biases 0
             if isinstance(m, (Pointwise, nn.Linear)):
-                nn.init.normal_(m.weight, 0.0, whitening_scale * m.weight.shape[1] ** -0.5)
+                nn.init.normal_(m.weight, 0.0, config.whitening_scale * m.weight.shape[1] ** -0.5)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
@@ -236,28 +208,6 @@ class GEViT(nn.Module):
         """How the group axis of the features transforms: "right" (GE-ViT) or "left" (GSA-Nets)."""
         return self.lift.feature_side
 
-    # ---- forward -------------------------------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
-        cfg = self.config
-        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"GEViT expects images [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
-        check_batch(x, self)
-        h, w = x.shape[-2:]
-        if self.group.n_rotations > 1 and h != w:
-            raise ValueError(f"group {self.group.name} contains rotations: images must be square, got {h}x{w}")
-        if cfg.patch_size is None and (h, w) != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"this global-attention model was built for {cfg.image_size}x{cfg.image_size} images, "
-                             f"got {h}x{w}")
-        if cfg.output_size(min(h, w)) < 1:
-            raise ValueError(f"a {h}x{w} image is smaller than the network's crops and poolings need: at least "
-                             f"{cfg.min_image_size()}x{cfg.min_image_size()} (crops {list(cfg.crop_per_layer)}, "
-                             f"blocks {list(cfg.block_sizes)})")
-
-    def lifted(self, x: Tensor) -> Tensor:
-        """Input to ``blocks``: activation(norm(lifting(dropout(x))))."""
-        self.check_input(x)
-        return self.lift_act(self.lift_norm(self.lift(self.input_dropout(x))))
-
     @property
     def classifier(self) -> Pointwise:
         """The final 1x1 classifier (last module of ``blocks``, no bias)."""
@@ -272,6 +222,27 @@ class GEViT(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def check_input(self, x: Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"GEViT expects images [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        check_batch(x, self)
+        h, w = x.shape[-2:]
+        if self.group.n_rotations > 1 and h != w:
+            raise ValueError(f"group {self.group.name} contains rotations: images must be square, got {h}x{w}")
+        if cfg.patch_size is None and (h, w) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"this global-attention model was built for {cfg.image_size}x{cfg.image_size} images, "
+                             f"got {h}x{w}")
+        if cfg.output_size(min(h, w)) < 1:
+            least = next(s for s in itertools.count(1) if cfg.output_size(s) >= 1)
+            raise ValueError(f"a {h}x{w} image is smaller than the network's crops and poolings need: at least "
+                             f"{least}x{least} (crops {list(cfg.crop_per_layer)}, blocks {list(cfg.block_sizes)})")
+
+    def lifted(self, x: Tensor) -> Tensor:
+        """Input to ``blocks``: activation(norm(lifting(dropout(x))))."""
+        self.check_input(x)
+        return self.lift_act(self.lift_norm(self.lift(self.input_dropout(x))))
+
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         """Output of every module of ``blocks`` (the original's ``show_features``), each ``[B, C, G, H, W]``;
         the last one is the classifier's output."""
@@ -283,14 +254,10 @@ class GEViT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map before the classifier, ``[B, C, G, H', W']``."""
-        out = self.lifted(x)
-        for layer in list(self.blocks)[:-1]:
-            out = layer(out)
-        return out
+        return self.blocks[:-1](self.lifted(x))
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        """Logits ``[B, classes]`` from :meth:`forward_features`; ``pre_logits=True``: the embedding ``[B, C * G]``
-        (sum over (H, W)) that :meth:`get_classifier` maps to logits."""
+        """Logits ``[B, classes]``; ``pre_logits=True``: the embedding ``[B, C * G]`` (sum over (H, W))."""
         if pre_logits:
             return features.sum(dim=(-2, -1)).flatten(1)
         return self.pool(self.classifier(features))
@@ -315,29 +282,21 @@ class GEViT(nn.Module):
         if not -len(layers) <= layer < len(layers):
             raise IndexError(f"layer {layer} out of range: the model has {len(layers)} attention layers (0 = lifting)")
         target = layers[layer]
-        captured: list[Tensor] = []
-
-        class _Stop(Exception):
-            pass
-
-        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            captured.append(args[0])
-            raise _Stop
-
-        handle = target.register_forward_pre_hook(hook)
-        try:
-            self.forward(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return target.attention_probabilities(captured[0])
+        if target is self.lift:
+            self.check_input(x)
+            return target.attention_probabilities(self.input_dropout(x))
+        out = self.lifted(x)
+        for block in self.blocks:  # up to the block of ``target``
+            if getattr(block, "attn", None) is target:
+                break
+            out = block(out)
+        return target.attention_probabilities(block.act(block.norm_in(out)))
 
 
 class GroupMaxHead(nn.Module):
     """Logits from GE-ViT embeddings ``[..., C * G]`` (channel-major): the classifier ``[classes, C]`` applied to
-    every group element, then the max over G. Shares the classifier's weight (built on demand, not a submodule of
-    the model, so state dicts are unchanged)."""
+    every group element, then the max over G. Shares the classifier's weight (not a submodule of the model, so
+    state dicts are unchanged)."""
 
     def __init__(self, classifier: Pointwise, group_size: int) -> None:
         super().__init__()
@@ -349,20 +308,13 @@ class GroupMaxHead(nn.Module):
         return F.linear(e, self.classifier.weight, self.classifier.bias).amax(-2)  # [..., G, classes] -> max over G
 
 
-# ---- builders --------------------------------------------------------------------------------------------------
-def _tuple(value: int | Sequence[int]) -> tuple[int, ...]:
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+def build_gevit(preset: str = "rotmnist", group: str | Group = "p4", patch_size: int | None = 5,
+                num_classes: int | None = None, attention: str = "local", group_index: str = "corrected",
+                positional: str = "gevit", **overrides: Any) -> GEViT:
+    """A GE-ViT (or GSA-Net, ``positional="gsa"``) with a preset architecture ("rotmnist", "pcam", "cifar10").
 
-
-def build_gevit(preset: str, group: str | Group, patch_size: int | None = 5, num_classes: int | None = None,
-                attention: str = "local", group_index: str = "corrected", positional: str = "gevit",
-                **overrides: Any) -> GEViT:
-    """A GE-ViT (or GSA-Net, ``positional="gsa"``) with a preset architecture of the GE-ViT paper.
-
-    preset: "rotmnist", "pcam", "cifar10"; group: z2, p4, p8, p12, p16, mz2, p4m, p8m; attention: "local" (P x P
-    neighbourhoods, ``patch_size``) or "global" (whole image; ``image_size`` from the preset or overrides).
-    ``overrides`` replace any :class:`GEViTConfig` field (e.g. ``num_channels=4, block_sizes=(1,),
-    crop_per_layer=(0,), image_size=9, impl="plain"``).
+    attention: "local" (P x P neighbourhoods, ``patch_size``) or "global" (whole image of the preset's
+    ``image_size``); ``overrides`` replace any :class:`GEViTConfig` field (e.g. ``num_channels=4, impl="plain"``).
     """
     key = str(preset).lower()
     if key not in PRESETS:
@@ -380,7 +332,8 @@ def build_gevit(preset: str, group: str | Group, patch_size: int | None = 5, num
         raise TypeError(f"unknown GE-ViT option(s) {sorted(unknown)}; valid: {sorted(fields)}")
     for name in ("block_sizes", "expansion_per_block", "crop_per_layer"):
         if name in overrides:
-            overrides[name] = _tuple(overrides[name])
+            value = overrides[name]
+            overrides[name] = (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
     base = PRESETS[key]
     cfg = replace(base, group=grp.name, patch_size=patch_size if attention == "local" else None,
                   num_classes=base.num_classes if num_classes is None else int(num_classes),
@@ -393,58 +346,52 @@ _DERIVED = re.compile(r"(^|\.)(row_indices|col_indices|g_indices)$"
                       r"|(^|\.)group\._(identity|elements|relative_positions)$")
 _MLP = {"0": "inp", "1.layer_norm": "norm", "3": "out"}
 _NORM_PARAM = r"(?:layer_norm\.)?(weight|bias|running_mean|running_var|num_batches_tracked)"
+_BLOCK_PARTS = {"attention.0": "norm_in", "attention.3": "norm_out", "mlp.0": "mlp_in", "mlp.1": "mlp_norm",
+                "mlp.3": "mlp_out", "mlp.4": "mlp_norm_out", "shortcut.0": "shortcut"}
+
+
+def _rename_attention(prefix: str, rest: str) -> str | None:
+    m = re.fullmatch(r"(query|key|value|wout)\.(weight|bias)", rest)
+    if m:
+        return f"{prefix}.{'out' if m[1] == 'wout' else m[1]}.{m[2]}"
+    m = re.fullmatch(r"(row|col)_embedding\.(0|1\.layer_norm|3)\.(weight|bias)", rest)
+    if m:
+        return f"{prefix}.pos.{m[1]}.{_MLP[m[2]]}.{m[3]}"
+    return f"{prefix}.pos.group_embedding.weight" if rest == "group_embedding.weight" else None
 
 
 def _rename(key: str) -> str | None:
     """Original key -> key of :class:`GEViT` (None: unknown to the converter)."""
-    def attn(prefix: str, rest: str) -> str | None:
-        m = re.fullmatch(r"(query|key|value|wout)\.(weight|bias)", rest)
-        if m:
-            return f"{prefix}.{'out' if m.group(1) == 'wout' else m.group(1)}.{m.group(2)}"
-        m = re.fullmatch(r"(row|col)_embedding\.(0|1\.layer_norm|3)\.(weight|bias)", rest)
-        if m:
-            return f"{prefix}.pos.{m.group(1)}.{_MLP[m.group(2)]}.{m.group(3)}"
-        if rest == "group_embedding.weight":
-            return f"{prefix}.pos.group_embedding.weight"
-        return None
-
     if key.startswith("lifting_self_attention."):
-        return attn("lift", key.removeprefix("lifting_self_attention."))
+        return _rename_attention("lift", key.removeprefix("lifting_self_attention."))
     m = re.fullmatch(r"lifting_normalization\." + _NORM_PARAM, key)
     if m:
-        return f"lift_norm.{m.group(1)}"
+        return f"lift_norm.{m[1]}"
     m = re.fullmatch(r"transformer\.(\d+)\.(.+)", key)
     if not m:
         return None
     i, rest = m.groups()
     if rest.startswith("attention.2."):
-        return attn(f"blocks.{i}.attn", rest.removeprefix("attention.2."))
-    table = {"attention.0": "norm_in", "attention.3": "norm_out", "mlp.0": "mlp_in", "mlp.1": "mlp_norm",
-             "mlp.3": "mlp_out", "mlp.4": "mlp_norm_out", "shortcut.0": "shortcut"}
-    m2 = re.fullmatch(r"(attention\.[03]|mlp\.[0134]|shortcut\.0)\.(?:layer_norm\.)?(\w+)", rest)
-    if m2:
-        return f"blocks.{i}.{table[m2.group(1)]}.{m2.group(2)}"
-    m2 = re.fullmatch(_NORM_PARAM, rest)
-    if m2:
-        return f"blocks.{i}.{m2.group(1)}"
-    return None
+        return _rename_attention(f"blocks.{i}.attn", rest.removeprefix("attention.2."))
+    m = re.fullmatch(r"(attention\.[03]|mlp\.[0134]|shortcut\.0)\.(?:layer_norm\.)?(\w+)", rest)
+    if m:
+        return f"blocks.{i}.{_BLOCK_PARTS[m[1]]}.{m[2]}"
+    m = re.fullmatch(_NORM_PARAM, rest)
+    return f"blocks.{i}.{m[1]}" if m else None
 
 
 def convert_original_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split an original GroupTransformer state dict (``module.`` prefix removed) into (weights renamed to this
-    library's modules, derived buffers under their original names). Unknown keys are kept under their original
-    names so that :func:`gevit_lib.hub.load_into` reports them as unexpected."""
+    library's modules, derived buffers under their original names); unknown keys keep their original names."""
     weights: dict[str, Tensor] = {}
     derived: dict[str, Tensor] = {}
     for key, value in state.items():
         if _DERIVED.search(key):
             derived[key] = value
-            continue
-        new = _rename(key)
-        if new is None:
+        elif (new := _rename(key)) is None:
             weights[key] = value
-            continue
-        weights[new] = value.reshape(value.shape[0], -1) if value.dim() > 2 else value  # conv 1x1 -> [out, in]
+        else:
+            weights[new] = value.reshape(value.shape[0], -1) if value.dim() > 2 else value  # conv 1x1 -> [out, in]
     return weights, derived
 
 
@@ -454,43 +401,36 @@ def _same_table(value: Tensor, table: Tensor) -> bool:
 
 def _check_derived(model: GEViT, derived: Mapping[str, Tensor]) -> None:
     """Compare the checkpoint's coordinate grids and group-index tables with the ones this model derives."""
-    cfg = model.config
+    cfg, group = model.config, model.group
     warned = False
     for key, value in derived.items():
         name = key.rsplit(".", 1)[-1]
         if name in ("row_indices", "col_indices") and cfg.patch_size is not None:
-            coords = relative_coordinates(model.group, cfg.patch_size, cfg.positional)[..., int(name == "col_indices")]
+            coords = relative_coordinates(group, cfg.patch_size, cfg.positional)[..., int(name == "col_indices")]
             if value.shape != coords.shape or (value.double() - coords).abs().max() > 1e-5:
                 raise IncompatibleCheckpointError(
                     f"{key}: the checkpoint's transformed offset grid differs from the {cfg.positional!r} encoding of "
-                    f"group {model.group.name} with patch size {cfg.patch_size} (wrong positional, group or patch?)")
-        if name == "g_indices":
-            if _same_table(value, group_index_table(model.group, cfg.group_index, cfg.positional)):
-                continue
-            if cfg.group_index == "corrected" and _same_table(value, group_index_table(model.group, "reference",
-                                                                                        cfg.positional)):
-                if not warned:
-                    warnings.warn(
-                        f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table "
-                        f"of {model.group.name}; with group_index='corrected' the model is exactly equivariant but "
-                        "does not reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
-                warned = True
-                continue
-            raise IncompatibleCheckpointError(
-                f"{key}: the checkpoint's group-index table matches neither the {cfg.group_index!r} nor the "
-                f"'reference' table of group {model.group.name} ({cfg.positional!r} convention)")
+                    f"group {group.name} with patch size {cfg.patch_size} (wrong positional, group or patch?)")
+        if name != "g_indices" or _same_table(value, group_index_table(group, cfg.group_index, cfg.positional)):
+            continue
+        if cfg.group_index == "corrected" and _same_table(value, group_index_table(group, "reference", cfg.positional)):
+            if not warned:
+                warnings.warn(
+                    f"{key}: the checkpoint was trained with the original (non-equivariant) group-index table "
+                    f"of {group.name}; with group_index='corrected' the model is exactly equivariant but "
+                    "does not reproduce the published outputs (use group_index='reference' for that)", stacklevel=3)
+            warned = True
+            continue
+        raise IncompatibleCheckpointError(
+            f"{key}: the checkpoint's group-index table matches neither the {cfg.group_index!r} nor the "
+            f"'reference' table of group {group.name} ({cfg.positional!r} convention)")
 
 
 def from_original_state_dict(state: Mapping[str, Tensor], preset: str, group: str, patch_size: int | None = 5,
                              num_classes: int | None = None, group_index: str = "corrected",
                              **options: Any) -> GEViT:
-    """Build :func:`build_gevit(preset, group, patch_size, num_classes, group_index=..., **options)` and load an
-    original GroupTransformer state dict (``module.`` prefix already stripped) into it.
-
-    Derived buffers (coordinate grids, group-index tables, group element lists) are not loaded but checked against
-    this model's: a mismatch raises :class:`IncompatibleCheckpointError`, except the p4m/p8m group-index table with
-    ``group_index="corrected"``, which differs by design (a warning). Missing/unexpected keys raise the same error.
-    """
+    """:func:`build_gevit` with an original GroupTransformer state dict (``module.`` prefix stripped) loaded;
+    the derived buffers are checked against the model's own (docs/architecture.md)."""
     model = build_gevit(preset, group, patch_size=patch_size, num_classes=num_classes, group_index=group_index,
                         **options)
     weights, derived = convert_original_state_dict(state)
@@ -503,38 +443,28 @@ def from_original_state_dict(state: Mapping[str, Tensor], preset: str, group: st
     return model
 
 
-# ---- registry: families and the published checkpoints ------------------------------------------------------------
-@register_model
-def gevit(preset: str = "rotmnist", group: str = "p4", **overrides: Any) -> GEViT:
-    """GE-ViT: :func:`build_gevit` (preset, group, patch_size, num_classes, attention, any config field)."""
-    return build_gevit(preset, group, **overrides)
-
-
-@register_model
-def gsa_net(preset: str = "rotmnist", group: str = "p4", **overrides: Any) -> GEViT:
-    """GSA-Net: GE-ViT's network with the GSA-Nets positional encoding (``positional="gsa"``)."""
-    return build_gevit(preset, group, **{"positional": "gsa", **overrides})
-
-
-_GEVIT_DIR = "demos/checkpoints/"
-PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
+# ---- registry: the families and the published checkpoints ---------------------------------------------------------
+register_model(build_gevit, name="gevit")
+register_model(functools.partial(build_gevit, positional="gsa"), name="gsa_net")  # the GSA-Nets positional encoding
+_DIR = "demos/checkpoints/rotMNIST_model_"
+_TRAINING = "_activ_Swish_norm_LayerNorm_white_1.41421356_optim_Adam_lr_"
+for _weights in (
     PublishedWeights(
         "gevit_p4sa_patch5_rotmnist",
-        _GEVIT_DIR + "rotMNIST_model_p4sa_type_Local_patch_5_dpatt_0.1_dpval_0.1_activ_Swish_norm_LayerNorm_white_"
-        "1.41421356_optim_Adam_lr_0.0005_bs_64_ep_500_wd_0.0001_seed_0_sched_constants_schdec_1.0.pt",
+        f"{_DIR}p4sa_type_Local_patch_5_dpatt_0.1_dpval_0.1{_TRAINING}0.0005_bs_64_ep_500_wd_0.0001_seed_0_sched_"
+        "constants_schdec_1.0.pt",
         "cc83edcf57c152ac87c1353cf748593bc1c999aedea99b05e3618c6d326df15b",
         "GE-ViT p4 (C4), local patch 5, 10 classes, trained on rotated MNIST (used for Rotation.gif)",
         {"preset": "rotmnist", "group": "p4", "patch_size": 5, "num_classes": 10},
     ),
     PublishedWeights(
         "gevit_p4msa_patch5_rotmnist",
-        _GEVIT_DIR + "rotMNIST_model_p4msa_type_Local_patch_5_dpatt_0.1_dpval_0.1_activ_Swish_norm_LayerNorm_white_"
-        "1.41421356_optim_Adam_lr_0.001_bs_16_ep_50_wd_0.0001_seed_0_sched_constants_schdec_1.0.pt",
+        f"{_DIR}p4msa_type_Local_patch_5_dpatt_0.1_dpval_0.1{_TRAINING}0.001_bs_16_ep_50_wd_0.0001_seed_0_sched_"
+        "constants_schdec_1.0.pt",
         "e6e77e753f89df83dcfc676015600aa49ebdb8c21808723feaa7ee177280adb5",
         "GE-ViT p4m (D4), local patch 5, 2 classes (digit 3 -> 0, 8 -> 1), rotated MNIST; trained with the "
         "original (non-equivariant) group-embedding table, so it needs group_index='reference'",
         {"preset": "rotmnist", "group": "p4m", "patch_size": 5, "num_classes": 2, "group_index": "reference"},
     ),
-)
-for _weights in PUBLISHED_WEIGHTS:
+):
     register_model(build_gevit, weights=_weights, convert=from_original_state_dict)

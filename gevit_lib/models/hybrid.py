@@ -1,34 +1,13 @@
-"""Faster equivariant ViTs (the post's "modern equivariant ViT"): GE-ViT on a small artificial image.
-
-Two ways to make that image, both exactly invariant to the group's 90-degree rotations (and, with p4m, flips):
-
-- :class:`PatchGEViT` (approach 1): cut the image into p x p patches, embed every group-transformed copy of a patch
-  with one shared network and average over the copies (``embed_method="mean"``, the post's design), or run a small
-  G-CNN on each patch and pool it invariantly (``"gcnn"``); the per-patch embeddings, laid out on the patch grid,
-  are the artificial image. Rotating the input by 90 degrees moves every patch to the rotated grid position and
-  rotates it about its own centre (p must divide the image size), so the artificial image rotates as an image.
-- :class:`HybridGEViT` (approach 2, the post's "hybrid"): an exact G-CNN front end (:mod:`gevit_lib.nn.gconv`),
-  max over the group axis, an adaptive spatial max-pool (its windows are symmetric under rot90 and flips), then
-  GE-ViT.
-
-GE-ViT (``gevit_lib.models.gevit``, corrected group-index table) is invariant to its group, so the models are
-invariant to every exact element of ``group`` (p4: rot90; p4m: rot90 and flips), provided every spatial max-pool
-sees an even size (otherwise pooling drops a row and column on one side; such configurations are refused).
-
-Deviations from the post, on purpose: the post's G-CNN (flip encoded as an angle, filters resampled) is replaced by
-exact group convolutions; the post used the D4 patch transforms / D4 G-CNN with a p4 GE-ViT, which is only
-rot90-invariant: here the patch group and G-CNN group default to the GE-ViT group (``patch_group`` /
-``gcnn_group`` reproduce the post's choice). The published hybrid weights cannot be loaded (see
-:func:`from_original_state_dict`); their names are registered with the post's architecture, so
-``create_model("modern_eq_vit")`` builds it untrained and ``pretrained=True`` explains why it cannot load.
-
-Both models have the interface of every model of :mod:`gevit_lib.models`: the GE-ViT's, on the artificial image.
+"""Faster equivariant ViTs (the post's "modern equivariant ViT"): GE-ViT on a small artificial image that is exactly
+invariant to the group's 90-degree rotations (and, with p4m, flips), made by invariant patch embeddings
+(:class:`PatchGEViT`) or by an exact G-CNN front end (:class:`HybridGEViT`). docs/architecture.md explains both
+and where they deviate from the post. Both have the interface of every model of :mod:`gevit_lib.models`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,12 +21,6 @@ from ..nn.gconv import GCNN, GroupPool, check_exact_group
 from ._registry import check_batch, register_model
 from .gevit import GEViT, GEViTConfig, GroupMaxHead, build_gevit
 
-__all__ = ["EMBED_METHODS", "InvariantPatchEmbedding", "PatchGEViTConfig", "PatchGEViT", "HybridConfig", "HybridGEViT",
-           "PATCH_PRESETS", "HYBRID_PRESETS", "build_patch_gevit", "build_hybrid", "grid_layout", "check_exact_pooling",
-           "from_original_state_dict", "PUBLISHED_WEIGHTS"]
-
-EMBED_METHODS: tuple[str, ...] = ("mean", "gcnn")
-
 # GE-ViT on the artificial image (the post's: p4, 20 channels, blocks [2, 3], crop [1, 0, 0, 0, 0], neighbourhood 3,
 # 9 heads, LayerNorm, Swish, dropouts 0.1 / 0.1, normalisation between layers, max-pool after block 0 only)
 _POST_GEVIT: dict[str, Any] = dict(num_channels=20, num_heads=9, block_sizes=(2, 3), expansion_per_block=(1,),
@@ -56,17 +29,16 @@ _POST_GEVIT: dict[str, Any] = dict(num_channels=20, num_heads=9, block_sizes=(2,
                                    maxpool_after_last_block=False)
 
 
-# ---- GE-ViT layout on small grids -------------------------------------------------------------------------------
 def check_exact_pooling(config: GEViTConfig, size: int) -> None:
     """Raise if the network cannot run on ``size`` x ``size`` or max-pools an odd size (which breaks invariance)."""
     for kind, _, _, crop in config.layer_plan():
         if kind == "block":
             size -= 2 * crop
+        elif size % 2:
+            raise ValueError(f"GE-ViT would max-pool a {size}x{size} map, dropping its last row and column: not "
+                             f"rotation invariant. Change crop_per_layer / block_sizes / maxpool_after_last_block "
+                             f"(plan {config.layer_plan()})")
         else:
-            if size % 2:
-                raise ValueError(f"GE-ViT would max-pool a {size}x{size} map, dropping its last row and column: not "
-                                 f"rotation invariant. Change crop_per_layer / block_sizes / "
-                                 f"maxpool_after_last_block (plan {config.layer_plan()})")
             size //= 2
         if size < 1:
             raise ValueError(f"GE-ViT's crops and poolings (crop_per_layer {list(config.crop_per_layer)}, blocks "
@@ -74,11 +46,9 @@ def check_exact_pooling(config: GEViTConfig, size: int) -> None:
 
 
 def grid_layout(grid: int, num_layers: int = 5, first_block: int = 2, pool_last: bool = False) -> dict[str, Any]:
-    """``block_sizes`` / ``crop_per_layer`` / ``maxpool_after_last_block`` for GE-ViT on a ``grid`` x ``grid`` image.
-
-    The post's layout (crop 1 in the first layer, max-pool after the first block) where it fits and pools an even
-    map; otherwise no crop (grids < 4) and/or a single block without pooling (odd maps).
-    """
+    """``block_sizes`` / ``crop_per_layer`` / ``maxpool_after_last_block`` for GE-ViT on a ``grid`` x ``grid`` image:
+    the post's layout (crop 1 in the first layer, max-pool after the first block) where it fits and pools an even
+    map; otherwise no crop (grids < 4) and/or a single block without pooling (odd maps)."""
     if grid < 1 or num_layers < 1:
         raise ValueError(f"grid and num_layers must be >= 1, got {grid}, {num_layers}")
     crop = 1 if grid >= 3 else 0
@@ -115,16 +85,12 @@ def _check_contains(big: Group, group: Group, what: str) -> None:
 
 
 class _GridGEViT(nn.Module):
-    """GE-ViT on an artificial image made by :meth:`artificial_image`; the interface of every model."""
+    """GE-ViT on the image made by :meth:`artificial_image`, with the interface of every model."""
 
     gevit: GEViT
 
     def artificial_image(self, x: Tensor) -> Tensor:
         raise NotImplementedError
-
-    @property
-    def group(self) -> Group:
-        return self.gevit.group
 
     @property
     def num_features(self) -> int:
@@ -135,7 +101,6 @@ class _GridGEViT(nn.Module):
         return self.gevit.num_classes
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """GE-ViT's last feature map before its classifier, on the artificial image."""
         return self.gevit.forward_features(self.artificial_image(x))
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
@@ -145,33 +110,24 @@ class _GridGEViT(nn.Module):
         return self.gevit.get_classifier()
 
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """GE-ViT's intermediate features on the artificial image."""
         return self.gevit.forward_intermediates(self.artificial_image(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-# ---- approach 1: invariant patch embeddings ---------------------------------------------------------------------
 class InvariantPatchEmbedding(nn.Module):
-    """Images ``[B, C, H, W]`` -> artificial image ``[B, D, H/p, W/p]`` of group-invariant patch embeddings.
-
-    ``method="mean"``: ``e = mean_{g in G} phi(T_g patch)`` with one shared ``phi`` (a Linear layer as in the post,
-    or an MLP with ``hidden_dim``), then LayerNorm. For a linear ``phi`` the mean equals ``phi`` with the filter
-    averaged over the group, ``W_sym = mean_g T_g W``, so the fast path (``impl="fast"``) is one stride-p
-    convolution; ``impl="plain"`` embeds every copy explicitly. The same identity shows the limit of the post's
-    linear design: it only sees the group-invariant linear projections of a patch (about p^2/|G| numbers per
-    channel; for 2x2 patches under C4 only their mean); an MLP ``phi`` sees nonlinear invariants as well.
-    ``method="gcnn"``: a small G-CNN on each patch (lifting + group convolutions, padding k//2), max over the group
-    axis, mean over the patch, Linear, LayerNorm: exactly invariant by construction rather than by averaging copies.
+    """Images ``[B, C, H, W]`` -> artificial image ``[B, D, H/p, W/p]`` of group-invariant patch embeddings:
+    ``method="mean"``: ``LayerNorm(mean_{g in G} phi(T_g patch))`` with one shared ``phi`` (a Linear layer, or an MLP
+    with ``hidden_dim``); ``"gcnn"``: a small G-CNN on each patch, max over G, mean over the patch, Linear, LayerNorm.
     """
 
     def __init__(self, in_channels: int, patch_size: int, embed_dim: int, group: Group | str = "p4",
                  method: str = "mean", hidden_dim: int | None = None, gcnn_channels: int = 8, gcnn_layers: int = 2,
                  gcnn_kernel: int = 3, impl: str = "fast") -> None:
         super().__init__()
-        if method not in EMBED_METHODS:
-            raise ValueError(f"embed method must be one of {EMBED_METHODS}, got {method!r}")
+        if method not in ("mean", "gcnn"):
+            raise ValueError(f"embed method must be one of ('mean', 'gcnn'), got {method!r}")
         if min(in_channels, patch_size, embed_dim) < 1:
             raise ValueError(f"in_channels, patch_size and embed_dim must be >= 1, got {in_channels}, {patch_size}, "
                              f"{embed_dim}")
@@ -179,11 +135,10 @@ class InvariantPatchEmbedding(nn.Module):
         self.in_channels, self.patch_size, self.embed_dim = in_channels, patch_size, embed_dim
         self.method, self.impl = method, check_impl(impl)
         dim = in_channels * patch_size**2
-        if method == "mean":
-            if hidden_dim is None:
-                self.phi: nn.Module = nn.Linear(dim, embed_dim)
-            else:
-                self.phi = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim))
+        if method == "mean" and hidden_dim is None:
+            self.phi: nn.Module = nn.Linear(dim, embed_dim)
+        elif method == "mean":
+            self.phi = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim))
         else:
             self.gcnn = GCNN(self.group, in_channels, gcnn_channels, num_layers=gcnn_layers, kernel_size=gcnn_kernel,
                              padding=gcnn_kernel // 2, bias=True, norm=True, norm_affine=True)
@@ -191,33 +146,20 @@ class InvariantPatchEmbedding(nn.Module):
             self.phi = nn.Linear(gcnn_channels, embed_dim)
         self.norm = nn.LayerNorm(embed_dim)
 
-    @property
-    def linear(self) -> bool:
-        return isinstance(self.phi, nn.Linear) and self.method == "mean"
-
-    def symmetrized_weight(self) -> Tensor:
-        """``mean_g T_g W`` as a conv weight ``[D, C, p, p]`` (only for the linear ``mean`` embedding)."""
-        if not self.linear:
-            raise ValueError("symmetrized_weight needs method='mean' without hidden_dim (a single Linear layer)")
-        p = self.patch_size
-        w = self.phi.weight.view(self.embed_dim, self.in_channels, p, p)
-        return torch.stack([self.group.act_on_image(w, g) for g in range(len(self.group))]).mean(0)
-
-    def check_input(self, x: Tensor) -> None:
+    def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         check_batch(x, self)
-        h, w = x.shape[-2:]
-        if h != w or h % self.patch_size:
-            raise ValueError(f"patch size {self.patch_size} must divide a square image exactly (otherwise rotations "
-                             f"do not map patches to patches), got {h}x{w}")
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        b, _, h, _ = x.shape
+        b, _, h, w = x.shape
         n, p = h // self.patch_size, self.patch_size
-        if self.linear and self.impl == "fast":
-            e = F.conv2d(x, self.symmetrized_weight(), self.phi.bias, stride=p).permute(0, 2, 3, 1)  # [B, n, n, D]
+        if h != w or h % p:
+            raise ValueError(f"patch size {p} must divide a square image exactly (otherwise rotations do not map "
+                             f"patches to patches), got {h}x{w}")
+        if self.method == "mean" and isinstance(self.phi, nn.Linear) and self.impl == "fast":
+            # the mean of phi over the copies is phi with the filter averaged over the group: one convolution
+            weight = self.phi.weight.view(self.embed_dim, self.in_channels, p, p)
+            weight = torch.stack([self.group.act_on_image(weight, g) for g in range(len(self.group))]).mean(0)
+            e = F.conv2d(x, weight, self.phi.bias, stride=p).permute(0, 2, 3, 1)  # [B, n, n, D]
         else:
             patches = x.view(b, -1, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * n, self.in_channels, p, p)
             if self.method == "mean":
@@ -233,51 +175,30 @@ class InvariantPatchEmbedding(nn.Module):
                 f"embed_dim={self.embed_dim}, impl={self.impl!r}")
 
 
-@dataclass(frozen=True)
-class PatchGEViTConfig:
-    """Invariant patch embeddings -> GE-ViT. ``attention_patch`` is GE-ViT's local neighbourhood on the patch grid;
-    ``gevit`` overrides :class:`~gevit_lib.models.gevit.GEViTConfig` fields of the GE-ViT part (defaults: the
-    post's, with ``grid_layout`` choosing crops / pooling for the grid unless given)."""
-
-    group: str = "p4"
-    patch_group: str | None = None  # transforms averaged inside each patch (default: group; the post used p4m)
-    in_channels: int = 1
-    image_size: int = 28
-    patch_size: int = 4
-    embed_dim: int = 64
-    embed_method: str = "mean"
-    embed_hidden: int | None = None
-    gcnn_channels: int = 8
-    gcnn_layers: int = 2
-    gcnn_kernel: int = 3
-    attention_patch: int = 3
-    num_classes: int = 10
-    gevit: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-
 class PatchGEViT(_GridGEViT):
-    """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. Logits ``[B, classes]``."""
+    """Approach 1: :class:`InvariantPatchEmbedding` -> GE-ViT on the ``(H/p) x (W/p)`` grid. ``patch_group``: the
+    transforms averaged inside each patch (default: ``group``; the post used p4m); ``attention_patch``: GE-ViT's
+    neighbourhood on the grid; ``gevit``: GE-ViT fields (default: the post's, crops / pooling from
+    :func:`grid_layout`)."""
 
-    def __init__(self, config: PatchGEViTConfig) -> None:
+    def __init__(self, group: str = "p4", patch_group: str | None = None, in_channels: int = 1, image_size: int = 28,
+                 patch_size: int = 4, embed_dim: int = 64, embed_method: str = "mean", embed_hidden: int | None = None,
+                 gcnn_channels: int = 8, gcnn_layers: int = 2, gcnn_kernel: int = 3, attention_patch: int = 3,
+                 num_classes: int = 10, gevit: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        if config.image_size % config.patch_size:
-            raise ValueError(f"patch size {config.patch_size} must divide the image size {config.image_size}")
-        patch_group = get_group(config.patch_group or config.group)
-        _check_contains(patch_group, get_group(config.group), "patch_group")
-        self.config = config
-        self.embed = InvariantPatchEmbedding(config.in_channels, config.patch_size, config.embed_dim, patch_group,
-                                             config.embed_method, config.embed_hidden, config.gcnn_channels,
-                                             config.gcnn_layers, config.gcnn_kernel)
-        self.gevit = _build_grid_gevit(config.group, config.embed_dim, config.grid, config.attention_patch,
-                                       config.num_classes, config.gevit)
+        if image_size % patch_size:
+            raise ValueError(f"patch size {patch_size} must divide the image size {image_size}")
+        copies = get_group(patch_group or group)
+        _check_contains(copies, get_group(group), "patch_group")
+        self.image_size = image_size
+        self.embed = InvariantPatchEmbedding(in_channels, patch_size, embed_dim, copies, embed_method, embed_hidden,
+                                             gcnn_channels, gcnn_layers, gcnn_kernel)
+        self.gevit = _build_grid_gevit(group, embed_dim, image_size // patch_size, attention_patch, num_classes,
+                                       gevit or {})
 
     def artificial_image(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
-            raise ValueError(f"this model was built for {self.config.image_size}x{self.config.image_size} images, got "
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(f"this model was built for {self.image_size}x{self.image_size} images, got "
                              f"{tuple(x.shape[-2:])}")
         return self.embed(x)
 
@@ -290,52 +211,35 @@ class PatchGEViT(_GridGEViT):
         return self
 
 
-# ---- approach 2: G-CNN front end ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HybridConfig:
-    """G-CNN front end -> invariant pooling -> GE-ViT (the post's hybrid). ``gcnn_group`` defaults to ``group`` (the post
-    used a D4 G-CNN with a p4 GE-ViT); ``gevit`` overrides GE-ViT fields of the back end."""
-
-    group: str = "p4"
-    gcnn_group: str | None = None
-    in_channels: int = 3
-    image_size: int = 96
-    gcnn_channels: int = 8
-    gcnn_layers: int = 8
-    gcnn_kernel: int = 5
-    gcnn_padding: int = 0
-    gcnn_bias: bool = False
-    pooled_size: int = 6
-    attention_patch: int = 5
-    num_classes: int = 2
-    gevit: Mapping[str, Any] = field(default_factory=lambda: {"maxpool_after_last_block": True})
-
-
 class HybridGEViT(_GridGEViT):
-    """Approach 2: exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size`` -> GE-ViT."""
+    """Approach 2 (the post's hybrid): exact G-CNN -> max over the group axis -> adaptive max-pool to ``pooled_size``
+    -> GE-ViT. ``gcnn_group`` defaults to ``group``; ``gevit`` overrides GE-ViT fields of the back end (default:
+    max-pool after every block, as the post's)."""
 
-    def __init__(self, config: HybridConfig) -> None:
+    def __init__(self, group: str = "p4", gcnn_group: str | None = None, in_channels: int = 3, image_size: int = 96,
+                 gcnn_channels: int = 8, gcnn_layers: int = 8, gcnn_kernel: int = 5, gcnn_padding: int = 0,
+                 gcnn_bias: bool = False, pooled_size: int = 6, attention_patch: int = 5, num_classes: int = 2,
+                 gevit: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        gcnn_group = check_exact_group(config.gcnn_group or config.group)
-        _check_contains(gcnn_group, get_group(config.group), "gcnn_group")
-        self.config = config
-        self.gcnn = GCNN(gcnn_group, config.in_channels, config.gcnn_channels, num_layers=config.gcnn_layers,
-                         kernel_size=config.gcnn_kernel, padding=config.gcnn_padding, bias=config.gcnn_bias,
-                         norm=True, norm_affine=False)
-        size = self.gcnn.output_size(config.image_size)
-        if size < config.pooled_size:
-            raise ValueError(f"the G-CNN turns {config.image_size}x{config.image_size} images into {size}x{size} maps, "
-                             f"smaller than pooled_size={config.pooled_size}")
+        front_group = check_exact_group(gcnn_group or group)
+        _check_contains(front_group, get_group(group), "gcnn_group")
+        self.in_channels, self.image_size = in_channels, image_size
+        self.gcnn = GCNN(front_group, in_channels, gcnn_channels, num_layers=gcnn_layers, kernel_size=gcnn_kernel,
+                         padding=gcnn_padding, bias=gcnn_bias, norm=True, norm_affine=False)
+        size = self.gcnn.output_size(image_size)
+        if size < pooled_size:
+            raise ValueError(f"the G-CNN turns {image_size}x{image_size} images into {size}x{size} maps, smaller than "
+                             f"pooled_size={pooled_size}")
         self.group_pool = GroupPool("max")
-        self.spatial_pool = nn.AdaptiveMaxPool2d(config.pooled_size)  # windows symmetric under rot90 / flips
-        self.gevit = _build_grid_gevit(config.group, config.gcnn_channels, config.pooled_size, config.attention_patch,
-                                       config.num_classes, config.gevit)
+        self.spatial_pool = nn.AdaptiveMaxPool2d(pooled_size)  # windows symmetric under rot90 / flips
+        gevit = {"maxpool_after_last_block": True} if gevit is None else gevit
+        self.gevit = _build_grid_gevit(group, gcnn_channels, pooled_size, attention_patch, num_classes, gevit)
 
     def artificial_image(self, x: Tensor) -> Tensor:
         """The artificial image ``[B, gcnn_channels, pooled_size, pooled_size]`` (invariant G-CNN features)."""
-        if x.dim() != 4 or x.shape[-2:] != (self.config.image_size, self.config.image_size):
-            raise ValueError(f"this model was built for images [B, {self.config.in_channels}, {self.config.image_size},"
-                             f" {self.config.image_size}], got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"this model was built for images [B, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}], got {tuple(x.shape)}")
         return self.spatial_pool(self.group_pool(self.gcnn(x)))
 
     def set_impl(self, impl: str) -> HybridGEViT:
@@ -344,68 +248,60 @@ class HybridGEViT(_GridGEViT):
         return self
 
 
-# ---- presets ------------------------------------------------------------------------------------------------------
-PATCH_PRESETS: dict[str, PatchGEViTConfig] = {
+# preset -> the options that differ from the model's defaults
+PATCH_PRESETS: dict[str, dict[str, Any]] = {
     # the post's patch model (n_embd 128 as in its code; the post's text says 64)
-    "pcam": PatchGEViTConfig(in_channels=3, image_size=96, patch_size=6, embed_dim=128, num_classes=2),
-    "rotmnist": PatchGEViTConfig(in_channels=1, image_size=28, patch_size=4, embed_dim=64, num_classes=10),
+    "pcam": dict(in_channels=3, image_size=96, patch_size=6, embed_dim=128, num_classes=2),
+    "rotmnist": dict(in_channels=1, image_size=28, patch_size=4, embed_dim=64, num_classes=10),
 }
-
-HYBRID_PRESETS: dict[str, HybridConfig] = {
-    # the post's hybrid: 8 layers of 5x5 without padding (96 -> 64), max-pool to 6x6, GE-ViT patch 5, pool after every block
-    "pcam": HybridConfig(),
+HYBRID_PRESETS: dict[str, dict[str, Any]] = {
+    # the post's hybrid: 8 layers of 5x5 without padding (96 -> 64), max-pool to 6x6, GE-ViT patch 5, pool after
+    # every block
+    "pcam": dict(gevit={"maxpool_after_last_block": True}),
     # rotated MNIST: 3 layers (28 -> 16), 2x2 max-pool to 8x8, GE-ViT neighbourhood 3, pool after the first block
-    "rotmnist": HybridConfig(in_channels=1, image_size=28, gcnn_layers=3, pooled_size=8, attention_patch=3,
-                             num_classes=10, gevit={}),
+    "rotmnist": dict(in_channels=1, image_size=28, gcnn_layers=3, pooled_size=8, attention_patch=3, num_classes=10),
 }
 
 
-def _config(presets: Mapping[str, Any], preset: str, kind: str, group: str, num_classes: int | None,
-            gevit: Mapping[str, Any] | None, overrides: Mapping[str, Any], **fixed: Any) -> Any:
-    """``presets[preset]`` with ``fixed`` and the checked ``overrides`` replaced, ``gevit`` merged into its own."""
+def _build(cls: type[nn.Module], presets: Mapping[str, dict[str, Any]], preset: str, group: str,
+           num_classes: int | None, gevit: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Any:
+    """``cls`` with the options of ``presets[preset]``, the checked ``overrides``, and ``gevit`` merged into its own."""
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-    base = presets[preset]
-    fields = set(base.__dataclass_fields__) - {"gevit"}
+    fields = set(inspect.signature(cls).parameters) - {"gevit"}
     unknown = set(overrides) - fields
     if unknown:
-        raise TypeError(f"unknown {kind} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    num_classes = base.num_classes if num_classes is None else int(num_classes)
-    return replace(base, group=get_group(group).name, num_classes=num_classes, gevit={**base.gevit, **(gevit or {})},
-                   **fixed, **overrides)
+        raise TypeError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    options = {**presets[preset], **overrides, "group": get_group(group).name}
+    if num_classes is not None:
+        options["num_classes"] = int(num_classes)
+    options["gevit"] = {**presets[preset].get("gevit", {}), **(gevit or {})}
+    return cls(**options)
 
 
-def build_patch_gevit(preset: str, group: str = "p4", patch_size: int | None = None, embed_method: str = "mean",
-                      num_classes: int | None = None, gevit: Mapping[str, Any] | None = None,
-                      **overrides: Any) -> PatchGEViT:
-    """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace :class:`PatchGEViTConfig`
-    fields and ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
+def build_patch_gevit(preset: str = "pcam", group: str = "p4", patch_size: int | None = None,
+                      embed_method: str = "mean", num_classes: int | None = None,
+                      gevit: Mapping[str, Any] | None = None, **overrides: Any) -> PatchGEViT:
+    """A :class:`PatchGEViT` from a preset ("pcam", "rotmnist"); ``overrides`` replace its other options and
+    ``gevit`` GE-ViT fields (e.g. ``gevit={"num_channels": 12, "num_heads": 4}``)."""
     fixed: dict[str, Any] = {} if patch_size is None else {"patch_size": int(patch_size)}
-    return PatchGEViT(_config(PATCH_PRESETS, preset, "PatchGEViT", group, num_classes, gevit, overrides,
-                              embed_method=embed_method, **fixed))
+    return _build(PatchGEViT, PATCH_PRESETS, preset, group, num_classes, gevit,
+                  {**overrides, "embed_method": embed_method, **fixed})
 
 
-def build_hybrid(preset: str, group: str = "p4", num_classes: int | None = None,
+def build_hybrid(preset: str = "pcam", group: str = "p4", num_classes: int | None = None,
                  gevit: Mapping[str, Any] | None = None, **overrides: Any) -> HybridGEViT:
-    """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace
-    :class:`HybridConfig` fields and ``gevit`` GE-ViT fields."""
-    return HybridGEViT(_config(HYBRID_PRESETS, preset, "HybridGEViT", group, num_classes, gevit, overrides))
+    """A :class:`HybridGEViT` from a preset ("pcam": the post's hybrid; "rotmnist"); ``overrides`` replace its other
+    options and ``gevit`` GE-ViT fields."""
+    return _build(HybridGEViT, HYBRID_PRESETS, preset, group, num_classes, gevit, overrides)
 
 
-# ---- the published hybrid checkpoint ------------------------------------------------------------------------------
 _ORIGINAL_GCNN_KEYS = ("gcnn.lifting_conv.kernel.weight", "gcnn.gconvs.0.kernel.transformed_grid_R2xH")
 
 
 def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> HybridGEViT:
-    """The post's hybrid checkpoints (``modern_eq_vit``, ``modern_eq_vit_finetuned``) do not map onto this model:
-    always raises :class:`IncompatibleCheckpointError`.
-
-    Their G-CNN builds the filters of the other group elements by resampling the stored one on the grids in
-    ``gcnn.gconvs.*.kernel.transformed_grid_R2xH``, which put the group coordinate between the 8 stored elements
-    (e.g. 0.33, 1.67 on the [-1, 1] grid) or outside it (2.3 to 4.3): each filter is an interpolated, partly zero
-    blend, not a permutation (why that G-CNN is not equivariant), so an exact group convolution with the same weights
-    computes a different function -- a model that looks trained but is not.
-    """
+    """The post's hybrid checkpoints do not map onto this model (their G-CNN interpolates its filters between the
+    group elements; docs/published_checkpoints.md): always raises :class:`IncompatibleCheckpointError`."""
     del options
     keys = set(state)
     if not all(k in keys or f"module.{k}" in keys for k in _ORIGINAL_GCNN_KEYS):
@@ -419,28 +315,14 @@ def from_original_state_dict(state: Mapping[str, Tensor], **options: Any) -> Hyb
 
 
 # ---- registry: the families and the published hybrid checkpoints ---------------------------------------------------
-@register_model
-def patch_gevit(preset: str = "pcam", group: str = "p4", **overrides: Any) -> PatchGEViT:
-    """Invariant patch embeddings -> GE-ViT: :func:`build_patch_gevit`."""
-    return build_patch_gevit(preset, group, **overrides)
-
-
-@register_model
-def hybrid_gevit(preset: str = "pcam", group: str = "p4", **overrides: Any) -> HybridGEViT:
-    """G-CNN -> GE-ViT: :func:`build_hybrid`."""
-    return build_hybrid(preset, group, **overrides)
-
-
-_SAVED = "src/modern_eq_vit/saved/"
+register_model(build_patch_gevit, name="patch_gevit")
+register_model(build_hybrid, name="hybrid_gevit")
 _POST_HYBRID = {"preset": "pcam", "group": "p4", "gcnn_group": "p4m"}  # the post's D4 G-CNN with a p4 GE-ViT
-PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
-    PublishedWeights("modern_eq_vit", _SAVED + "modern_eq_vit.pt",
-                     "7c00bedf323927da72b593e8333219daa7c650894d062a9167f0e580d79044b8",
-                     "hybrid G-CNN -> GE-ViT on PCam (15 epochs); its G-CNN is not equivariant beyond the lifting "
-                     "layer", _POST_HYBRID),
-    PublishedWeights("modern_eq_vit_finetuned", _SAVED + "modern_eq_vit_finetuned.pt",
-                     "a68538e49ee6eb4fb845d96f9da11069551dd27427b2403e902bb9ea37073ebb",
-                     "the hybrid after 2 more epochs", _POST_HYBRID),
-)
-for _weights in PUBLISHED_WEIGHTS:
+for _name, _sha256, _what in (
+    ("modern_eq_vit", "7c00bedf323927da72b593e8333219daa7c650894d062a9167f0e580d79044b8",
+     "hybrid G-CNN -> GE-ViT on PCam (15 epochs); its G-CNN is not equivariant beyond the lifting layer"),
+    ("modern_eq_vit_finetuned", "a68538e49ee6eb4fb845d96f9da11069551dd27427b2403e902bb9ea37073ebb",
+     "the hybrid after 2 more epochs"),
+):
+    _weights = PublishedWeights(_name, f"src/modern_eq_vit/saved/{_name}.pt", _sha256, _what, _POST_HYBRID)
     register_model(build_hybrid, weights=_weights, convert=from_original_state_dict)

@@ -1,18 +1,9 @@
 """The plain pre-LayerNorm Vision Transformer of the post's post-hoc experiments (UvA DL tutorial 11), timm-style.
 
-Patchify (row-major, channels-first inside a patch) -> Linear -> prepend a learned CLS token -> add a learned
-positional embedding -> dropout -> ``num_layers`` blocks ``x += MHA(LN(x)); x += MLP(LN(x))`` -> head
-``LayerNorm -> Linear`` on the CLS token.
-
-Module and parameter names equal the original ``train_vit.VisionTransformer``'s, so the published state dicts load
-as they are (:func:`from_original_state_dict`); the three published ViTs are registered here
-(``create_model("vit_rotmnist", pretrained=True)``). Attention is ``nn.MultiheadAttention`` with ``batch_first=True``
-(same parameters as the original's sequence-first layout; it dispatches to PyTorch's fused / SDPA kernels).
-
-Model interface (:mod:`gevit_lib.models`): ``forward_features`` gives the tokens ``[B, 1 + N, D]`` after the last
-block (no final norm: the norm is the head's first layer, as in the original); ``forward_head(tokens,
-pre_logits=True)`` is the CLS vector *before* that LayerNorm, the embedding every post-hoc method pools (the
-original's ``forward(x, output_cls=True)``); ``get_classifier()`` is the head ``mlp_head``.
+Module and parameter names equal the original ``train_vit.VisionTransformer``'s, so the three published state dicts
+load as they are. ``forward_features`` gives the tokens after the last block (the final LayerNorm is the head's
+first layer, as in the original); ``forward_head(tokens, pre_logits=True)`` is the CLS vector before it, the
+embedding every post-hoc method pools.
 """
 
 from __future__ import annotations
@@ -25,9 +16,6 @@ from torch import Tensor, nn
 
 from ..hub import PublishedWeights, load_into
 from ._registry import check_batch, register_model
-
-__all__ = ["VisionTransformer", "AttentionBlock", "PRESETS", "build_vit", "from_original_state_dict",
-           "img_to_patch", "PUBLISHED_WEIGHTS"]
 
 # name -> constructor arguments (503,178 parameters for "mnist", 521,794 for "pcam", as the original's)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,7 +51,8 @@ class AttentionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """The post's ViT (see the module docstring); inputs ``[B, num_channels, H, W]``, ``(H/p)(W/p) = num_patches``."""
+    """Patchify -> Linear -> prepend a CLS token -> add positions -> dropout -> blocks -> head on the CLS token.
+    Attention is ``nn.MultiheadAttention`` with ``batch_first=True`` (the original's parameters; fused kernels)."""
 
     def __init__(self, embed_dim: int = 64, hidden_dim: int = 512, num_heads: int = 4, num_layers: int = 6,
                  patch_size: int = 4, num_channels: int = 1, num_patches: int = 49, num_classes: int = 10,
@@ -96,7 +85,6 @@ class VisionTransformer(nn.Module):
                              f"patches need (H/{p})*(W/{p}) = {self.num_patches}, e.g. {side}x{side}")
 
     def _tokens(self, x: Tensor) -> Tensor:
-        """Input tokens ``[B, 1 + num_patches, embed_dim]``: patch embeddings after the CLS token, plus positions."""
         self._check_input(x)
         x = self.input_layer(img_to_patch(x, self.patch_size))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -142,35 +130,23 @@ def build_vit(preset: str = "mnist", **overrides: Any) -> VisionTransformer:
 
 
 def from_original_state_dict(state: Mapping[str, Tensor], preset: str = "mnist", **options: Any) -> VisionTransformer:
-    """Build a ViT and load an original ``train_vit.VisionTransformer`` state dict (80 keys for 6 layers).
-
-    The module names are the original's, so the mapping is the identity (a ``module.`` prefix from
-    ``DataParallel`` is removed). ``options`` override the preset (e.g. ``num_classes``); a state dict that does
-    not fit raises :class:`gevit_lib.hub.IncompatibleCheckpointError` naming the offending keys.
-    """
+    """Build a ViT (``options`` override the preset) and load an original state dict (the names are the
+    original's; a ``module.`` prefix is removed); a mismatch raises ``IncompatibleCheckpointError``."""
     model = build_vit(preset, **options)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return load_into(model, state, source=f"ViT state dict (preset {preset!r})")
 
 
-# ---- registry: the family and the published checkpoints ----------------------------------------------------------
-@register_model
-def vit(preset: str = "mnist", **overrides: Any) -> VisionTransformer:
-    """The post's ViT: :func:`build_vit` (preset "mnist" or "pcam", any constructor argument)."""
-    return build_vit(preset, **overrides)
-
-
-_POSTHOC_DIR = "src/post_hoc_equivariance/checkpoints/"
-PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
-    PublishedWeights("vit_rotmnist", _POSTHOC_DIR + "rotmnist/normal_vit.pt",
-                     "36c83de78c91472574ca140b24eb9c50b01a6940599b12b262fdd71f1ed09945",
-                     "plain ViT trained on rotated MNIST (post-hoc experiment 1)", {"preset": "mnist"}),
-    PublishedWeights("vit_mnist", _POSTHOC_DIR + "train_mnist/normal_vit.pt",
-                     "b9f2f9e0ebfde47d7a187f6c27ca511dfd97f95f6089873ae18825c41e71e5db",
-                     "plain ViT trained on upright MNIST (post-hoc experiment 2)", {"preset": "mnist"}),
-    PublishedWeights("vit_rotmnist_10pct", _POSTHOC_DIR + "less_data_rotmnist/normal_vit.pt",
-                     "4b0e26ca75d7f758859f2937c38928e64d7f88ad23ba1cd47da1af4ae767ab37",
-                     "plain ViT trained on 10% of rotated MNIST (post-hoc experiment 3)", {"preset": "mnist"}),
-)
-for _weights in PUBLISHED_WEIGHTS:
+# the family and the published checkpoints
+register_model(build_vit, name="vit")
+_POSTHOC = "src/post_hoc_equivariance/checkpoints/"
+for _name, _folder, _sha256, _what in (
+    ("vit_rotmnist", "rotmnist", "36c83de78c91472574ca140b24eb9c50b01a6940599b12b262fdd71f1ed09945",
+     "plain ViT trained on rotated MNIST (post-hoc experiment 1)"),
+    ("vit_mnist", "train_mnist", "b9f2f9e0ebfde47d7a187f6c27ca511dfd97f95f6089873ae18825c41e71e5db",
+     "plain ViT trained on upright MNIST (post-hoc experiment 2)"),
+    ("vit_rotmnist_10pct", "less_data_rotmnist", "4b0e26ca75d7f758859f2937c38928e64d7f88ad23ba1cd47da1af4ae767ab37",
+     "plain ViT trained on 10% of rotated MNIST (post-hoc experiment 3)"),
+):
+    _weights = PublishedWeights(_name, f"{_POSTHOC}{_folder}/normal_vit.pt", _sha256, _what, {"preset": "mnist"})
     register_model(build_vit, weights=_weights, convert=from_original_state_dict)
