@@ -1,26 +1,10 @@
-"""Exact group convolutions (G-CNN layers) for groups that act on the pixel grid by permutations: C1, C2, C4, D1,
-D2, D4 (``z2``, ``p4``, ``mz2``, ``p4m``, ...), built on :mod:`gevit_lib.groups`.
+"""Exact group convolutions (G-CNN layers) for the groups that permute the pixel grid: C1, C2, C4, D1, D2, D4.
 
-Why hand-written: the usual libraries (e2cnn / escnn) are not dependencies here, and the post's G-CNN resampled its
-filters on rotated grids and encoded a flip as an extra angle on the rotation axis, interpolating across that
-encoding, which made its group convolutions beyond the lifting layer non-equivariant for D4 (its C4 version is
-fine). Here every filter transform is an exact pixel permutation (``Group.act_on_image``) and every group-axis
-transform a regular permutation read off the Cayley table (``Group.act_on_group_signal``).
-
-Signals: images ``[B, C, H, W]``; group signals ``[B, C, G, H, W]`` (group element order of the group). Feature maps
-transform by the **left** regular representation: for an input transformed by g the output is
-``Group.act_on_group_signal(out, g, side="left")``, i.e. ``out'[h] = T_g out[g^-1 h]``. (GE-ViT's own features use
-``side="right"``; the two meet only after invariant pooling over the group axis, so the choice does not matter
-there.) With filters ``W`` and cross-correlation ``*``:
-
-- lifting: ``out[h] = (T_h W) * x``;
-- group conv: ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]`` (the filter transformed as a left-regular group signal).
-
-``impl="fast"`` (default) builds the whole transformed filter bank with one gather (an index table computed once
-from the group actions) and runs one ``conv2d``; ``impl="plain"`` transforms the *input* instead of the filter,
-``out[h] = T_h (W * T_h^-1 x)``, one convolution per group element (a different computation of the same function,
-kept for tests and teaching). Padding is symmetric and there is no stride, so both are exact for any kernel size.
-Biases are per output channel (shared over the group axis), which keeps equivariance.
+Every filter transform is an exact pixel permutation (``Group.act_on_image``), every group-axis transform a regular
+permutation (``Group.act_on_group_signal``); features transform by the **left** regular representation,
+``out'[h] = T_g out[g^-1 h]``. Lifting: ``out[h] = (T_h W) * x``; group conv: ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]``.
+``impl="fast"`` gathers the transformed filter bank once and runs one ``conv2d``; ``impl="plain"`` transforms the
+input instead, ``out[h] = T_h (W * T_h^-1 x)``. Why hand-written, and more: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -182,12 +166,7 @@ class GroupSignalNorm(nn.GroupNorm):
 
 class GCNN(nn.Module):
     """A plain G-CNN stack: lifting conv, then ``num_layers - 1`` group convs, each followed by ``GroupSignalNorm`` (no
-    affine unless ``norm_affine``) and ReLU. Output: a group signal ``[B, hidden, G, H', W']`` (left action).
-
-    The front end of the post's hybrid (G-CNN -> GE-ViT, :mod:`gevit_lib.models.hybrid`) is ``GCNN("p4m", 3, 8,
-    num_layers=8, kernel_size=5, padding=0, bias=False)`` followed by max pooling over the group axis and an
-    adaptive spatial max-pool to 6x6.
-    """
+    affine unless ``norm_affine``) and ReLU. Output: a group signal ``[B, hidden, G, H', W']`` (left action)."""
 
     def __init__(self, group: Group | str, in_channels: int, hidden_channels: int, num_layers: int = 2,
                  kernel_size: int = 3, padding: int = 0, bias: bool = True, norm: bool = True,
