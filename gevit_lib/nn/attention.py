@@ -97,10 +97,9 @@ def reference_logits(q: Tensor, k: Tensor, pos: Tensor, grp: Tensor | None = Non
                      scale: float, patch_size: int | None) -> Tensor:
     """The logits ``L`` of the module docstring, materialised: ``[b, v, g, i, j, m, k, l]``.
 
-    q ``[b, i, j, g, c]``, k ``[b, i, j, m, c]``; pos ``[v, k*l, dpos]`` holds the row and column embeddings of the
-    transformed offsets, used with ``q[..., :dpos]``; grp ``[|G|, dg]`` and gidx ``[v, g, m]`` the group term, used
-    with ``q[..., dpos:dpos+dg]`` (None for lifting). ``patch_size`` None means global attention (``pos`` then holds
-    all (2S-1)^2 offsets and (k, l) is the key pixel). Outside-image neighbours are -inf.
+    q ``[b, i, j, g, c]``, k ``[b, i, j, m, c]``; pos ``[v, k*l, dpos]`` (row and column embeddings of the moved
+    offsets, used with ``q[..., :dpos]``); grp ``[|G|, dg]`` and gidx ``[v, g, m]`` (group term, used with
+    ``q[..., dpos:dpos+dg]``; None for lifting). ``patch_size`` None: global attention over all (2S-1)^2 offsets.
     """
     n, h, w, gq, d = q.shape
     gk, n_gv, dpos = k.shape[3], pos.shape[0], pos.shape[-1]
@@ -147,9 +146,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tenso
                         training: bool = False) -> Tensor:
     """Lifting / group self-attention by the formula (the ``"plain"`` path): ``[b, i, j, v, c]``.
 
-    Arguments as in :func:`reference_logits`; v ``[b, i, j, m, c]``. Softmax over (m, k, l) jointly, attention
-    dropout on the probabilities when ``training``, then the sum over (g, m, k, l) of probability times value.
-    """
+    Arguments as in :func:`reference_logits`, v ``[b, i, j, m, c]``; attention dropout when ``training``."""
     scores = reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch_size)  # [b, v, g, i, j, m, k, l]
     probs = F.dropout(_joint_softmax(scores), dropout, training)  # softmax over (m, k, l) together
     vo = rearrange(v, "b i j m c -> b c m i j")
@@ -164,9 +161,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | 
                     gidx: Tensor | None = None, *, scale: float, patch_size: int | None, dropout: float = 0.0,
                     training: bool = False, impl: str = "fast") -> Tensor:
     """Lifting/group self-attention on projected heads by ``impl`` ("fast" or "plain"): ``[N, H, W, Gv, dv]``.
-
-    Layouts as in :func:`reference_logits` (N = batch * heads); ``patch_size`` None: global attention.
-    """
+    Layouts as in :func:`reference_logits` (N = batch * heads); ``patch_size`` None: global attention."""
     if check_impl(impl) == "plain":
         return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
                                    training=training)
@@ -255,17 +250,20 @@ class _SelfAttention(nn.Module):
             return None, None
         return self.pos.group_embedding.weight, self.pos.group_index
 
-    def _check_spatial(self, h: int, w: int) -> None:
-        if self.group.n_rotations > 1 and h != w:
-            raise ValueError(f"{type(self).__name__} with rotation group {self.group.name} needs square images, "
-                             f"got {h}x{w}")
-        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
-            raise ValueError(f"global {type(self).__name__} was built for {self.image_size}x{self.image_size} "
-                             f"inputs, got {h}x{w}")
-
     def _channels_last(self, x: Tensor) -> Tensor:
         """Check the input and return it as ``[B, H, W, G, C_in]`` (G = 1 for the lifting layer)."""
-        raise NotImplementedError
+        name, g = type(self).__name__, len(self.group)
+        if self.lifting and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"{name} expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if not self.lifting and (x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != g):
+            raise ValueError(f"{name} expects group signals [B, {self.in_channels}, {g}, H, W] (group "
+                             f"{self.group.name}), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if self.group.n_rotations > 1 and h != w:
+            raise ValueError(f"{name} with rotation group {self.group.name} needs square images, got {h}x{w}")
+        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f"global {name} was built for {self.image_size}x{self.image_size} inputs, got {h}x{w}")
+        return x.permute(0, 2, 3, 1).unsqueeze(3) if self.lifting else x.permute(0, 3, 4, 2, 1)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
@@ -294,11 +292,8 @@ class _SelfAttention(nn.Module):
 
 
 class LiftingSelfAttention(_SelfAttention):
-    """Lifting self-attention: image ``[B, C_in, H, W]`` -> group signal ``[B, C_out, G, H, W]`` (see the module
-    docstring for the formula).
-
-    Row/column embeddings use ``mid_channels // 2`` query channels each (mid_channels must be even).
-    """
+    """Lifting self-attention: image ``[B, C_in, H, W]`` -> group signal ``[B, C_out, G, H, W]`` (formula: module
+    docstring). Row/column embeddings use ``mid_channels // 2`` query channels each (mid_channels must be even)."""
 
     lifting = True
 
@@ -308,12 +303,6 @@ class LiftingSelfAttention(_SelfAttention):
         super().__init__(group, in_channels, out_channels, num_heads, mid_channels, patch_size, image_size,
                          attention_dropout, positional, "corrected", impl)
 
-    def _channels_last(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"LiftingSelfAttention expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        self._check_spatial(x.shape[-2], x.shape[-1])
-        return x.permute(0, 2, 3, 1).unsqueeze(3)
-
     @torch.no_grad()
     def attention_probabilities(self, x: Tensor) -> Tensor:
         """Softmax probabilities (no dropout), ``[B, heads, G, H, W, P, P]`` (global: ``[B, heads, G, H, W, H, W]``);
@@ -322,15 +311,8 @@ class LiftingSelfAttention(_SelfAttention):
 
 
 class GroupSelfAttention(_SelfAttention):
-    """Group self-attention: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H, W]`` (see the module docstring).
+    """Group self-attention: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H, W]`` (formula: module docstring).
 
     Query channels: ``mid // 3`` row, ``mid // 3`` column, the rest group embedding. ``group_index`` selects the
     group-axis table ("corrected": exactly equivariant; "reference": the original code's).
     """
-
-    def _channels_last(self, x: Tensor) -> Tensor:
-        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != len(self.group):
-            raise ValueError(f"GroupSelfAttention expects group signals [B, {self.in_channels}, {len(self.group)}, H, "
-                             f"W] (group {self.group.name}), got {tuple(x.shape)}")
-        self._check_spatial(x.shape[-2], x.shape[-1])
-        return x.permute(0, 3, 4, 2, 1)
