@@ -10,6 +10,7 @@ input instead, ``out[h] = T_h (W * T_h^-1 x)``. Why hand-written, and more: docs
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from ..groups import Group, get_group
 from .attention import check_impl
 
 __all__ = ["check_exact_group", "LiftingConv", "GroupConv", "GroupPool", "GroupSignalNorm", "GCNN"]
+
 
 def check_exact_group(group: Group | str) -> Group:
     """The group, if every element acts on square pixel grids as a permutation (multiples of 90 degrees, mirrors)."""
@@ -71,18 +73,33 @@ class _GConvBase(nn.Module):
         k = self.kernel_size
         return bank.reshape(self.out_channels * len(self.group), -1, k, k)
 
-    def _bias(self, out: Tensor) -> Tensor:
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
-
     def output_size(self, size: int) -> int:
         return size + 2 * self.padding - self.kernel_size + 1
 
-    def _check_spatial(self, h: int, w: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        g, name = len(self.group), type(self).__name__
+        if self.lifted_input and (x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != g):
+            raise ValueError(f"{name} expects group signals [B, {self.in_channels}, {g}, H, W] (group "
+                             f"{self.group.name}), got {tuple(x.shape)}")
+        if not self.lifted_input and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"{name} expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
         if self.group.n_rotations > 2 and h != w:
-            raise ValueError(f"{type(self).__name__} with group {self.group.name} needs square inputs, got {h}x{w}")
+            raise ValueError(f"{name} with group {self.group.name} needs square inputs, got {h}x{w}")
         if self.output_size(min(h, w)) < 1:
             raise ValueError(f"a {h}x{w} input is smaller than the {self.kernel_size}x{self.kernel_size} kernel "
                              f"with padding {self.padding}")
+        if self.impl == "fast":
+            out = F.conv2d(x.flatten(1, -3), self.filter_bank(), padding=self.padding)  # group axis into channels
+            out = out.view(x.shape[0], self.out_channels, g, *out.shape[-2:])
+        else:  # transform the input instead of the filter: out[e] = T_e (W * T_e^-1 x)
+            act = partial(self.group.act_on_group_signal, side="left") if self.lifted_input else self.group.act_on_image
+            weight, outs = self.weight.flatten(1, -3), []  # [O, I*(G), k, k]
+            for e in range(g):
+                moved = act(x, self.group.inv(e)).flatten(1, -3)
+                outs.append(self.group.act_on_image(F.conv2d(moved, weight, padding=self.padding), e))
+            out = torch.stack(outs, dim=2)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"group={self.group.name}, in={self.in_channels}, out={self.out_channels}, "
@@ -94,46 +111,12 @@ class LiftingConv(_GConvBase):
     """Lifting convolution: images ``[B, C_in, H, W]`` -> group signals ``[B, C_out, G, H', W']``,
     ``out[h] = (T_h W) * x`` (H' = H + 2 padding - k + 1)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"LiftingConv expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        self._check_spatial(*x.shape[-2:])
-        g = len(self.group)
-        if self.impl == "fast":
-            out = F.conv2d(x, self.filter_bank(), padding=self.padding)
-            out = out.view(x.shape[0], self.out_channels, g, *out.shape[-2:])
-        else:
-            out = torch.stack([
-                self.group.act_on_image(F.conv2d(self.group.act_on_image(x, self.group.inv(h)), self.weight,
-                                                 padding=self.padding), h)
-                for h in range(g)], dim=2)
-        return self._bias(out)
-
 
 class GroupConv(_GConvBase):
     """Group convolution: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H', W']``,
     ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]``; weight ``[C_out, C_in, G, k, k]``."""
 
     lifted_input = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        g = len(self.group)
-        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != g:
-            raise ValueError(f"GroupConv expects group signals [B, {self.in_channels}, {g}, H, W] (group "
-                             f"{self.group.name}), got {tuple(x.shape)}")
-        self._check_spatial(*x.shape[-2:])
-        b = x.shape[0]
-        if self.impl == "fast":
-            out = F.conv2d(x.flatten(1, 2), self.filter_bank(), padding=self.padding)
-            out = out.view(b, self.out_channels, g, *out.shape[-2:])
-        else:
-            base = self.weight.flatten(1, 2)  # [O, I*G, k, k]
-            outs = []
-            for h in range(g):
-                moved = self.group.act_on_group_signal(x, self.group.inv(h), side="left")
-                outs.append(self.group.act_on_image(F.conv2d(moved.flatten(1, 2), base, padding=self.padding), h))
-            out = torch.stack(outs, dim=2)
-        return self._bias(out)
 
 
 class GroupPool(nn.Module):
