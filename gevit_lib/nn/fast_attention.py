@@ -83,7 +83,7 @@ class _Scores:
                  bias: Tensor, scale: float, nb: int, n_gv: int,
                  maxima: tuple[Tensor, Tensor, Tensor | None] | None = None) -> None:
         n, gq, _ = qc.shape
-        p2, dpos = pos.shape[1], pos.shape[2]
+        p2, dpos = pos.shape[1:]
         gk = keys.shape[1] // p2
         content = torch.bmm(qc, keys.transpose(1, 2)).view(nb, -1, gq, p2, gk).mul_(scale)
         content = content.add_(bias.view(1, -1, 1, p2, 1)).transpose(-2, -1).reshape(n, 1, gq, gk, p2)
@@ -126,7 +126,7 @@ def _exact_block(sc: _Scores, qc: Tensor, keys: Tensor, pos: Tensor, grp: Tensor
                  bias: Tensor, scale: float, nb: int, n_gv: int, log_norm: Tensor | None) -> tuple[Tensor, Tensor]:
     """Fallback when the per-term shift under/overflows: ``exp(logits - max)`` (or ``- log_norm``) the direct way."""
     n, gq, _ = qc.shape
-    p2, dpos = pos.shape[1], pos.shape[2]
+    p2, dpos = pos.shape[1:]
     gk = keys.shape[1] // p2
     logits = torch.bmm(qc, keys.transpose(1, 2)).view(nb, -1, gq, p2, gk).add_(bias.view(1, -1, 1, p2, 1) / scale)
     logits = logits.transpose(-2, -1).reshape(n, 1, gq, gk, p2).expand(sc.shape).clone()
@@ -145,10 +145,8 @@ _DROP_BITS = 15
 
 
 def _keep_mask(seed: int, chunk: int, shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
-    """0/1 mask of kept scores (dropout probability ~p, from 15 random bits per score, 4 scores per 64-bit draw).
-
-    Cheaper than ``torch.rand`` >= p on CPU; redrawn identically in the backward pass from (seed, chunk).
-    """
+    """0/1 mask of kept scores (dropout probability ~p) from 15 random bits per score, 4 scores per 64-bit draw;
+    redrawn identically in the backward pass from (seed, chunk)."""
     gen = torch.Generator(device=like.device)
     gen.manual_seed(seed + 7919 * chunk)
     numel = math.prod(shape)
@@ -223,8 +221,7 @@ def _setup(q: Tensor, k: Tensor, v: Tensor, n_gv: int, p2: int, patch: int,
     """Zero-padded keys and values, the border bias and the chunks (the same in the forward and backward pass)."""
     n_img, height, width, gq, _ = q.shape
     r = patch // 2
-    kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
-    vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
+    kp, vp = F.pad(k, (0, 0, 0, 0, r, r, r, r)), F.pad(v, (0, 0, 0, 0, r, r, r, r))
     bias = _border_bias(height, width, patch, q.dtype, q.device)
     return kp, vp, bias, list(_chunks(n_img, height, width * n_gv * gq * p2 * k.shape[3], budget))
 
