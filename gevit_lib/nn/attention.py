@@ -216,9 +216,7 @@ class _SelfAttention(nn.Module):
                 raise ValueError(f"group self-attention needs mid_channels >= 3, got {mid}")
         size = patch_size if patch_size is not None else 2 * image_size - 1  # type: ignore[operator]
         self.pos = RelativePositionalEncoding(self.group, size, pos_dim, group_dim, positional, group_index)
-        self.query = Pointwise(in_channels, mid * num_heads)
-        self.key = Pointwise(in_channels, mid * num_heads)
-        self.value = Pointwise(in_channels, mid * num_heads)
+        self.query, self.key, self.value = (Pointwise(in_channels, mid * num_heads) for _ in range(3))
         self.out = Pointwise(mid * num_heads, out_channels)
 
     @property
