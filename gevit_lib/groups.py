@@ -1,23 +1,14 @@
-"""Finite rotation and roto-reflection groups (C_n, D_n) from explicit elements and Cayley tables, and their actions.
+"""Finite rotation and roto-reflection groups (C_n, D_n) from explicit 2x2 matrices, and their actions.
 
-Conventions (the same as GE-ViT's positional encodings, so group axes line up with the published checkpoints):
+Conventions (GE-ViT's, so group axes line up with the published checkpoints; docs/architecture.md has more):
 
-- Plane coordinates are array coordinates ``(x, y)`` = (column offset, row offset), with y pointing **down**.
-- Element ``(k, s)`` of a group with ``n`` rotations is the matrix ``A = M^s R(2 pi k / n)`` with
-  ``R(t) = [[cos t, -sin t], [sin t, cos t]]`` and ``M = diag(-1, 1)`` (rotate, then mirror the x axis).
-  Its index is ``k + n * s``: the rotations first, then the mirrored elements. Index 0 is the identity.
-- Because y points down, ``R(+90 deg)`` turns a displayed image **clockwise**: element ``(1, 0)`` of p4 acts on an
-  image as ``torch.rot90(x, -1)``; ``torch.rot90(x, 1)`` (counter-clockwise) is the element ``(n/4 * 3, 0)``,
-  see :meth:`Group.rot90_element`. ``(0, 1)`` mirrors the W axis (``torch.flip(x, (-1,))``).
-- An image transforms as ``(T_g f)(p) = f(A_g^{-1} p)`` about the image centre. For multiples of 90 degrees and
-  for mirrors this is an exact pixel permutation (``torch.rot90`` / ``torch.flip``); other angles are bilinear
-  interpolation (torchvision) and only approximate.
-- A function on the group (the group axis of a ``[B, C, G, H, W]`` signal) transforms by the left regular
-  representation ``(L_g f)(h) = f(g^{-1} h)`` or the right one ``(R_g f)(h) = f(h g)``; both are homomorphisms and
-  both are index permutations read off the Cayley table. GE-ViT's feature maps transform as
-  ``f'(h) = T_g f(h g)``, i.e. :meth:`Group.act_on_group_signal` with ``side="right"``.
-
-Every table is derived from the 2x2 matrices; nothing is typed by hand.
+- Plane coordinates are ``(x, y)`` = (column offset, row offset), y pointing **down**.
+- Element ``(k, s)``, index ``k + n * s`` (identity 0), is ``A = M^s R(2 pi k / n)`` with ``M = diag(-1, 1)``.
+  So element ``(1, 0)`` of p4 acts on an image as ``torch.rot90(x, -1)`` (clockwise, see :meth:`Group.rot90_element`)
+  and ``(0, 1)`` as ``torch.flip(x, (-1,))``.
+- Images transform as ``(T_g f)(p) = f(A_g^{-1} p)`` about the centre: exact for multiples of 90 degrees and
+  mirrors, bilinear otherwise. Group axes transform by the left (``f(g^-1 h)``) or right (``f(h g)``) regular
+  representation; GE-ViT's features as ``f'(h) = T_g f(h g)`` (:meth:`Group.act_on_group_signal`, ``side="right"``).
 """
 
 from __future__ import annotations
@@ -33,16 +24,8 @@ from torch import Tensor
 __all__ = ["Group", "get_group", "GROUP_NAMES"]
 
 # name -> (number of rotations, has mirror)
-_NAMED = {
-    "z2": (1, False),
-    "p4": (4, False),
-    "p8": (8, False),
-    "p12": (12, False),
-    "p16": (16, False),
-    "mz2": (1, True),
-    "p4m": (4, True),
-    "p8m": (8, True),
-}
+_NAMED = {"z2": (1, False), "p4": (4, False), "p8": (8, False), "p12": (12, False), "p16": (16, False),
+          "mz2": (1, True), "p4m": (4, True), "p8m": (8, True)}
 GROUP_NAMES: tuple[str, ...] = tuple(_NAMED)
 
 
@@ -58,8 +41,7 @@ class Group:
     def __post_init__(self) -> None:
         if self.n_rotations < 1:
             raise ValueError(f"a group needs at least one rotation, got n_rotations={self.n_rotations}")
-        n = self.n_rotations
-        elems = tuple((k, s) for s in ((0, 1) if self.mirror else (0,)) for k in range(n))
+        elems = tuple((k, s) for s in ((0, 1) if self.mirror else (0,)) for k in range(self.n_rotations))
         object.__setattr__(self, "elements", elems)
 
     # ---- basic structure -------------------------------------------------------------------------------------
@@ -157,12 +139,9 @@ class Group:
         """
         if x.shape[group_dim] != len(self):
             raise ValueError(f"group axis {group_dim} has size {x.shape[group_dim]}, group {self.name} has {len(self)}")
-        if side == "right":
-            perm = self.right_regular(g)
-        elif side == "left":
-            perm = self.left_regular(g)
-        else:
+        if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        perm = self.right_regular(g) if side == "right" else self.left_regular(g)
         return self.act_on_image(x.index_select(group_dim, perm.to(x.device)), g)
 
     def __repr__(self) -> str:
@@ -171,11 +150,9 @@ class Group:
 
 
 def rotate(x: Tensor, degrees: float, interpolation: str = "bilinear") -> Tensor:
-    """Rotate images ``[..., H, W]`` counter-clockwise about their centre, zero fill (= black for raw images).
+    """Rotate images ``[..., H, W]`` counter-clockwise about their centre, zero fill: the library's one rotation.
 
-    The library's one image rotation by an angle. Multiples of 90 degrees are exact (``torch.rot90``); other angles
-    are interpolated by torchvision ("bilinear" or "nearest"). Rotating raw images with zero fill and then
-    normalising equals rotating normalised images with the background value as fill.
+    Multiples of 90 degrees are exact (``torch.rot90``); other angles are interpolated by torchvision.
     """
     from torchvision.transforms.functional import InterpolationMode, rotate as tv_rotate
 

@@ -1,23 +1,20 @@
 """Lifting and group self-attention of GE-ViT / GSA-Nets, written the way the math reads.
 
-Every pixel attends to a P x P neighbourhood of pixels around it (or, for global attention, to the whole image),
-and in a group layer also to every group element of those pixels. Per head, with queries ``q``, keys ``k`` and
-values ``val`` (1x1 linear maps of the input), a query at pixel x and group element g looks at the key at pixel
-x + delta and group element m. For every *output* group element v the logit sums content, position and group terms:
+Every pixel attends to a P x P neighbourhood (global attention: the whole image) and, in a group layer, to every
+group element there. Per head, with 1x1 linear maps ``q``, ``k``, ``val`` of the input, a query at pixel x and group
+element g looks at the key at pixel x + delta and group element m. For every *output* group element v:
 
     L[v, g, x, m, delta] = s * (   q(g, x) . k(m, x + delta)                              content
                                  + q_row(g, x) . e_row(row of A_v delta)                   row position
                                  + q_col(g, x) . e_col(column of A_v delta)                column position
                                  + q_grp(g, x) . e_grp[gidx[v, g, m]] )                    group position
 
-- ``A_v delta`` is the offset delta moved by the group element v (rotated, maybe mirrored): the only place where v
-  enters the spatial terms. ``e_row``, ``e_col`` are small MLPs of one scalar coordinate. Both live in
-  :mod:`gevit_lib.nn.positional`, which also explains the two conventions (GE-ViT and GSA-Nets).
-- ``e_grp`` is a table of |G| learned vectors; ``gidx[v, g, m]`` says which one the pair (query g, key m) uses for
-  output v (:func:`gevit_lib.nn.positional.group_index_table`; docs/group_table.md explains the choice).
-- ``q_row``, ``q_col``, ``q_grp`` are consecutive slices of the query channels; ``s = 1 / sqrt(C_in)`` (the number of
-  input channels of the layer, not the head size, as in the original code).
-- Neighbours outside the image get ``L = -inf``.
+- ``A_v delta`` is the offset moved by v (rotated, maybe mirrored): the only place where v enters the spatial terms;
+  ``e_row``, ``e_col`` are small MLPs of one scalar coordinate (:mod:`gevit_lib.nn.positional`).
+- ``e_grp`` is a table of |G| learned vectors; ``gidx[v, g, m]`` picks one for (query g, key m) and output v
+  (:func:`gevit_lib.nn.positional.group_index_table`; docs/group_table.md explains the choice).
+- ``q_row``, ``q_col``, ``q_grp`` are consecutive slices of the query channels; ``s = 1 / sqrt(C_in)`` (input
+  channels of the layer, not the head size, as in the original code). Neighbours outside the image get ``L = -inf``.
 
 The probabilities are a softmax over (m, delta) *jointly*, separately for every (v, g, x), and the output at v sums
 the attended values of *all* query group elements g:
@@ -25,11 +22,9 @@ the attended values of *all* query group elements g:
     p[v, g, x, m, delta] = exp(L[v, g, x, m, delta]) / sum over (m', delta') of exp(L[v, g, x, m', delta'])
     out(v, x) = sum over g of   sum over (m, delta) of   p[v, g, x, m, delta] * val(m, x + delta)
 
-Lifting self-attention is the special case of an image input: one query and one key "group element" and no group
-term, so ``L[v, x, delta] = s * (q(x) . k(x + delta) + q_row(x) . e_row(...) + q_col(x) . e_col(...))``. The
-output still has a group axis, because every v sees the neighbourhood through its own transformed offsets.
-Global attention is the same with delta ranging over all key pixels (offsets taken from a (2S-1) x (2S-1) table
-for an S x S image).
+Lifting self-attention is the special case of an image input: one query and one key "group element", no group
+term; the output still has a group axis, because every v sees the neighbourhood through its own moved offsets.
+Global attention lets delta range over all key pixels (offsets from a (2S-1) x (2S-1) table for an S x S image).
 
 Index letters (the einsum subscripts below) and the tensor sizes they run over:
 
@@ -41,16 +36,10 @@ Index letters (the einsum subscripts below) and the tensor sizes they run over:
     i, j  query pixel row, col   H, W
     k, l  neighbour row, col     P, P (offset k - P//2, l - P//2); global attention: key pixel row, col (H, W)
 
-Two implementations compute this (``impl=``):
-
-- ``"plain"``: :func:`reference_attention`, the formula above transcribed with einsum. It builds the full logit
-  tensor ``[b, v, g, i, j, m, k, l]`` (memory ~ |G|^3 H W P^2 per head), so it is for tests and for reading.
-- ``"fast"`` (default): :func:`gevit_lib.nn.fast_attention.fast_local_attention`, the same function without that
-  tensor (on CPU a fused C++ kernel, elsewhere chunk by chunk in torch) and a recomputing backward pass; global
-  attention runs as local attention with a (2S-1) x (2S-1) neighbourhood, which has exactly the same offsets.
-  The tests check it against the plain path, values and gradients.
-
-Projections are 1x1 linear maps (``weight [out, in]``), as 1x1 convolutions were in the original.
+``impl="plain"`` is :func:`reference_attention`, the formula in einsum with the full logit tensor
+``[b, v, g, i, j, m, k, l]`` (for tests and reading); ``impl="fast"`` (default) is
+:func:`gevit_lib.nn.fast_attention.fast_local_attention`, the same function without that tensor (global attention
+as local attention with a (2S-1) x (2S-1) neighbourhood), tested against the plain path, values and gradients.
 """
 
 from __future__ import annotations
@@ -108,10 +97,9 @@ def reference_logits(q: Tensor, k: Tensor, pos: Tensor, grp: Tensor | None = Non
                      scale: float, patch_size: int | None) -> Tensor:
     """The logits ``L`` of the module docstring, materialised: ``[b, v, g, i, j, m, k, l]``.
 
-    q ``[b, i, j, g, c]``, k ``[b, i, j, m, c]``; pos ``[v, k*l, dpos]`` holds the row and column embeddings of the
-    transformed offsets, used with ``q[..., :dpos]``; grp ``[|G|, dg]`` and gidx ``[v, g, m]`` the group term, used
-    with ``q[..., dpos:dpos+dg]`` (None for lifting). ``patch_size`` None means global attention (``pos`` then holds
-    all (2S-1)^2 offsets and (k, l) is the key pixel). Outside-image neighbours are -inf.
+    q ``[b, i, j, g, c]``, k ``[b, i, j, m, c]``; pos ``[v, k*l, dpos]`` (row and column embeddings of the moved
+    offsets, used with ``q[..., :dpos]``); grp ``[|G|, dg]`` and gidx ``[v, g, m]`` (group term, used with
+    ``q[..., dpos:dpos+dg]``; None for lifting). ``patch_size`` None: global attention over all (2S-1)^2 offsets.
     """
     n, h, w, gq, d = q.shape
     gk, n_gv, dpos = k.shape[3], pos.shape[0], pos.shape[-1]
@@ -158,9 +146,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tenso
                         training: bool = False) -> Tensor:
     """Lifting / group self-attention by the formula (the ``"plain"`` path): ``[b, i, j, v, c]``.
 
-    Arguments as in :func:`reference_logits`; v ``[b, i, j, m, c]``. Softmax over (m, k, l) jointly, attention
-    dropout on the probabilities when ``training``, then the sum over (g, m, k, l) of probability times value.
-    """
+    Arguments as in :func:`reference_logits`, v ``[b, i, j, m, c]``; attention dropout when ``training``."""
     scores = reference_logits(q, k, pos, grp, gidx, scale=scale, patch_size=patch_size)  # [b, v, g, i, j, m, k, l]
     probs = F.dropout(_joint_softmax(scores), dropout, training)  # softmax over (m, k, l) together
     vo = rearrange(v, "b i j m c -> b c m i j")
@@ -172,19 +158,15 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tenso
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None = None,
-                    gidx: Tensor | None = None, *, scale: float, patch_size: int, dropout: float = 0.0,
+                    gidx: Tensor | None = None, *, scale: float, patch_size: int | None, dropout: float = 0.0,
                     training: bool = False, impl: str = "fast") -> Tensor:
-    """Local lifting/group self-attention on projected heads, by ``impl`` ("fast" or "plain").
-
-    q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v ``[N, H, W, Gk, dv]`` (N = batch * heads), pos
-    ``[Gv, P*P, dpos]`` (row/column embeddings of the transformed offsets, used with ``q[..., :dpos]``), grp
-    ``[G, dg]`` and gidx ``[Gv, Gq, Gk]`` (group term, used with ``q[..., dpos:dpos+dg]``; None for lifting).
-    Returns ``[N, H, W, Gv, dv]``.
-    """
+    """Lifting/group self-attention on projected heads by ``impl`` ("fast" or "plain"): ``[N, H, W, Gv, dv]``.
+    Layouts as in :func:`reference_logits` (N = batch * heads); ``patch_size`` None: global attention."""
     if check_impl(impl) == "plain":
         return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
                                    training=training)
-    return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
+    patch = 2 * q.shape[1] - 1 if patch_size is None else patch_size  # global: every offset of an S x S image
+    return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch,
                                 dropout=dropout if training else 0.0)
 
 
@@ -192,12 +174,8 @@ def global_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor |
                      gidx: Tensor | None = None, *, scale: float, dropout: float = 0.0, training: bool = False,
                      impl: str = "fast") -> Tensor:
     """Global attention on an S x S image; ``pos`` holds the embeddings of all (2S-1)^2 relative offsets."""
-    s = q.shape[1]
-    if check_impl(impl) == "plain":
-        return reference_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=None, dropout=dropout,
-                                   training=training)
-    return fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=2 * s - 1,
-                                dropout=dropout if training else 0.0)
+    return local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=None, dropout=dropout, training=training,
+                           impl=impl)
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
@@ -207,8 +185,9 @@ class _SelfAttention(nn.Module):
     lifting: bool = False
 
     def __init__(self, group: Group | str, in_channels: int, out_channels: int, num_heads: int,
-                 mid_channels: int | None, patch_size: int | None, image_size: int | None, attention_dropout: float,
-                 positional: str, group_index: str, impl: str) -> None:
+                 mid_channels: int | None = None, patch_size: int | None = 5, image_size: int | None = None,
+                 attention_dropout: float = 0.0, positional: str = "gevit", group_index: str = "corrected",
+                 impl: str = "fast") -> None:
         super().__init__()
         self.group = get_group(group)
         mid = out_channels // 2 if mid_channels is None else mid_channels
@@ -237,9 +216,7 @@ class _SelfAttention(nn.Module):
                 raise ValueError(f"group self-attention needs mid_channels >= 3, got {mid}")
         size = patch_size if patch_size is not None else 2 * image_size - 1  # type: ignore[operator]
         self.pos = RelativePositionalEncoding(self.group, size, pos_dim, group_dim, positional, group_index)
-        self.query = Pointwise(in_channels, mid * num_heads)
-        self.key = Pointwise(in_channels, mid * num_heads)
-        self.value = Pointwise(in_channels, mid * num_heads)
+        self.query, self.key, self.value = (Pointwise(in_channels, mid * num_heads) for _ in range(3))
         self.out = Pointwise(mid * num_heads, out_channels)
 
     @property
@@ -271,44 +248,40 @@ class _SelfAttention(nn.Module):
             return None, None
         return self.pos.group_embedding.weight, self.pos.group_index
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        grp, gidx = self._group_term()
-        scale = 1.0 / math.sqrt(self.in_channels)
-        common = dict(scale=scale, dropout=self.attention_dropout, training=self.training, impl=self.impl)
-        if self.patch_size is not None:
-            return local_attention(q, k, v, self.pos.spatial(), grp, gidx, patch_size=self.patch_size, **common)
-        return global_attention(q, k, v, self.pos.spatial(), grp, gidx, **common)
-
-    def _check_spatial(self, h: int, w: int) -> None:
-        if self.group.n_rotations > 1 and h != w:
-            raise ValueError(f"{type(self).__name__} with rotation group {self.group.name} needs square images, "
-                             f"got {h}x{w}")
-        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
-            raise ValueError(f"global {type(self).__name__} was built for {self.image_size}x{self.image_size} "
-                             f"inputs, got {h}x{w}")
-
     def _channels_last(self, x: Tensor) -> Tensor:
         """Check the input and return it as ``[B, H, W, G, C_in]`` (G = 1 for the lifting layer)."""
-        raise NotImplementedError
+        name, g = type(self).__name__, len(self.group)
+        if self.lifting and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"{name} expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if not self.lifting and (x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != g):
+            raise ValueError(f"{name} expects group signals [B, {self.in_channels}, {g}, H, W] (group "
+                             f"{self.group.name}), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if self.group.n_rotations > 1 and h != w:
+            raise ValueError(f"{name} with rotation group {self.group.name} needs square images, got {h}x{w}")
+        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f"global {name} was built for {self.image_size}x{self.image_size} inputs, got {h}x{w}")
+        return x.permute(0, 2, 3, 1).unsqueeze(3) if self.lifting else x.permute(0, 3, 4, 2, 1)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
         path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
         q, k, v = self._heads(self._channels_last(x))
-        out = self._merge(self._attend(q, k, v), x.shape[0])
+        grp, gidx = self._group_term()
+        out = local_attention(q, k, v, self.pos.spatial(), grp, gidx, scale=1.0 / math.sqrt(self.in_channels),
+                              patch_size=self.patch_size, dropout=self.attention_dropout, training=self.training,
+                              impl=self.impl)
+        out = self._merge(out, x.shape[0])
         return (out, self.attention_probabilities(x)) if return_attention else out
 
     @torch.no_grad()
     def attention_probabilities(self, x: Tensor) -> Tensor:
         """Softmax probabilities (no dropout), ``[B, heads, G(v), G(g), H, W, G(m), P, P]`` (global: ``..., H, W``)."""
         q, k, _ = self._heads(self._channels_last(x))
-        return self._probabilities(q, k, x.shape[0])
-
-    def _probabilities(self, q: Tensor, k: Tensor, bsz: int) -> Tensor:
         grp, gidx = self._group_term()
         scores = reference_logits(q, k, self.pos.spatial(), grp, gidx, scale=1.0 / math.sqrt(self.in_channels),
                                   patch_size=self.patch_size)  # [B*heads, v, g, i, j, m, k, l]
-        return _joint_softmax(scores).view(bsz, self.num_heads, *scores.shape[1:])  # [B, heads, v, g, i, j, m, k, l]
+        return _joint_softmax(scores).view(x.shape[0], self.num_heads, *scores.shape[1:])  # [B, heads, v, g, ...]
 
     def extra_repr(self) -> str:
         hood = f"patch_size={self.patch_size}" if self.patch_size else f"global, image_size={self.image_size}"
@@ -317,11 +290,8 @@ class _SelfAttention(nn.Module):
 
 
 class LiftingSelfAttention(_SelfAttention):
-    """Lifting self-attention: image ``[B, C_in, H, W]`` -> group signal ``[B, C_out, G, H, W]`` (see the module
-    docstring for the formula).
-
-    Row/column embeddings use ``mid_channels // 2`` query channels each (mid_channels must be even).
-    """
+    """Lifting self-attention: image ``[B, C_in, H, W]`` -> group signal ``[B, C_out, G, H, W]`` (formula: module
+    docstring). Row/column embeddings use ``mid_channels // 2`` query channels each (mid_channels must be even)."""
 
     lifting = True
 
@@ -331,12 +301,6 @@ class LiftingSelfAttention(_SelfAttention):
         super().__init__(group, in_channels, out_channels, num_heads, mid_channels, patch_size, image_size,
                          attention_dropout, positional, "corrected", impl)
 
-    def _channels_last(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"LiftingSelfAttention expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        self._check_spatial(x.shape[-2], x.shape[-1])
-        return x.permute(0, 2, 3, 1).unsqueeze(3)
-
     @torch.no_grad()
     def attention_probabilities(self, x: Tensor) -> Tensor:
         """Softmax probabilities (no dropout), ``[B, heads, G, H, W, P, P]`` (global: ``[B, heads, G, H, W, H, W]``);
@@ -345,22 +309,8 @@ class LiftingSelfAttention(_SelfAttention):
 
 
 class GroupSelfAttention(_SelfAttention):
-    """Group self-attention: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H, W]`` (see the module docstring).
+    """Group self-attention: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H, W]`` (formula: module docstring).
 
     Query channels: ``mid // 3`` row, ``mid // 3`` column, the rest group embedding. ``group_index`` selects the
     group-axis table ("corrected": exactly equivariant; "reference": the original code's).
     """
-
-    def __init__(self, group: Group | str, in_channels: int, out_channels: int, num_heads: int,
-                 mid_channels: int | None = None, patch_size: int | None = 5, image_size: int | None = None,
-                 attention_dropout: float = 0.0, positional: str = "gevit", group_index: str = "corrected",
-                 impl: str = "fast") -> None:
-        super().__init__(group, in_channels, out_channels, num_heads, mid_channels, patch_size, image_size,
-                         attention_dropout, positional, group_index, impl)
-
-    def _channels_last(self, x: Tensor) -> Tensor:
-        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != len(self.group):
-            raise ValueError(f"GroupSelfAttention expects group signals [B, {self.in_channels}, {len(self.group)}, H, "
-                             f"W] (group {self.group.name}), got {tuple(x.shape)}")
-        self._check_spatial(x.shape[-2], x.shape[-1])
-        return x.permute(0, 3, 4, 2, 1)

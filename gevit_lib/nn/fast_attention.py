@@ -1,32 +1,12 @@
-"""Fast path of GE-ViT / GSA-Net local attention: a memory-light autograd Function (flash-attention style).
+"""Fast path of GE-ViT / GSA-Net local attention: memory-light autograd Functions (flash-attention style).
 
-The logits of a group self-attention layer (derived in :mod:`gevit_lib.nn.attention`) are, per head and pixel x,
-
-    L[v, g, delta, m] = s * (q(g,x).k(m,x+delta) + q_pos(g,x).E_pos[v,delta] + q_grp(g,x).E_grp[gidx[v,g,m]])
-
-(-inf outside the image), softmax over (delta, m) for every (v, g), and out[v, x] = sum_g sum_{delta,m} p v(m,x+delta).
-
-- The three terms are computed at their natural sizes (content: no v, spatial: no m, group: no delta) and
-  exponentiated there, each shifted by its own maximum; the per-pixel score block is their product
-  ``exp(C) * exp(S) * exp(G)`` (two multiplications, no exponential over the large block). The sum of the three
-  maxima bounds the row maximum, so the softmax is exact; a chunk whose bound would underflow falls back to the
-  exact maximum.
-- Blocks are formed chunk by chunk (about 4 MiB at a time, cache-sized) and summed over g before the value
-  product, one batched matmul. Only q, k, v, the embedding tables, the log-sum-exp and the three maxima per
-  (x, v, g) are kept for the backward pass, which recomputes the block per chunk: no 9-D tensor for the whole batch.
-- On CPU the chunks run on a small thread pool of single-threaded ops (see ``_cpu_pool``).
-- Attention dropout draws its masks from (seed, chunk) with a cheap 15-bit generator and redraws them backwards.
-- The lifting layer is the special case G_query = G_key = 1 without group term; global attention is local attention
-  with a (2S-1) x (2S-1) neighbourhood (the same normalised offsets, the outside masked).
-
-Two backends compute this (``backend=``): on CPU, by default, the fused C++ kernel of
-:mod:`gevit_lib.nn.cpu_kernel` (``csrc/local_attention_cpu.cpp``, the same algorithm one pixel at a time, built on
-first use), and the chunked torch code below (any device; the CPU fallback when the kernel cannot be built).
-
-Layouts: q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v ``[N, H, W, Gk, dv]`` (N = batch * heads),
-pos ``[Gv, P*P, dpos]`` (matched with ``q[..., :dpos]``), grp ``[J, dg]`` (with ``q[..., dpos:dpos+dg]``),
-gidx ``[Gv, Gq, Gk]``; output ``[N, H, W, Gv, dv]``. Neighbours are gathered in (delta, m) order, blocks are
-laid out (m, delta) so that every broadcast keeps a contiguous inner loop.
+Same function as :func:`gevit_lib.nn.attention.reference_attention` without its full logit tensor: on CPU by default
+the fused C++ kernel (:mod:`gevit_lib.nn.cpu_kernel`), on CUDA the Triton kernels, else the chunked torch code below.
+The three logit terms (content, spatial, group) are exponentiated at their own sizes, each shifted by its own
+maximum, and multiplied into score blocks chunk by chunk (exact fallback when that bound underflows); the backward
+pass recomputes the blocks from the saved log-sum-exp and maxima; dropout masks are redrawn from (seed, chunk).
+docs/architecture.md has the details. Layouts: q ``[N, H, W, Gq, d]``, k ``[N, H, W, Gk, d]``, v
+``[N, H, W, Gk, dv]``, pos ``[Gv, P*P, dpos]``, grp ``[J, dg]``, gidx ``[Gv, Gq, Gk]``; out ``[N, H, W, Gv, dv]``.
 """
 
 from __future__ import annotations
@@ -36,7 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -94,18 +74,16 @@ def _fold_add(padded_grad: Tensor, grad: Tensor, b0: int, b1: int, i0: int, i1: 
 
 
 class _Scores:
-    """Exponentials of the three logit terms of one chunk, each shifted by its own maximum (so each is <= 1).
+    """The three logit terms of one chunk, each exponentiated after subtracting its own maximum.
 
-    The score block is ``exp(content) * exp(spatial) * exp(group)`` in the layout ``[n, Gv, Gq, Gk, P*P]``
-    (inner axis = neighbourhood offset, so every broadcast keeps a contiguous inner loop); ``shift[n, Gv, Gq]`` is
-    the sum of the three maxima, an upper bound of the row maximum of the logits.
-    """
+    Their product is the score block ``[n, Gv, Gq, Gk, P*P]``; ``shift[n, Gv, Gq]``, the sum of the three maxima,
+    bounds the row maximum of the logits."""
 
     def __init__(self, qc: Tensor, keys: Tensor, pos: Tensor, grp: Tensor | None, flat_index: Tensor | None,
                  bias: Tensor, scale: float, nb: int, n_gv: int,
                  maxima: tuple[Tensor, Tensor, Tensor | None] | None = None) -> None:
         n, gq, _ = qc.shape
-        p2, dpos = pos.shape[1], pos.shape[2]
+        p2, dpos = pos.shape[1:]
         gk = keys.shape[1] // p2
         content = torch.bmm(qc, keys.transpose(1, 2)).view(nb, -1, gq, p2, gk).mul_(scale)
         content = content.add_(bias.view(1, -1, 1, p2, 1)).transpose(-2, -1).reshape(n, 1, gq, gk, p2)
@@ -148,7 +126,7 @@ def _exact_block(sc: _Scores, qc: Tensor, keys: Tensor, pos: Tensor, grp: Tensor
                  bias: Tensor, scale: float, nb: int, n_gv: int, log_norm: Tensor | None) -> tuple[Tensor, Tensor]:
     """Fallback when the per-term shift under/overflows: ``exp(logits - max)`` (or ``- log_norm``) the direct way."""
     n, gq, _ = qc.shape
-    p2, dpos = pos.shape[1], pos.shape[2]
+    p2, dpos = pos.shape[1:]
     gk = keys.shape[1] // p2
     logits = torch.bmm(qc, keys.transpose(1, 2)).view(nb, -1, gq, p2, gk).add_(bias.view(1, -1, 1, p2, 1) / scale)
     logits = logits.transpose(-2, -1).reshape(n, 1, gq, gk, p2).expand(sc.shape).clone()
@@ -164,14 +142,11 @@ def _exact_block(sc: _Scores, qc: Tensor, keys: Tensor, pos: Tensor, grp: Tensor
 
 
 _DROP_BITS = 15
-_KEEP_FRACTION: dict[tuple[float, torch.dtype], float] = {}
 
 
 def _keep_mask(seed: int, chunk: int, shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
-    """0/1 mask of kept scores (dropout probability ~p, from 15 random bits per score, 4 scores per 64-bit draw).
-
-    Cheaper than ``torch.rand`` >= p on CPU; redrawn identically in the backward pass from (seed, chunk).
-    """
+    """0/1 mask of kept scores (dropout probability ~p) from 15 random bits per score, 4 scores per 64-bit draw;
+    redrawn identically in the backward pass from (seed, chunk)."""
     gen = torch.Generator(device=like.device)
     gen.manual_seed(seed + 7919 * chunk)
     numel = math.prod(shape)
@@ -180,20 +155,15 @@ def _keep_mask(seed: int, chunk: int, shape: tuple[int, ...], p: float, like: Te
     return lanes.mul_(1.0 / (1 << _DROP_BITS)).add_(1.0 - p).floor_().view(shape)
 
 
+@cache
 def _keep_scale(p: float, dtype: torch.dtype) -> float:
     """1 / P(keep) of :func:`_keep_mask`, counted exactly over the 2^15 lane values."""
-    key = (p, dtype)
-    if key not in _KEEP_FRACTION:
-        lanes = torch.arange(1 << _DROP_BITS, dtype=dtype)
-        kept = lanes.mul_(1.0 / (1 << _DROP_BITS)).add_(1.0 - p).floor_().sum().item()
-        _KEEP_FRACTION[key] = (1 << _DROP_BITS) / kept
-    return _KEEP_FRACTION[key]
+    lanes = torch.arange(1 << _DROP_BITS, dtype=dtype)
+    return (1 << _DROP_BITS) / lanes.mul_(1.0 / (1 << _DROP_BITS)).add_(1.0 - p).floor_().sum().item()
 
 
-# ---- CPU worker pool: chunks run in parallel threads with single-threaded ops ---------------------------------
-# Many small ops with OpenMP inside each of them collapse when the CPU is oversubscribed (measured: 11x slower
-# than one thread on a loaded 2-core machine); parallelising over chunks instead keeps every op serial. Each thread
-# takes whole images, so gradient scatters never collide.
+# ---- CPU pool: chunks run in threads of single-threaded ops (OpenMP inside many small ops collapses on a loaded
+# CPU: 11x slower measured on 2 cores); each thread takes whole images, so gradient scatters never collide.
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1
 _POOL_LOCK = threading.Lock()
@@ -237,16 +207,13 @@ def _chunk_groups(chunks: list[tuple[int, int, int, int]], n_groups: int) -> lis
     return [list(range(cuts[g], cuts[g + 1])) for g in range(n_groups) if cuts[g] < cuts[g + 1]]
 
 
-# Below this many score elements per layer call the pool costs more than it gains (2 cores, training steps: a
-# patch model whose 4x4-grid layers hold 3.3 M elements ran 1.9x slower with it; GE-ViT's layers of 4-90 M gain):
-# handing tiny chunks to the pool competes with OpenMP's workers still spinning after the previous op.
+# Below this many score elements per layer call the pool costs more than it gains (2 cores: layers of 3.3 M ran
+# 1.9x slower with it, GE-ViT's of 4-90 M gain): tiny chunks compete with OpenMP's still-spinning workers.
 POOL_MIN_ELEMENTS = 4 << 20
 
 
 def _n_groups(device: torch.device, elements: int) -> int:
-    if device.type != "cpu" or elements < POOL_MIN_ELEMENTS:
-        return 1
-    return torch.get_num_threads()
+    return torch.get_num_threads() if device.type == "cpu" and elements >= POOL_MIN_ELEMENTS else 1
 
 
 def _setup(q: Tensor, k: Tensor, v: Tensor, n_gv: int, p2: int, patch: int,
@@ -254,8 +221,7 @@ def _setup(q: Tensor, k: Tensor, v: Tensor, n_gv: int, p2: int, patch: int,
     """Zero-padded keys and values, the border bias and the chunks (the same in the forward and backward pass)."""
     n_img, height, width, gq, _ = q.shape
     r = patch // 2
-    kp = F.pad(k, (0, 0, 0, 0, r, r, r, r))
-    vp = F.pad(v, (0, 0, 0, 0, r, r, r, r))
+    kp, vp = F.pad(k, (0, 0, 0, 0, r, r, r, r)), F.pad(v, (0, 0, 0, 0, r, r, r, r))
     bias = _border_bias(height, width, patch, q.dtype, q.device)
     return kp, vp, bias, list(_chunks(n_img, height, width * n_gv * gq * p2 * k.shape[3], budget))
 

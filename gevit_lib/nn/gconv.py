@@ -1,31 +1,16 @@
-"""Exact group convolutions (G-CNN layers) for groups that act on the pixel grid by permutations: C1, C2, C4, D1,
-D2, D4 (``z2``, ``p4``, ``mz2``, ``p4m``, ...), built on :mod:`gevit_lib.groups`.
+"""Exact group convolutions (G-CNN layers) for the groups that permute the pixel grid: C1, C2, C4, D1, D2, D4.
 
-Why hand-written: the usual libraries (e2cnn / escnn) are not dependencies here, and the post's G-CNN resampled its
-filters on rotated grids and encoded a flip as an extra angle on the rotation axis, interpolating across that
-encoding, which made its group convolutions beyond the lifting layer non-equivariant for D4 (its C4 version is
-fine). Here every filter transform is an exact pixel permutation (``Group.act_on_image``) and every group-axis
-transform a regular permutation read off the Cayley table (``Group.act_on_group_signal``).
-
-Signals: images ``[B, C, H, W]``; group signals ``[B, C, G, H, W]`` (group element order of the group). Feature maps
-transform by the **left** regular representation: for an input transformed by g the output is
-``Group.act_on_group_signal(out, g, side="left")``, i.e. ``out'[h] = T_g out[g^-1 h]``. (GE-ViT's own features use
-``side="right"``; the two meet only after invariant pooling over the group axis, so the choice does not matter
-there.) With filters ``W`` and cross-correlation ``*``:
-
-- lifting: ``out[h] = (T_h W) * x``;
-- group conv: ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]`` (the filter transformed as a left-regular group signal).
-
-``impl="fast"`` (default) builds the whole transformed filter bank with one gather (an index table computed once
-from the group actions) and runs one ``conv2d``; ``impl="plain"`` transforms the *input* instead of the filter,
-``out[h] = T_h (W * T_h^-1 x)``, one convolution per group element (a different computation of the same function,
-kept for tests and teaching). Padding is symmetric and there is no stride, so both are exact for any kernel size.
-Biases are per output channel (shared over the group axis), which keeps equivariance.
+Every filter transform is an exact pixel permutation (``Group.act_on_image``), every group-axis transform a regular
+permutation (``Group.act_on_group_signal``); features transform by the **left** regular representation,
+``out'[h] = T_g out[g^-1 h]``. Lifting: ``out[h] = (T_h W) * x``; group conv: ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]``.
+``impl="fast"`` gathers the transformed filter bank once and runs one ``conv2d``; ``impl="plain"`` transforms the
+input instead, ``out[h] = T_h (W * T_h^-1 x)``. Why hand-written, and more: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +20,7 @@ from ..groups import Group, get_group
 from .attention import check_impl
 
 __all__ = ["check_exact_group", "LiftingConv", "GroupConv", "GroupPool", "GroupSignalNorm", "GCNN"]
+
 
 def check_exact_group(group: Group | str) -> Group:
     """The group, if every element acts on square pixel grids as a permutation (multiples of 90 degrees, mirrors)."""
@@ -87,18 +73,33 @@ class _GConvBase(nn.Module):
         k = self.kernel_size
         return bank.reshape(self.out_channels * len(self.group), -1, k, k)
 
-    def _bias(self, out: Tensor) -> Tensor:
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
-
     def output_size(self, size: int) -> int:
         return size + 2 * self.padding - self.kernel_size + 1
 
-    def _check_spatial(self, h: int, w: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        g, name = len(self.group), type(self).__name__
+        if self.lifted_input and (x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != g):
+            raise ValueError(f"{name} expects group signals [B, {self.in_channels}, {g}, H, W] (group "
+                             f"{self.group.name}), got {tuple(x.shape)}")
+        if not self.lifted_input and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"{name} expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
         if self.group.n_rotations > 2 and h != w:
-            raise ValueError(f"{type(self).__name__} with group {self.group.name} needs square inputs, got {h}x{w}")
+            raise ValueError(f"{name} with group {self.group.name} needs square inputs, got {h}x{w}")
         if self.output_size(min(h, w)) < 1:
             raise ValueError(f"a {h}x{w} input is smaller than the {self.kernel_size}x{self.kernel_size} kernel "
                              f"with padding {self.padding}")
+        if self.impl == "fast":
+            out = F.conv2d(x.flatten(1, -3), self.filter_bank(), padding=self.padding)  # group axis into channels
+            out = out.view(x.shape[0], self.out_channels, g, *out.shape[-2:])
+        else:  # transform the input instead of the filter: out[e] = T_e (W * T_e^-1 x)
+            act = partial(self.group.act_on_group_signal, side="left") if self.lifted_input else self.group.act_on_image
+            weight, outs = self.weight.flatten(1, -3), []  # [O, I*(G), k, k]
+            for e in range(g):
+                moved = act(x, self.group.inv(e)).flatten(1, -3)
+                outs.append(self.group.act_on_image(F.conv2d(moved, weight, padding=self.padding), e))
+            out = torch.stack(outs, dim=2)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"group={self.group.name}, in={self.in_channels}, out={self.out_channels}, "
@@ -110,46 +111,12 @@ class LiftingConv(_GConvBase):
     """Lifting convolution: images ``[B, C_in, H, W]`` -> group signals ``[B, C_out, G, H', W']``,
     ``out[h] = (T_h W) * x`` (H' = H + 2 padding - k + 1)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"LiftingConv expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        self._check_spatial(*x.shape[-2:])
-        g = len(self.group)
-        if self.impl == "fast":
-            out = F.conv2d(x, self.filter_bank(), padding=self.padding)
-            out = out.view(x.shape[0], self.out_channels, g, *out.shape[-2:])
-        else:
-            out = torch.stack([
-                self.group.act_on_image(F.conv2d(self.group.act_on_image(x, self.group.inv(h)), self.weight,
-                                                 padding=self.padding), h)
-                for h in range(g)], dim=2)
-        return self._bias(out)
-
 
 class GroupConv(_GConvBase):
     """Group convolution: ``[B, C_in, G, H, W]`` -> ``[B, C_out, G, H', W']``,
     ``out[h] = sum_k (T_h W[h^-1 k]) * f[k]``; weight ``[C_out, C_in, G, k, k]``."""
 
     lifted_input = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        g = len(self.group)
-        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != g:
-            raise ValueError(f"GroupConv expects group signals [B, {self.in_channels}, {g}, H, W] (group "
-                             f"{self.group.name}), got {tuple(x.shape)}")
-        self._check_spatial(*x.shape[-2:])
-        b = x.shape[0]
-        if self.impl == "fast":
-            out = F.conv2d(x.flatten(1, 2), self.filter_bank(), padding=self.padding)
-            out = out.view(b, self.out_channels, g, *out.shape[-2:])
-        else:
-            base = self.weight.flatten(1, 2)  # [O, I*G, k, k]
-            outs = []
-            for h in range(g):
-                moved = self.group.act_on_group_signal(x, self.group.inv(h), side="left")
-                outs.append(self.group.act_on_image(F.conv2d(moved.flatten(1, 2), base, padding=self.padding), h))
-            out = torch.stack(outs, dim=2)
-        return self._bias(out)
 
 
 class GroupPool(nn.Module):
@@ -182,12 +149,7 @@ class GroupSignalNorm(nn.GroupNorm):
 
 class GCNN(nn.Module):
     """A plain G-CNN stack: lifting conv, then ``num_layers - 1`` group convs, each followed by ``GroupSignalNorm`` (no
-    affine unless ``norm_affine``) and ReLU. Output: a group signal ``[B, hidden, G, H', W']`` (left action).
-
-    The front end of the post's hybrid (G-CNN -> GE-ViT, :mod:`gevit_lib.models.hybrid`) is ``GCNN("p4m", 3, 8,
-    num_layers=8, kernel_size=5, padding=0, bias=False)`` followed by max pooling over the group axis and an
-    adaptive spatial max-pool to 6x6.
-    """
+    affine unless ``norm_affine``) and ReLU. Output: a group signal ``[B, hidden, G, H', W']`` (left action)."""
 
     def __init__(self, group: Group | str, in_channels: int, hidden_channels: int, num_layers: int = 2,
                  kernel_size: int = 3, padding: int = 0, bias: bool = True, norm: bool = True,

@@ -1,41 +1,13 @@
 """Relative positional encodings of GE-ViT and GSA-Nets: offset grids, their transforms, group-axis index tables.
 
-The encoding. A query at pixel x looks at neighbours x + delta, delta = (row offset, column offset) in a P x P
-window (global attention: every offset of an S x S image, a (2S-1) x (2S-1) window). The offsets are scaled to
-[-1, 1] (:func:`normalised_offsets`: P = 5 gives -1, -0.5, 0, 0.5, 1). For an output group element v the layer
-moves the whole grid by v and embeds each coordinate of each moved offset with a small MLP of one scalar
-(:class:`CoordinateMLP`: Linear(1, 16), LayerNorm, Swish, Linear(16, dim)):
-
-    pos[v, delta] = ( e_row(row coordinate of A_v delta),  e_col(column coordinate of A_v delta) )
-
-:class:`RelativePositionalEncoding` returns these ``[G, P*P, 2 * dim]``; the attention layer takes the dot product of
-``pos[v, delta]`` with the first ``2 * dim`` query channels (formula in :mod:`gevit_lib.nn.attention`). Because the
-encoding depends on v only through ``A_v delta``, transforming the input image by t permutes the group axis of the
-output instead of changing it: that is where the equivariance comes from.
-
-How a group element moves the grid (:func:`relative_coordinates`, ``positional=``):
-
-- ``"gevit"`` (GE-ViT, Xu et al. 2023): the offset is the plane vector (x = column offset, y = row offset) and
-  element v = (rotation by theta, mirror bit s) acts by the matrix ``A_v = M^s R(theta)``: rotate, then mirror x
-  (``M = diag(-1, 1)``). The row embedding reads the new y, the column embedding the new x. For p4, element 1
-  (90 degrees) turns the row grid (-1 at the top, +1 at the bottom) into one that runs -1 to +1 from left to right.
-  Features then transform by the *right* regular action ``f'(h) = T_t f(h t)``.
-- ``"gsa"`` (GSA-Nets, Romero & Cordonnier 2021): the vector is (row, column), rotated by the same R(theta), and a
-  mirror flips the coordinate *array*. In (x, y) terms that is ``A_v^-1`` (a test in ``tests/test_gevit_layers.py``
-  shows it), so features transform by the *left* regular action ``f'(h) = T_t f(t^-1 h)``. GE-ViT changed this
-  convention and the group-axis table of the GSA-Nets code (the post's "minor mathematical error"); with the
-  corrected tables below, both conventions are exactly equivariant, each with its own side of the action.
-
-For rotations that are not multiples of 90 degrees the moved offsets fall between grid points (e.g. 0.707); the MLP
-takes them as real numbers, but the pixel grid itself is not rotated, so such equivariance is only approximate.
-
-Group-axis index tables ``gidx[v, g, m]`` (which group embedding the query at g uses for the key at m when producing
-output element v), ``group_index=`` (docs/group_table.md tells the whole story): ``"corrected"`` is exactly
-equivariant for every group (for cyclic groups the original table); ``"reference"`` re-implements the original
-code's construction, needed to reproduce the published p4m checkpoint, and is not equivariant for D_n, n > 1.
-
-Coordinates are computed in float64 from the group's matrices; the original rounded them to float32 (differences
-~1e-16 for 90-degree groups).
+A query at pixel x looks at neighbours x + delta in a P x P window (global attention: a (2S-1) x (2S-1) window),
+offsets scaled to [-1, 1]. For every output group element v the grid is moved by v and each coordinate embedded by
+a small MLP (:class:`CoordinateMLP`): ``pos[v, delta] = (e_row(row of A_v delta), e_col(column of A_v delta))``,
+``[G, P*P, 2 * dim]`` from :class:`RelativePositionalEncoding`. ``positional="gevit"`` moves the (x, y) vector by
+the group matrix (features then transform by the right regular action); ``"gsa"`` rotates (row, column) and flips
+the array (GSA-Nets: the left action). ``group_index_table`` gives ``gidx[v, g, m]`` ("corrected": exactly
+equivariant; "reference": the original code's, needed for the published p4m checkpoint). The conventions in
+detail: docs/architecture.md; the group table: docs/group_table.md.
 """
 
 from __future__ import annotations
@@ -177,14 +149,12 @@ class RelativePositionalEncoding(nn.Module):
         self.col = CoordinateMLP(pos_dim)
         self.register_buffer("coords", relative_coordinates(self.group, size, positional).to(torch.get_default_dtype()),
                              persistent=False)
+        if group_index not in GROUP_INDEX:
+            raise ValueError(f"group_index must be one of {GROUP_INDEX}, got {group_index!r}")
+        self.group_embedding = nn.Embedding(len(self.group), group_dim) if group_dim else None
         if group_dim:
-            self.group_embedding = nn.Embedding(len(self.group), group_dim)
             table = group_index_table(self.group, group_index, positional)
             self.register_buffer("group_index", table, persistent=False)
-        else:
-            if group_index not in GROUP_INDEX:
-                raise ValueError(f"group_index must be one of {GROUP_INDEX}, got {group_index!r}")
-            self.group_embedding = None
 
     def spatial(self) -> Tensor:
         c = self.coords.flatten(1, 2)  # [G, S*S, 2]
