@@ -140,8 +140,7 @@ class Digits:
 
 
 def load_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None, n: int = 1,
-                labels: Sequence[int] | None = None, start: int = 0,
-                fallback_start: int | None = None) -> Digits:
+                labels: Sequence[int] | None = None, start: int = 0, fallback_start: int | None = None) -> Digits:
     """Raw rotated-MNIST 3s and 8s of ``split`` (the post's figure digits) chosen by :func:`pick_digits`, from
     ``fallback_start`` when there are too few at or after ``start`` (small smoke data)."""
     ds, source = rotated_digits(split, profile, data_dir, normalize=False)

@@ -72,6 +72,7 @@ class PostHocProfile:
     speed_batch: int = 64  # the images/s column: this many test images, best of speed_repeats calls
     speed_repeats: int = 3
 
+
 _MNIST_FULL = PostHocProfile(
     n_train=None, n_val=None, n_test=None, epochs=25, epochs_attention=60, batch_size=128, eval_batch_size=128,
     optimizer="adam", lr=5e-4, momentum=0.0, nesterov=False, group="C16", learned_group="D4", tta_group="D4",
@@ -170,8 +171,8 @@ class ModelZooProfile:
     patch_group: str
     extra_patch_models: tuple[tuple[str, int, str], ...]  # more (group, patch size, embed method) rows
     hybrid_groups: tuple[str, ...]  # one hybrid per group
-    grid_gevit: dict[str, Any]  # architecture options; embed_dim None: the preset's
-    embed_dim: int | None
+    grid_gevit: dict[str, Any]  # architecture options, like the *_overrides
+    embed_dim: int | None  # None: the preset's
     # hidden width of the mean embedding's patch MLP (None: one Linear layer, the post's design, which only sees a
     # patch's group-invariant linear projections -- for 2x2 patches under C4 just their mean)
     embed_hidden: int | None
@@ -184,13 +185,15 @@ class ModelZooProfile:
     gevit_n_train: int | None  # None: n_train
     gevit_n_eval: int | None  # None: n_val, n_test
     gevit_epochs: int
-    gevit_speed_batch: int  # speed: this many images (speed_batch for the others), speed_steps batches,
-    speed_batch: int  # speed_budget_s seconds per model and mode
+    gevit_speed_batch: int  # images per speed batch of the full-image GE-ViTs
+    speed_batch: int  # ... of the others; speed_steps batches, speed_budget_s seconds per model and mode
     speed_steps: int
     speed_budget_s: float | None
     num_workers: int = 0  # data-loader processes (PCam is read lazily)
     # rows that take their accuracy from the authors' checkpoint (trained as gevit_trained when it cannot be found)
     gevit_published: tuple[tuple[str, int, str], ...] = ()
+
+
 _NO_DROPOUT = {"attention_dropout": 0.0, "value_dropout": 0.0}
 _ZOO_GEVIT_4 = (("p4", 5), ("p4", 9), ("p4m", 5), ("p4m", 9))
 
@@ -282,6 +285,8 @@ class EqualComputeProfile:
     lr: float
     patch_size: int
     families: tuple[str, ...]
+
+
 # quick: 5 families x 180 s of training, plus validation and test: 1,292 s on the 2-core CPU
 # Patch 14: the best validation accuracy of notebook 10's quick ablation (43.5%; patch 4: 42.8%, 400 digits).
 # Constant 1e-3 as the post's rotated-MNIST recipes (Adam, constant 1e-3; gevit_lib.recipes), with AdamW's decay.
