@@ -1,13 +1,6 @@
-"""Speed and peak memory of a model, as notebook 10's table and the scripts in ``benchmarks/`` measure them.
-
-- :func:`time_calls`: wall time of repeated calls, synchronising the GPU around each, within a time budget.
-- :func:`images_per_second`: inference images/s of a model on a fixed batch (the post-hoc notebooks' cost column).
-- :class:`PeakMemory`: peak memory of a block above its start (CUDA allocator; on CPU the C allocator's bytes in
-  use, sampled every millisecond).
-- :func:`measure_speed`: training and inference images/s and training peak memory of one model on one device,
-  on random inputs; :func:`speed_row` does it on several devices and returns one table row.
-- :func:`time_to_accuracy`: when a training curve first reaches an accuracy (notebook 11's equal-compute study);
-  :func:`machine_description`: the CPU / GPU and threads a timing was made with.
+"""Speed and peak memory of a model, as notebook 10's table and the scripts in ``benchmarks/`` measure them: timed
+calls within a budget, inference images/s, peak memory of a block, training and inference images/s per device as a
+table row, the time a training curve reaches an accuracy, and the machine a timing was made on.
 """
 
 from __future__ import annotations
@@ -28,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["default_devices", "time_calls", "images_per_second", "PeakMemory", "peak_rss_bytes", "measure_speed", "speed_row",
-           "speed_columns", "time_to_accuracy", "machine_description"]
+__all__ = ["default_devices", "time_calls", "images_per_second", "PeakMemory", "peak_rss_bytes", "measure_speed",
+           "speed_row", "speed_columns", "time_to_accuracy", "machine_description"]
 
 
 def default_devices() -> list[str]:
@@ -44,8 +37,8 @@ def _sync(device: torch.device) -> None:
 
 def time_calls(fn: Callable[[], Any], repeats: int, device: str | torch.device = "cpu",
                budget_s: float | None = None) -> list[float]:
-    """Seconds of each of up to ``repeats`` calls of ``fn`` (at least one). No further call starts once the
-    calls so far, plus one more at their mean time, would exceed ``budget_s``. Warm up before calling this."""
+    """Seconds of each of up to ``repeats`` calls of ``fn`` (at least one; warm up first), none started once one
+    more at the mean time would pass ``budget_s``."""
     dev = torch.device(device)
     times: list[float] = []
     while len(times) < repeats:
@@ -60,9 +53,8 @@ def time_calls(fn: Callable[[], Any], repeats: int, device: str | torch.device =
 
 
 def images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
-    """Inference images/s of ``model`` on the fixed batch ``x`` (on ``x``'s device): in eval mode without
-    gradients, ``warmup`` untimed calls, then the best (shortest) of ``repeats`` timed calls. The model's
-    training mode is restored afterwards."""
+    """Inference images/s of ``model`` on the batch ``x`` (eval mode, no gradients): the best of ``repeats`` timed
+    calls after ``warmup`` untimed ones; the model's training mode is restored afterwards."""
     if repeats < 1 or len(x) == 0:
         raise ValueError(f"need repeats >= 1 and a non-empty batch, got {repeats} and shape {tuple(x.shape)}")
     was_training = model.training
@@ -77,9 +69,9 @@ def images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmu
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``getrusage``; kilobytes on Linux, bytes on macOS)."""
+    """The process's peak resident set size so far (``getrusage``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
 
 
 def _current_rss_bytes() -> int:
@@ -96,8 +88,8 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _cpu_bytes_in_use() -> Callable[[], int]:
-    """Bytes handed out by glibc malloc (``mallinfo2``: small blocks + mmapped blocks), i.e. what tensors hold
-    and not what the allocator keeps for reuse; without glibc, the resident set size."""
+    """Bytes handed out by glibc malloc (``mallinfo2``: what tensors hold, not what the allocator keeps for reuse);
+    without glibc, the resident set size."""
     try:
         mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
         mallinfo2.restype = _MallInfo2
@@ -113,11 +105,8 @@ def _cpu_bytes_in_use() -> Callable[[], int]:
 
 
 class PeakMemory:
-    """``with PeakMemory(device) as mem: ...`` then ``mem.peak_bytes``: the peak above the block's start.
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the C allocator's bytes in use (see ``_cpu_bytes_in_use``),
-    sampled every millisecond by a background thread.
-    """
+    """``with PeakMemory(device) as mem: ...`` then ``mem.peak_bytes``: the peak above the block's start (CUDA:
+    ``max_memory_allocated``; CPU: ``_cpu_bytes_in_use`` sampled every millisecond by a background thread)."""
 
     def __init__(self, device: str | torch.device) -> None:
         self.device = torch.device(device)
@@ -155,21 +144,16 @@ class PeakMemory:
 
 
 def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int, device: str | torch.device,
-                  batch_size: int, steps: int = 3, budget_s: float | None = None, train: bool = True,
-                  seed: int = 0) -> dict[str, Any]:
-    """Inference and training (cross-entropy, Adam) images/s and peak memory of a deep copy of ``model``.
-
-    A warm-up on one image, then up to ``steps`` timed batches within ``budget_s`` (:func:`time_calls`); training
-    is not timed when one step (~3 inference batches) would exceed ``budget_s``. Returns ``infer_img_s``,
-    ``train_img_s`` (None when not timed), ``peak_mem_mib`` (of training, else inference), ``timed_batches``
-    (inference, training) and ``note``.
-    """
+                  batch_size: int, steps: int = 3, budget_s: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Inference and training (cross-entropy, Adam) images/s and peak memory of a deep copy of ``model`` on random
+    inputs: a warm-up on one image, then up to ``steps`` batches within ``budget_s``; training is not timed when one
+    step (~3 inference batches) would exceed ``budget_s``. Returns ``infer_img_s``, ``train_img_s`` (None when not
+    timed), ``peak_mem_mib`` (of training, else inference), ``timed_batches`` (inference, training) and ``note``."""
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, *input_shape, generator=gen).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
     m = copy.deepcopy(model).to(dev)
-    notes: list[str] = []
 
     def timed(step: Callable[[torch.Tensor, torch.Tensor], None]) -> tuple[float, int, int]:
         with PeakMemory(dev) as mem:
@@ -177,20 +161,18 @@ def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int
             times = time_calls(lambda: step(x, y), steps, dev, budget_s)
         return sum(times), len(times), mem.peak_bytes or 0
 
-    @torch.no_grad()
-    def infer_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        m(xb)
-
     m.eval()
-    infer_s, n_infer, peak = timed(infer_step)
+    with torch.no_grad():
+        infer_s, n_infer, peak = timed(lambda xb, yb: m(xb))
     result: dict[str, Any] = {"infer_img_s": batch_size * n_infer / infer_s, "train_img_s": None,
-                              "timed_batches": [n_infer, 0]}
+                              "timed_batches": [n_infer, 0], "note": ""}
     estimate = 3 * infer_s / n_infer
-    if train and budget_s is not None and estimate > budget_s:
-        notes.append(f"training not timed (one step ~{estimate:.0f} s > budget {budget_s:g} s)")
-        train = False
     params = [p for p in m.parameters() if p.requires_grad]
-    if train and params:
+    if budget_s is not None and estimate > budget_s:
+        result["note"] = f"training not timed (one step ~{estimate:.0f} s > budget {budget_s:g} s)"
+    elif not params:
+        result["note"] = "no trainable parameters"
+    else:
         opt = torch.optim.Adam(params, lr=1e-4)
 
         def train_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
@@ -202,10 +184,7 @@ def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int
         train_s, n_train, peak = timed(train_step)
         result["train_img_s"] = batch_size * n_train / train_s
         result["timed_batches"][1] = n_train
-    elif train:
-        notes.append("no trainable parameters")
     result["peak_mem_mib"] = peak / 2**20
-    result["note"] = "; ".join(notes)
     del m
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -214,8 +193,7 @@ def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int
 
 def speed_row(model: nn.Module, input_shape: Sequence[int], num_classes: int, devices: Sequence[str],
               batch_size: int, steps: int = 3, budget_s: float | None = None, seed: int = 0) -> dict[str, Any]:
-    """One table row: ``params`` and, per device ``d``, ``train_img_s_d``, ``infer_img_s_d``, ``peak_mem_mib_d``
-    (:func:`measure_speed`), plus ``note`` (what was not timed, per device)."""
+    """One table row: ``params``, :func:`measure_speed`'s numbers per device as ``<name>_<device>``, and ``note``."""
     row: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     notes = []
     for d in devices:
@@ -234,16 +212,14 @@ def speed_columns(devices: Sequence[str]) -> list[str]:
 
 
 def time_to_accuracy(seconds: Sequence[float], accuracy: Sequence[float], target: float) -> float | None:
-    """The cumulative ``seconds`` at the end of the first epoch whose ``accuracy`` is at least ``target`` (same
-    unit), from per-epoch seconds and accuracies; None when no epoch reaches it."""
+    """The cumulative ``seconds`` at the end of the first epoch whose ``accuracy`` reaches ``target``, else None."""
     if len(seconds) != len(accuracy):
         raise ValueError(f"{len(seconds)} epoch times but {len(accuracy)} accuracies")
     return next((t for t, a in zip(itertools.accumulate(seconds), accuracy) if a >= target), None)
 
 
 def machine_description(device: str | torch.device = "cpu") -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor), its logical cores, torch's CPU
-    threads, and the GPU's name when ``device`` is CUDA: what a timing was measured on."""
+    """What a timing was measured on: the CPU's model name, logical cores, torch's threads, and the CUDA GPU."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,11 +1,6 @@
-"""Where data and checkpoints live, checksums, downloads with verification, and atomic writes.
-
-Every file the library reads from outside the repository goes through here: a data directory resolved from the
-argument, then ``GEVIT_DATA_DIR``, then ``./data``; checksums verified before use; offline failures raise one
-clear error naming the files, their checksums and where to put them. Downloads never hang: every connect and
-read has a timeout (``TIMEOUT_S``) and a failed download is retried a bounded number of times (``TRIES``, with
-exponential backoff from ``BACKOFF_S``), so a server that accepts and never answers fails within about
-``TRIES * TIMEOUT_S`` plus the backoff.
+"""Where data and checkpoints live, checksums, verified downloads and atomic writes: every file the library reads
+from outside the repository goes through here. Downloads never hang: every connect and read has a timeout
+(``TIMEOUT_S``) and a download is tried at most ``TRIES`` times (waiting ``BACKOFF_S``, doubling, in between).
 """
 
 from __future__ import annotations
@@ -56,10 +51,8 @@ class RemoteFile:
 
 def data_dir(root: str | os.PathLike[str] | None = None) -> Path:
     """The data directory: ``root`` if given, else ``$GEVIT_DATA_DIR``, else ``./data``."""
-    if root is not None:
-        return Path(root).expanduser()
     env = os.environ.get("GEVIT_DATA_DIR")
-    return Path(env).expanduser() if env else Path("data")
+    return Path(root if root is not None else env or "data").expanduser()
 
 
 def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
@@ -111,16 +104,14 @@ def fetch(remote: RemoteFile, directory: str | os.PathLike[str], *, search: list
 def retry(action: Callable[[], T], *, tries: int | None = None) -> T:
     """``action()``, tried again on network errors (OSError, HTTP errors other than 4xx, ChecksumError of a
     download) up to ``tries`` times in all (default ``TRIES``), waiting ``BACKOFF_S * 2**k`` s in between."""
-    attempts = tries or TRIES
-    for k in range(attempts):
+    for k in range((tries or TRIES) - 1):
         try:
             return action()
         except (OSError, http.client.HTTPException, ChecksumError) as exc:
-            permanent = isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500  # missing, forbidden
-            if k == attempts - 1 or permanent:
+            if isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500:  # missing, forbidden: permanent
                 raise
             time.sleep(BACKOFF_S * 2**k)
-    raise AssertionError("unreachable")
+    return action()
 
 
 @contextmanager

@@ -1,9 +1,6 @@
-"""What the notebooks load: published models and rotated-MNIST splits, with the smoke-profile fallback.
-
-In ``quick`` and ``full`` a missing checkpoint or dataset is an error that says what to download. In ``smoke``
-(tests, possibly without the reference material) a missing checkpoint becomes an untrained model of the same
-architecture and missing MNIST becomes a small synthetic MNIST; both are labelled as such in every figure's and
-table's provenance, so a smoke output can never pass for a real result.
+"""What the notebooks load: published models and rotated-MNIST digits. A missing checkpoint or dataset is an error
+that says what to download, except in ``smoke`` (the tests), where it becomes an untrained model of the same
+architecture or a small synthetic MNIST, labelled as such in every provenance record.
 """
 
 from __future__ import annotations
@@ -32,10 +29,8 @@ __all__ = ["published_model", "data_label", "rotated_digits", "smoke_mnist_root"
 
 def published_model(name: str, profile: str, weights: str | os.PathLike[str] | None = None,
                     **options: Any) -> tuple[nn.Module, str]:
-    """``(model in eval mode, provenance label)``; in ``smoke`` an untrained stand-in when the file is unavailable.
-
-    ``weights``: a state-dict file of the same architecture instead of the published file, e.g. the ``best.pt`` of
-    ``python -m gevit_lib.run --experiment vit_rotmnist``."""
+    """``(model in eval mode, provenance label)``; ``weights``: a state-dict file (e.g. a run's ``best.pt``) instead
+    of the published file; in ``smoke`` an untrained stand-in when the file is unavailable."""
     check_profile(profile)
     if weights is not None:
         from .checkpointing import load_file
@@ -84,8 +79,7 @@ def rotated_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | 
 
 
 def data_label(ds: Any) -> str:
-    """A rotated-MNIST split's source by name and checksum, e.g. "regenerated rotated MNIST v1, seed 0, from MNIST
-    (official, sha256 0123456789abcdef)", for provenance sidecars (never the folder it was read from)."""
+    """A rotated-MNIST split's source by name and checksum (never the folder it was read from)."""
     info = ds.describe()
     if info.get("source") == "official":
         return f"official MNIST-rot archive (md5 {info['archive_md5']})"
@@ -96,13 +90,9 @@ def data_label(ds: Any) -> str:
 
 
 def digits_root(profile: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[str | None, str]:
-    """``(root to pass to the MNIST loaders, data-source label)``: ``data_dir`` itself, or in ``smoke`` the
-    synthetic stand-in's folder when real MNIST is unavailable."""
+    """``(root for the MNIST loaders, data-source label)``: ``data_dir``, or in ``smoke`` the stand-in's folder."""
     ds, label = rotated_digits("test", profile, data_dir)
     return (str(smoke_mnist_root()) if "stand-in" in label else (str(data_dir) if data_dir else None)), label
-
-
-# ---- digits and predictions of the figure notebooks (01-05) -----------------------------------------------------
 
 
 def normalize(raw: Tensor) -> Tensor:
@@ -114,9 +104,8 @@ def normalize(raw: Tensor) -> Tensor:
 
 def pick_digits(dataset: Any, labels: Sequence[int] | None = None, n: int = 1, among: Sequence[int] | None = (3, 8),
                 start: int = 0) -> list[int]:
-    """Dataset indices, counting positions in the subset of labels ``among`` (None: the whole dataset): without
-    ``labels`` the first ``n`` images at or after position ``start``; with ``labels`` the first ``n`` of each label
-    in turn at or after ``start``. Raises when there are fewer."""
+    """Indices of the first ``n`` images (of each of ``labels``, in turn) at or after position ``start`` among the
+    images labelled ``among`` (None: all); a ValueError when there are fewer."""
     stored = getattr(dataset, "labels", None)
     all_labels = np.asarray(stored if stored is not None else [int(dataset[i][1]) for i in range(len(dataset))])
     positions = np.arange(len(all_labels)) if among is None else np.flatnonzero(np.isin(all_labels, list(among)))
@@ -151,11 +140,9 @@ class Digits:
 
 
 def load_digits(split: str, profile: str, data_dir: str | os.PathLike[str] | None = None, n: int = 1,
-                labels: Sequence[int] | None = None, start: int = 0,
-                fallback_start: int | None = None) -> Digits:
-    """Raw rotated-MNIST digits of ``split`` chosen by :func:`pick_digits` among the 3s and 8s (the post's figure
-    digits); smoke falls back to synthetic digits. ``fallback_start``: where to look instead when the split has too
-    few digits at or after ``start`` (small smoke data)."""
+                labels: Sequence[int] | None = None, start: int = 0, fallback_start: int | None = None) -> Digits:
+    """Raw rotated-MNIST 3s and 8s of ``split`` (the post's figure digits) chosen by :func:`pick_digits`, from
+    ``fallback_start`` when there are too few at or after ``start`` (small smoke data)."""
     ds, source = rotated_digits(split, profile, data_dir, normalize=False)
     try:
         indices = pick_digits(ds, labels, n, start=start)
@@ -178,15 +165,10 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
 
 def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: Dataset, interactive: bool,
                  device: str | torch.device = "cpu", n_digits: int = 3, step: int = 15) -> Any:
-    """The post-hoc notebooks' "turn it yourself" knob: a test digit and an angle against the prediction and
-    confidence of ``backbone`` and of every named post-hoc wrapper (all sharing ``backbone``'s frozen weights):
-    :class:`~gevit_lib.posthoc.PostHoc` wrappers or anything else called on images, such as
-    :class:`~gevit_lib.canonical.Canonicalized`.
-
-    The predictions of ``n_digits`` evenly spaced test digits at every ``step`` degrees are computed once (one
-    backbone pass per group, which every PostHoc wrapper of that group aggregates); the knob only picks one. With
-    ``interactive`` False (batch runs) the first digit is drawn at 45 degrees.
-    """
+    """The post-hoc notebooks' knob: a test digit and an angle against the prediction and confidence of
+    ``backbone`` and of each named wrapper around it (PostHoc, Canonicalized, ...). The predictions of ``n_digits``
+    test digits at every ``step`` degrees are computed once (one backbone pass per group for all PostHoc wrappers);
+    the knob picks one (a batch run: the first digit at 45 degrees)."""
     from IPython.display import display
     from PIL import Image as PILImage
 

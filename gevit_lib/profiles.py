@@ -1,16 +1,11 @@
 """The one place that maps a run profile ("smoke" | "quick" | "tables" | "full") to sizes: subsets, epochs, batches,
-groups.
-
-``smoke`` runs in seconds (the tests), ``quick`` in minutes on a small CPU, ``full`` uses the post's settings (a
-GPU). ``tables`` exists only for the post-hoc MNIST experiments (notebooks 06-08): the whole splits and the post's
-finetuning settings without full-model finetuning, trained on cached embeddings so that a 2-core CPU can run it
-(estimated ~30 min per notebook on idle cores). Notebooks and experiments pass only the profile name and look the
-sizes up here.
+groups. ``smoke``: seconds (the tests); ``quick``: minutes on a small CPU; ``full``: the post's settings (a GPU);
+``tables``: the post-hoc MNIST notebooks 06-08 on the whole splits, finetuned on cached embeddings (see README.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 __all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "TrainingProfile", "training_profile",
@@ -19,6 +14,7 @@ __all__ = ["PROFILES", "check_profile", "PostHocProfile", "posthoc_profile", "Tr
 
 PROFILES: tuple[str, ...] = ("smoke", "quick", "tables", "full")
 TABLES_NOTEBOOKS = "notebooks 06-08 (the post-hoc MNIST experiments rotmnist, mnist_to_rotmnist, low_data)"
+T = TypeVar("T")
 
 
 def check_profile(profile: str) -> str:
@@ -26,9 +22,6 @@ def check_profile(profile: str) -> str:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     return profile
-
-
-T = TypeVar("T")
 
 
 def _lookup(table: dict[str, dict[str, T]], key: str, profile: str, unknown: str) -> T:
@@ -41,20 +34,18 @@ def _lookup(table: dict[str, dict[str, T]], key: str, profile: str, unknown: str
     return table[key][profile]
 
 
+def _override(sizes: T, overrides: dict[str, Any] | None, what: str) -> T:
+    """``sizes`` with ``overrides`` of its fields, or a ValueError naming the unknown fields."""
+    known = sorted(f.name for f in fields(sizes))
+    unknown = sorted(set(overrides or {}) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} profile field(s) {unknown}; known: {known}")
+    return replace(sizes, **(overrides or {}))
+
+
 @dataclass(frozen=True)
 class PostHocProfile:
-    """Sizes of one post-hoc experiment run (``None``: the whole split).
-
-    ``group``: the fixed aggregators' group; ``learned_group`` / ``tta_group``: the learned aggregators' and the
-    test-time-augmentation baseline's (the original's default D4). ``epochs`` ... ``nesterov``: finetuning.
-    ``extra_learned_groups``: more rows of the learned aggregators with these groups (not in the post).
-    ``cached_training``: finetuning (head, learned aggregators) trains on the cached embeddings of the un-augmented
-    training digits with the frozen backbone in eval mode, instead of the original's randomly rotated digits through
-    the backbone in training mode (its dropout on); only where the backbone is frozen.
-    ``canonical_groups``: rows of learned canonicalization (:mod:`gevit_lib.canonical`, not in the post), trained
-    on images for ``canonical_epochs`` with Mondal et al.'s prior at ``canonical_prior`` (0: off).
-    ``speed_batch`` test images, best of ``speed_repeats`` calls: the images/s column of every row.
-    """
+    """Sizes of one post-hoc experiment run (``None``: the whole split); ``epochs`` ... ``nesterov``: finetuning."""
 
     n_train: int | None
     n_val: int | None
@@ -67,16 +58,18 @@ class PostHocProfile:
     lr: float
     momentum: float
     nesterov: bool
-    group: str
-    learned_group: str
-    tta_group: str
+    group: str  # the fixed aggregators' group
+    learned_group: str  # the learned aggregators' group
+    tta_group: str  # the test-time-augmentation baseline's (the original's default D4)
     modes: tuple[str, ...]
-    extra_learned_groups: tuple[str, ...] = ()
+    extra_learned_groups: tuple[str, ...] = ()  # more learned-aggregator rows with these groups (not in the post)
+    # finetuning (head, learned aggregators) on the cached embeddings of the un-augmented training digits with the
+    # frozen backbone in eval mode, not (the original) on randomly rotated digits with its dropout on
     cached_training: bool = False
-    canonical_groups: tuple[str, ...] = ()
-    canonical_epochs: int = 1
-    canonical_prior: float = 0.0
-    speed_batch: int = 64
+    canonical_groups: tuple[str, ...] = ()  # learned-canonicalization rows (gevit_lib.canonical; not in the post)
+    canonical_epochs: int = 1  # ... trained on images for this many epochs
+    canonical_prior: float = 0.0  # ... with Mondal et al.'s prior at this weight (0: off)
+    speed_batch: int = 64  # the images/s column: this many test images, best of speed_repeats calls
     speed_repeats: int = 3
 
 
@@ -118,12 +111,10 @@ def posthoc_profile(experiment: str, profile: str) -> PostHocProfile:
 
 
 # ---- training recipes (gevit_lib.recipes, run from the command line by gevit_lib.run) ----------------------------
-
-
 @dataclass(frozen=True)
 class TrainingProfile:
-    """How a profile scales a training recipe of :mod:`gevit_lib.recipes`: subset sizes (None: the whole split)
-    and, when not None, the epochs / batch sizes / warm-up that replace the recipe's (the post's) values."""
+    """How a profile scales a recipe of :mod:`gevit_lib.recipes`: subset sizes (None: the whole split) and, unless
+    None, the epochs / batch sizes / warm-up that replace the recipe's (the post's)."""
 
     n_train: int | None
     n_val: int | None
@@ -161,55 +152,45 @@ MODEL_ZOO_DATASETS: tuple[str, ...] = ("rotmnist", "pcam")
 
 @dataclass(frozen=True)
 class ModelZooProfile:
-    """Sizes of one model-zoo run (notebook 10; ``None``: the whole split).
-
-    Training: AdamW, linear warm-up for ``warmup_fraction`` of the epochs then cosine, random 90-degree rotations
-    and flips when ``augment``; ``hybrid_epochs`` / ``gevit_epochs`` for the hybrid / full-image GE-ViTs.
-    ``patch_sizes``: the ``PatchGEViT`` ablation (``patch_group``, mean embedding); ``extra_patch_models``: more
-    (group, patch size, embed method) rows; ``hybrid_groups``: one hybrid per group. ``embed_hidden``: hidden width
-    of the mean embedding's patch MLP (None: one Linear layer, the post's design, which only sees a patch's
-    group-invariant linear projections -- for 2x2 patches under C4 just their mean). ``gevit_models``: full-image
-    GE-ViT rows (group, neighbourhood); those in ``gevit_trained`` train on ``gevit_n_train`` images and evaluate on
-    ``gevit_n_eval`` (None: ``n_train`` / ``n_val``, ``n_test``); ``gevit_published`` rows take their accuracy from
-    the authors' checkpoint instead (trained as ``gevit_trained`` when it cannot be found). Speed: ``speed_batch``
-    (``gevit_speed_batch``) images, ``speed_steps`` batches, ``speed_budget_s`` seconds per model and mode.
-    ``*_overrides`` / ``grid_gevit``: architecture options (``embed_dim`` None: the preset's); ``posthoc_groups``:
-    post-hoc ViT rows (mean pooling, no finetuning); ``num_workers``: data-loader processes (PCam is read lazily).
-    GE-ViT-based models use attention dropout 0 in ``smoke`` / ``quick``, the post's 0.1 in ``full``.
-    """
+    """Sizes of one model-zoo run (notebook 10; ``None``: the whole split). Training: AdamW, linear warm-up for
+    ``warmup_fraction`` of the epochs, then cosine. GE-ViT-based models use attention dropout 0 in ``smoke`` /
+    ``quick``, the post's 0.1 in ``full``."""
 
     n_train: int | None
     n_val: int | None
     n_test: int | None
     epochs: int
-    hybrid_epochs: int
+    hybrid_epochs: int  # the hybrids' epochs
     batch_size: int
     eval_batch_size: int
     lr: float
     weight_decay: float
     warmup_fraction: float
-    augment: bool
-    patch_sizes: tuple[int, ...]
+    augment: bool  # random 90-degree rotations and flips
+    patch_sizes: tuple[int, ...]  # the PatchGEViT ablation (patch_group, mean embedding)
     patch_group: str
-    extra_patch_models: tuple[tuple[str, int, str], ...]
-    hybrid_groups: tuple[str, ...]
-    grid_gevit: dict[str, Any]
-    embed_dim: int | None
+    extra_patch_models: tuple[tuple[str, int, str], ...]  # more (group, patch size, embed method) rows
+    hybrid_groups: tuple[str, ...]  # one hybrid per group
+    grid_gevit: dict[str, Any]  # architecture options, like the *_overrides
+    embed_dim: int | None  # None: the preset's
+    # hidden width of the mean embedding's patch MLP (None: one Linear layer, the post's design, which only sees a
+    # patch's group-invariant linear projections -- for 2x2 patches under C4 just their mean)
     embed_hidden: int | None
     hybrid_overrides: dict[str, Any]
     vit_overrides: dict[str, Any]
-    posthoc_groups: tuple[str, ...]
-    gevit_models: tuple[tuple[str, int], ...]
-    gevit_trained: tuple[tuple[str, int], ...]
+    posthoc_groups: tuple[str, ...]  # post-hoc ViT rows (mean pooling, no finetuning)
+    gevit_models: tuple[tuple[str, int], ...]  # full-image GE-ViT rows (group, neighbourhood)
+    gevit_trained: tuple[tuple[str, int], ...]  # ... trained on gevit_n_train images, evaluated on gevit_n_eval
     gevit_overrides: dict[str, Any]
-    gevit_n_train: int | None
-    gevit_n_eval: int | None
+    gevit_n_train: int | None  # None: n_train
+    gevit_n_eval: int | None  # None: n_val, n_test
     gevit_epochs: int
-    gevit_speed_batch: int
-    speed_batch: int
+    gevit_speed_batch: int  # images per speed batch of the full-image GE-ViTs
+    speed_batch: int  # ... of the others; speed_steps batches, speed_budget_s seconds per model and mode
     speed_steps: int
     speed_budget_s: float | None
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader processes (PCam is read lazily)
+    # rows that take their accuracy from the authors' checkpoint (trained as gevit_trained when it cannot be found)
     gevit_published: tuple[tuple[str, int, str], ...] = ()
 
 
@@ -282,12 +263,7 @@ _MODEL_ZOO: dict[str, dict[str, ModelZooProfile]] = {
 
 def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | None = None) -> ModelZooProfile:
     """The model-zoo sizes for ``dataset`` ("rotmnist", "pcam") at ``profile``, with ``overrides`` of any field."""
-    sizes = _lookup(_MODEL_ZOO, dataset, profile, "unknown dataset")
-    known = set(ModelZooProfile.__dataclass_fields__)
-    unknown = sorted(set(overrides or {}) - known)
-    if unknown:
-        raise ValueError(f"unknown model-zoo profile field(s) {unknown}; known: {sorted(known)}")
-    return replace(sizes, **(overrides or {}))
+    return _override(_lookup(_MODEL_ZOO, dataset, profile, "unknown dataset"), overrides, "model-zoo")
 
 
 # ---- equal compute (notebook 11): every family trained for the same seconds on rotated MNIST ------------------
@@ -295,12 +271,10 @@ def model_zoo_profile(dataset: str, profile: str, overrides: dict[str, Any] | No
 class EqualComputeProfile:
     """The equal-compute study (notebook 11): each of ``families`` trains for ``budget_s`` seconds of optimizer
     steps (validation excluded; the last curve point may pass the budget by one chunk) on ``n_train`` rotated-MNIST
-    training digits (None: all 10,000), AdamW at a constant ``lr`` (so a longer budget continues a run without
-    changing its past), with a validation point on ``n_val`` digits after every ``chunk`` training images
-    (``gevit_chunk`` for the slow full-image GE-ViTs), then the test on ``n_test`` digits with the best validation
-    weights. Architectures, batch sizes and weight decay: the model-zoo profile of the same name (notebook 10);
-    ``patch_size``: the patch-embedding models'.
-    """
+    digits (None: all 10,000), AdamW at a constant ``lr`` (a longer budget continues a run without changing its
+    past), validating on ``n_val`` digits after every ``chunk`` training images (``gevit_chunk`` for the full-image
+    GE-ViTs), then testing on ``n_test`` digits with the best validation weights. Architectures, batch sizes and
+    weight decay: the model-zoo profile of the same name; ``patch_size``: the patch-embedding models'."""
 
     budget_s: float
     chunk: int
@@ -330,11 +304,7 @@ _EQUAL: dict[str, EqualComputeProfile] = {
 def equal_compute_profile(profile: str, overrides: dict[str, Any] | None = None) -> EqualComputeProfile:
     """The equal-compute study's sizes at ``profile`` ("smoke", "quick", "full"), with ``overrides`` of any field."""
     sizes = _lookup({"the equal-compute study": _EQUAL}, "the equal-compute study", profile, "")
-    unknown = sorted(set(overrides or {}) - set(EqualComputeProfile.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown equal-compute profile field(s) {unknown}; known: "
-                         f"{sorted(EqualComputeProfile.__dataclass_fields__)}")
-    return replace(sizes, **(overrides or {}))
+    return _override(sizes, overrides, "equal-compute")
 
 
 # ---- figures (notebooks 01-05) ---------------------------------------------------------------------------------
@@ -353,16 +323,14 @@ class FigureProfile:
 
 
 _ALL_LATENT = ("original", "rotate 90", "rotate 45", "rotate 20", "mirror", "translate")
+_ALL_EXACT = ("rot90", "rot180", "rot270", "flip")
 _FIGURES: dict[str, FigureProfile] = {
-    "smoke": FigureProfile(rotation_frames=6, latent_transforms=("original", "rotate 90"),
-                           exact_transforms=("rot90",), attention_images=5, sweep_angles=(45.0, 90.0),
-                           sweep_digits=1),
-    "quick": FigureProfile(rotation_frames=72, latent_transforms=_ALL_LATENT,
-                           exact_transforms=("rot90", "rot180", "rot270", "flip"), attention_images=5,
-                           sweep_angles=tuple(float(a) for a in range(0, 360, 15)), sweep_digits=1),
-    "full": FigureProfile(rotation_frames=360, latent_transforms=_ALL_LATENT,
-                          exact_transforms=("rot90", "rot180", "rot270", "flip"), attention_images=5,
-                          sweep_angles=tuple(float(a) for a in range(0, 360, 5)), sweep_digits=4),
+    "smoke": FigureProfile(rotation_frames=6, latent_transforms=("original", "rotate 90"), exact_transforms=("rot90",),
+                           attention_images=5, sweep_angles=(45.0, 90.0), sweep_digits=1),
+    "quick": FigureProfile(rotation_frames=72, latent_transforms=_ALL_LATENT, exact_transforms=_ALL_EXACT,
+                           attention_images=5, sweep_angles=tuple(float(a) for a in range(0, 360, 15)), sweep_digits=1),
+    "full": FigureProfile(rotation_frames=360, latent_transforms=_ALL_LATENT, exact_transforms=_ALL_EXACT,
+                          attention_images=5, sweep_angles=tuple(float(a) for a in range(0, 360, 5)), sweep_digits=4),
 }
 
 

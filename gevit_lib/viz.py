@@ -1,12 +1,7 @@
-"""Writing figures, animations and tables with a provenance sidecar (``<name>.json``) beside each, and the
-renderers several notebooks share, and :func:`knobs`: the widgets a reader turns, with a static fallback for batch runs.
-
-The sidecar names the files it describes, the data source, checkpoint, profile and seed that produced them, and
-the library version, so every figure and table in ``figures/`` says where its numbers came from. Metadata never
-records a path of the machine that made it (:func:`portable`): a file inside the repository is named relative to
-it, any other file by its name and sha256, so the committed files read the same on every clone. Figures of a
-fixed pixel size come from :func:`new_figure` (figsize x dpi on an Agg canvas: no display, no pyplot state);
-save them with ``save_figure(fig, path, dpi=fig.dpi, ...)`` so the file has exactly that size.
+"""Figures, animations and tables, each with a provenance sidecar (``<name>.json``: the files, data source,
+checkpoint, profile, seed and library version); the renderers several notebooks share; :func:`knobs`, the widgets a
+reader turns. Metadata never names a path of the machine that made it (:func:`portable`). Fixed-size figures come
+from :func:`new_figure`; ``save_figure(fig, path, dpi=fig.dpi, ...)`` keeps that size.
 """
 
 from __future__ import annotations
@@ -65,14 +60,10 @@ def portable(value: Any) -> Any:
 
 def write_sidecar(path: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], **meta: Any) -> Path:
     """Write ``<stem>.json`` next to ``path`` describing ``files`` (names relative to its folder) and ``meta``."""
-    path = Path(path)
-    record = {
-        "files": [Path(f).name for f in files],
-        **{k: portable(v) for k, v in meta.items() if v is not None},
-        "library_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    sidecar = path.with_suffix(".json")
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    record = {"files": [Path(f).name for f in files], **{k: portable(v) for k, v in meta.items() if v is not None},
+              "library_version": __version__, "created": created}
+    sidecar = Path(path).with_suffix(".json")
     with atomic_write(sidecar) as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str))
     return sidecar
@@ -81,7 +72,6 @@ def write_sidecar(path: str | os.PathLike[str], files: Sequence[str | os.PathLik
 def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 100, **meta: Any) -> Path:
     """Save a matplotlib figure (PNG by the suffix) and its sidecar."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     write_sidecar(path, [path], **meta)
@@ -96,8 +86,8 @@ def figure_to_array(fig: Any, dpi: int = 100) -> np.ndarray:
 
 
 def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, duration_ms: float = 100,
-             loop: int = 0, sidecar: bool = True, **meta: Any) -> Path:
-    """Animated GIF of RGB frames (each shown ``duration_ms``; infinite loop by default) and its sidecar."""
+             sidecar: bool = True, **meta: Any) -> Path:
+    """Looping animated GIF of RGB frames (each shown ``duration_ms``) and its sidecar."""
     from PIL import Image
 
     path = Path(path)
@@ -106,14 +96,13 @@ def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, dura
         raise ValueError(f"no frames to write to {path}")
     with atomic_write(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(round(duration_ms)),
-                       loop=loop, disposal=1)
+                       loop=0, disposal=1)
     if sidecar:
         write_sidecar(path, [path], frames=len(images), frame_ms=duration_ms, **meta)
     return path
 
 
-def save_mp4(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, fps: int = 60, sidecar: bool = False,
-             **meta: Any) -> Path | None:
+def save_mp4(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, fps: int = 60) -> Path | None:
     """H.264 mp4 (yuv420p) of RGB frames through imageio-ffmpeg's bundled ffmpeg; None when it is not installed."""
     try:
         import imageio_ffmpeg
@@ -128,8 +117,6 @@ def save_mp4(frames: Sequence[np.ndarray], path: str | os.PathLike[str], *, fps:
         for frame in frames:
             writer.send(np.ascontiguousarray(frame[..., :3], dtype=np.uint8))
         writer.close()
-    if sidecar:
-        write_sidecar(path, [path], frames=len(frames), fps=fps, **meta)
     return path
 
 
@@ -151,7 +138,6 @@ def save_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
                **meta: Any) -> tuple[Path, Path]:
     """Write ``rows`` as ``<stem>.csv`` and ``<stem>.md`` (with a provenance line) plus the sidecar."""
     path = Path(path).with_suffix("")
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(columns or (rows[0].keys() if rows else []))
     rows = [portable(dict(r)) for r in rows]  # a checkpoint column names files the way the sidecar does
     csv_path, md_path = path.with_suffix(".csv"), path.with_suffix(".md")
@@ -171,8 +157,8 @@ def save_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
 
 def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str,
                           reference: tuple[str, float] | None = None) -> Any:
-    """Scatter of test accuracy against epoch time, one point per row of ``points`` (``epoch_s``, ``test_acc``,
-    ``n_train``, ``patch_size``); ``reference``: (name, epoch seconds) drawn as a dashed line on a log axis."""
+    """Test accuracy against epoch time, a point per row (``epoch_s``, ``test_acc``, ``n_train``, ``patch_size``);
+    ``reference``: (name, epoch seconds) drawn as a dashed line on a log axis."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6))
@@ -181,8 +167,8 @@ def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str,
                    color=plt.get_cmap("tab10")(i % 10), label=f"patch {r['patch_size']}")
         ax.annotate(str(r["patch_size"]), (r["epoch_s"], r["test_acc"]), textcoords="offset points", xytext=(10, 8))
     if reference is not None:
-        ax.axvline(reference[1], ls="--", color="grey", label=f"{reference[0]} (epoch time from its measured "
-                                                              "throughput)")
+        label = f"{reference[0]} (epoch time from its measured throughput)"
+        ax.axvline(reference[1], ls="--", color="grey", label=label)
         ax.set_xscale("log")
     ax.set_title(title, fontweight="bold", fontsize=14)
     n_train = sorted({r["n_train"] for r in points})
@@ -196,15 +182,13 @@ def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str,
     return fig
 
 
-def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], *, title: str, size_px: tuple[int, int] = (1200, 520),
-                          dpi: int = 100) -> Any:
-    """Test accuracy against measured images/s (log axis), one panel per finetuning ``mode`` of ``rows`` (the post-hoc
-    tables: ``mode``, ``method``, ``group``, ``in_post``, ``passes``, ``img_s``, ``test_acc``): one marker per
-    method and group, its colour the method, its shape the group, filled for the post's methods, hollow for ours."""
+def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], *, title: str) -> Any:
+    """Test accuracy against images/s, a panel per finetuning ``mode`` of the post-hoc table ``rows``: colour the
+    method, shape the group, filled for the post's methods, hollow for ours."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     shapes = dict(zip(dict.fromkeys(r["group"] for r in rows), "oDs^v<>phX"))
-    fig = new_figure(size_px, dpi)
+    fig = new_figure((1200, 520), dpi=100)
     axes = fig.subplots(1, len(modes), sharey=True, squeeze=False)[0]
     for ax, mode in zip(axes, modes):
         for r in (r for r in rows if r["mode"] == mode):
@@ -223,7 +207,6 @@ def plot_accuracy_vs_cost(rows: Sequence[Mapping[str, Any]], *, title: str, size
     return fig
 
 
-# ---- renderers -------------------------------------------------------------------------------------------------
 def new_figure(size_px: tuple[int, int], dpi: int) -> Any:
     """A white matplotlib figure of exactly ``size_px`` = (width, height) pixels at ``dpi`` on an Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -237,10 +220,9 @@ def new_figure(size_px: tuple[int, int], dpi: int) -> Any:
 
 def plot_group_panels(values: Any, title: str, size_px: tuple[int, int], dpi: int = 72, vmin: float | None = None,
                       vmax: float | None = None, colorbar: bool = False) -> Any:
-    """One image per group element, ``values[i]`` titled g_i (``[G, H, W]``, e.g. offset grids or embeddings), in
-    two rows; ``colorbar`` adds a colour bar beside the last panel."""
+    """``values`` [G, H, W] as one panel per group element, titled g_i, in two rows (and a colour bar)."""
     g = values.shape[0]
-    cols = max(1, math.ceil(g / 2)) if g > 1 else 1
+    cols = math.ceil(g / 2) if g > 1 else 1
     fig = new_figure(size_px, dpi)
     axes = fig.subplots(math.ceil(g / cols), cols, squeeze=False).ravel()
     im = None
@@ -255,18 +237,15 @@ def plot_group_panels(values: Any, title: str, size_px: tuple[int, int], dpi: in
     return fig
 
 
-# ---- knobs -----------------------------------------------------------------------------------------------------
 def knobs(draw: Callable[..., Any], interactive: bool, **controls: Any) -> Any:
-    """Controls a reader turns: ``ipywidgets.interactive(draw, **controls)`` (``controls`` in ipywidgets' ``interact``
-    abbreviations: ``(min, max, step)`` a slider, a list a dropdown, or a widget), displayed, each starting at
-    ``draw``'s default for it. The static fallback, for batch runs (``interactive`` False) or without ipywidgets:
-    ``draw()`` once with its defaults. Returns the ``interactive`` widget, or None for the fallback."""
+    """Display ``ipywidgets.interactive(draw, **controls)`` (``interact`` abbreviations), each control starting at
+    ``draw``'s default, and return it; for batch runs (``interactive`` False) or without ipywidgets, ``draw()``."""
     import inspect
 
     from IPython.display import display
 
-    defaults = {k: p.default for k, p in inspect.signature(draw).parameters.items()}
-    missing = [k for k in controls if defaults.get(k, inspect.Parameter.empty) is inspect.Parameter.empty]
+    params = inspect.signature(draw).parameters
+    missing = [k for k in controls if k not in params or params[k].default is inspect.Parameter.empty]
     if missing:
         raise TypeError(f"knobs: {draw.__name__}() needs a default for {missing} (what a batch run draws)")
     if interactive:

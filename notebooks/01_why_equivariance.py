@@ -129,7 +129,7 @@ frames = [render_frame(rotated[i], a, {k: p[i] for k, p in probs.items()})  # a 
           for i, a in enumerate(tqdm(angles, desc="frames", disable=not interactive))]
 frame_ms, fps = max(20.0, 6000.0 / n), max(1, round(n / 6.0))  # one turn in 6 seconds
 gif = save_gif(frames, out_dir / "Rotation.gif", duration_ms=frame_ms, sidecar=False)
-mp4 = save_mp4(frames, out_dir / "Rotation.mp4", fps=fps, sidecar=False)
+mp4 = save_mp4(frames, out_dir / "Rotation.mp4", fps=fps)
 write_sidecar(out_dir / "Rotation.json", [gif] + ([mp4] if mp4 else []), frames=n, frame_ms=frame_ms,
               mp4_fps=fps if mp4 else None, angle_step_deg=360.0 / n, label=label, interpolation="bilinear",
               model_inputs={"GE-ViT": "normalised", "Vision Transformer": "transposed, normalised"},
