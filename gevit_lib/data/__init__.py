@@ -12,4 +12,4 @@ from .mnist import (MNIST_BACKGROUND, MNIST_FILES, MNIST_MEAN, MNIST_MIRRORS, MN
                     UnverifiedDataWarning, load_mnist_arrays, mnist, mnist_validation_rows)
 from .pcam import PCAM_FILES, PCAM_MEAN, PCAM_STD, PCamDataset, pcam
 from .rotated_mnist import (MNIST_ROT_ARCHIVE, MNIST_ROT_MEMBERS, REGEN_VERSION, regenerate_rotated_mnist,
-                            regenerated_rotated_mnist_arrays, regenerated_sizes, rotate_images, rotated_mnist)
+                            regenerated_rotated_mnist_arrays, rotate_images, rotated_mnist)

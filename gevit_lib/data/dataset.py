@@ -81,7 +81,6 @@ class NormalizedImages(Dataset):
         self.name, self.split, self.source, self.num_classes = name, split, source, num_classes
         self.mean, self.std, self.normalize, self.transform = tuple(mean), tuple(std), normalize, transform
         self._info = dict(info or {})
-        self._described: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -107,11 +106,9 @@ class NormalizedImages(Dataset):
 
     def describe(self) -> dict[str, Any]:
         """Where this split came from: dataset, split, source, sizes, checksum, options (JSON-serialisable)."""
-        if self._described is None:
-            self._described = {"dataset": self.name, "split": self.split, "source": self.source,
-                               "size": len(self), "num_classes": self.num_classes, **self._info,
-                               "normalize": self.normalize, "checksum": self._checksum()}
-        return dict(self._described)
+        return {"dataset": self.name, "split": self.split, "source": self.source, "size": len(self),
+                "num_classes": self.num_classes, **self._info, "normalize": self.normalize,
+                "checksum": self._checksum()}
 
 
 class ImageDataset(NormalizedImages):

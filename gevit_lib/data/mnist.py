@@ -50,6 +50,7 @@ MNIST_FILES: dict[str, IdxSpec] = {
                                       10000, 1),
 }
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_FOLDERS = ("mnist", "MNIST/raw")  # in the data dir
 
 
 def _load_mnist_file(path: Path, name: str) -> tuple[np.ndarray, bool]:
@@ -86,20 +87,16 @@ def _load_mnist_file(path: Path, name: str) -> tuple[np.ndarray, bool]:
     return arr, arr.shape[0] == spec.count
 
 
-def _mnist_folders(root: Path) -> list[Path]:
-    return [root / "mnist", root / "MNIST" / "raw"]
-
-
 def _find_mnist_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     """The files found (plain or .gz) and the names missing."""
-    found = {name: next((folder / f for folder in _mnist_folders(root) for f in (name, name + ".gz")
-                         if (folder / f).is_file()), None) for name in MNIST_FILES}
+    found = {name: next((root / folder / f for folder in MNIST_FOLDERS for f in (name, name + ".gz")
+                         if (root / folder / f).is_file()), None) for name in MNIST_FILES}
     return {n: p for n, p in found.items() if p is not None}, [n for n, p in found.items() if p is None]
 
 
 def _mnist_missing_error(root: Path, missing: list[str], reason: str) -> MissingFileError:
     lines = [f"MNIST files missing: {', '.join(missing)}{reason}.",
-             f"Looked in {' and '.join(str(f) for f in _mnist_folders(root))} for each name, plain or with '.gz'.",
+             f"Looked in {' and '.join(str(root / f) for f in MNIST_FOLDERS)} for each name, plain or with '.gz'.",
              "Needed files (md5 of the decompressed file; md5 of the official .gz; URL):"]
     lines += [f"  {name}  {spec.md5}  {spec.gz_md5}  {MNIST_MIRRORS[0]}{name}.gz (mirror {MNIST_MIRRORS[1]}{name}.gz)"
               for name, spec in MNIST_FILES.items()]

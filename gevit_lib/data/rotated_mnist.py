@@ -68,23 +68,18 @@ def rotate_images(images: np.ndarray, angles: np.ndarray, chunk: int = 2048) -> 
     return out
 
 
-def regenerated_sizes(n_train: int, n_test: int) -> tuple[int, int, int]:
-    """Regenerated (train, validation, test) sizes: 10,000 / 2,000 / 50,000 (MNIST-rot's) for genuine MNIST,
-    proportionally fewer for a small synthetic MNIST."""
-    return n_train // 6, n_train // 30, n_test + (2 * n_train) // 3
-
-
 def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                              test_labels: np.ndarray, *, seed: int = REGEN_SEED) -> dict[str, np.ndarray]:
     """The regenerated ("MNIST-rot-like") recipe, version ``REGEN_VERSION`` (docs/mnist_rot.md), deterministic.
 
     Returns per split ``{split}_images`` uint8 (each digit transposed, then rotated), ``_labels``, ``_angles``,
     ``_source_index`` and ``_source_split`` (0 = MNIST train file, 1 = test file), plus ``recipe_version`` and
-    ``seed``. The test split holds every MNIST test digit and then train-file digits, shuffled.
+    ``seed``. Sizes: 10,000 / 2,000 / 50,000 (MNIST-rot's; the test split holds every MNIST test digit and 40,000
+    train-file digits, shuffled) for genuine MNIST, proportionally fewer for a small synthetic MNIST.
     """
     n_tr, n_te = len(train_labels), len(test_labels)
-    a, b, t = regenerated_sizes(n_tr, n_te)
-    c = t - n_te
+    a, b, c = n_tr // 6, n_tr // 30, (2 * n_tr) // 3
+    t = n_te + c
     if min(a, b) < 1:
         raise ValueError(f"cannot draw train {a} / validation {b} / test {t} from MNIST with {n_tr} train and "
                          f"{n_te} test images")
@@ -97,16 +92,13 @@ def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray,
                "test": (test_index[order], test_from[order])}
     out: dict[str, np.ndarray] = {"recipe_version": np.array(REGEN_VERSION), "seed": np.array(seed)}
     angles = {s: rng.uniform(0.0, 360.0, size=len(sources[s][0])) for s in SPLITS}
+    all_images, all_labels = np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])
     for s in SPLITS:
         index, from_split = sources[s]
-        in_test = from_split == 1
-        digits = np.empty((len(index), *train_images.shape[1:]), dtype=np.uint8)
-        labels = np.empty(len(index), dtype=np.int64)
-        digits[~in_test], labels[~in_test] = train_images[index[~in_test]], train_labels[index[~in_test]]
-        digits[in_test], labels[in_test] = test_images[index[in_test]], test_labels[index[in_test]]
-        rotated = rotate_images(digits.transpose(0, 2, 1), angles[s])
+        rows = index + n_tr * from_split.astype(np.int64)  # test-file digits follow the train file in all_images
+        rotated = rotate_images(all_images[rows].transpose(0, 2, 1), angles[s])
         out[f"{s}_images"] = np.clip(np.rint(rotated), 0, 255).astype(np.uint8)
-        out[f"{s}_labels"] = labels
+        out[f"{s}_labels"] = all_labels[rows].astype(np.int64)
         out[f"{s}_angles"] = angles[s]
         out[f"{s}_source_index"] = index.astype(np.int64)
         out[f"{s}_source_split"] = from_split
