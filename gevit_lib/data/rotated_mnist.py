@@ -97,11 +97,9 @@ def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray,
         index, from_split = sources[s]
         rows = index + n_tr * from_split.astype(np.int64)  # test-file digits follow the train file in all_images
         rotated = rotate_images(all_images[rows].transpose(0, 2, 1), angles[s])
-        out[f"{s}_images"] = np.clip(np.rint(rotated), 0, 255).astype(np.uint8)
-        out[f"{s}_labels"] = all_labels[rows].astype(np.int64)
-        out[f"{s}_angles"] = angles[s]
-        out[f"{s}_source_index"] = index.astype(np.int64)
-        out[f"{s}_source_split"] = from_split
+        out.update({f"{s}_images": np.clip(np.rint(rotated), 0, 255).astype(np.uint8),
+                    f"{s}_labels": all_labels[rows].astype(np.int64), f"{s}_angles": angles[s],
+                    f"{s}_source_index": index.astype(np.int64), f"{s}_source_split": from_split})
     return out
 
 
@@ -211,8 +209,8 @@ def official_rotated_mnist_arrays(root: str | os.PathLike[str] | None = None,
         try:
             archive = fetch(remote, root_dir / "rotated_mnist", search=[root_dir], download=download and can_write)
         except MissingFileError as exc:
-            note = "" if can_write or not download else (f"\nThe data dir {root_dir} is read-only, so nothing was "
-                                                         f"downloaded.")
+            read_only = download and not can_write
+            note = f"\nThe data dir {root_dir} is read-only, so nothing was downloaded." if read_only else ""
             raise MissingFileError(f"{exc}{note}\nWithout the archive, rotated_mnist(source='regenerated') builds an "
                                    f"MNIST-rot-like set from genuine MNIST.") from None
     memo(("verified", *file_key(archive), remote.checksum), lambda: verify(archive, remote.checksum, remote.algo))
