@@ -1,8 +1,5 @@
-"""Synthetic stand-ins for the real data, in the genuine file formats: for tests and the smoke profile.
-
-Nothing here is used to produce a result: data written by these functions is small, made up, and loads with
-``source == "unverified"`` (MNIST) so that its provenance can never pass for the real thing.
-"""
+"""Synthetic stand-ins for the real data, in the genuine file formats, for tests and the smoke profile: small, made
+up, and (MNIST) loading with ``source == "unverified"``, so they never pass for the real thing."""
 
 from __future__ import annotations
 
@@ -16,12 +13,9 @@ import numpy as np
 from gevit_lib.data import MNIST_FILES, PCAM_FILES
 from gevit_lib.files import atomic_write
 
-__all__ = ["write_idx", "make_synthetic_mnist", "write_fake_pcam"]
-
-
 def write_idx(path: str | os.PathLike[str], arr: np.ndarray, header_dims: tuple[int, ...] | None = None) -> None:
-    """Write ``arr`` as an unsigned-byte IDX file (gzipped when ``path`` ends in .gz). ``header_dims`` overrides the
-    dimensions the header claims (to make truncated or over-long files)."""
+    """Write ``arr`` as an unsigned-byte IDX file (gzipped when ``path`` ends in .gz); ``header_dims`` overrides the
+    dimensions the header claims (for truncated files)."""
     dims = header_dims or arr.shape
     raw = bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + arr.astype(np.uint8).tobytes()
     with atomic_write(path) as tmp:
@@ -30,11 +24,8 @@ def write_idx(path: str | os.PathLike[str], arr: np.ndarray, header_dims: tuple[
 
 def make_synthetic_mnist(root: str | os.PathLike[str], n_train: int = 600, n_test: int = 100,
                          seed: int = 0) -> Path:
-    """Write fake MNIST (``<root>/mnist/*-idx?-ubyte.gz``, genuine IDX format) and return that folder.
-
-    Each class is a fixed random stroke pattern, shifted by up to 2 pixels and scaled in intensity per image:
-    learnable, not rotation symmetric. The counts must differ from the official ones (those files are md5-checked).
-    """
+    """Write fake MNIST (``<root>/mnist/*-idx?-ubyte.gz``) and return that folder: per class a fixed random stroke
+    pattern, shifted by up to 2 pixels and scaled in intensity per image (learnable, not rotation symmetric)."""
     if n_train == MNIST_FILES["train-images-idx3-ubyte"].count or n_test == MNIST_FILES["t10k-images-idx3-ubyte"].count:
         raise ValueError("synthetic MNIST cannot have the official sizes 60,000 / 10,000 (they are md5-checked)")
     if n_train < 30 or n_test < 1:
@@ -64,9 +55,8 @@ def make_synthetic_mnist(root: str | os.PathLike[str], n_train: int = 600, n_tes
 
 
 def write_fake_pcam(root: str | os.PathLike[str], n_per_split: int = 16, seed: int = 0) -> Path:
-    """Write small h5 files in the exact PCam format (``x`` uint8 [N, 96, 96, 3], ``y`` uint8 [N, 1, 1, 1]) into
-    ``<root>/pcam`` (returned): pinkish noise, label-1 patches with a dark purple blob in the centre 32x32 region
-    (where the PCam label is defined). Labels alternate 0/1 in a seeded order."""
+    """Write small h5 files in the PCam format into ``<root>/pcam`` (returned): pinkish noise; label-1 patches (half,
+    in a seeded order) with a dark purple blob in the centre 32x32 region, where the PCam label is defined."""
     import h5py
 
     rng = np.random.default_rng(seed)

@@ -113,7 +113,7 @@ def test_mnist_from_gz_only_folder(synth_root: Path) -> None:
     x, y = train[3]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert train.images.dtype == np.uint8 and train.images.shape == (580, 28, 28)
-    raw = D.read_idx(synth_root / "mnist" / "train-images-idx3-ubyte.gz")
+    raw = D.load_mnist_arrays(synth_root, download=False).train_images
     np.testing.assert_array_equal(train.images[3], raw[train.indices[3]])
     # same float32 ops as torchvision ToTensor + Normalize
     from PIL import Image
@@ -167,7 +167,7 @@ def test_mnist_download_path(synth_root: Path, tmp_path: Path, monkeypatch: pyte
 def test_mnist_truncated_and_corrupt_files(synth_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "bad"
     shutil.copytree(synth_root / "mnist", root / "mnist")
-    images = D.read_idx(root / "mnist" / "train-images-idx3-ubyte.gz")
+    images = D.load_mnist_arrays(root, download=False).train_images
     # header says 600 images, content holds 599
     write_idx(root / "mnist" / "train-images-idx3-ubyte.gz", images[:-1], header_dims=images.shape)
     with pytest.raises(ChecksumError, match="truncated"):
@@ -193,8 +193,8 @@ def test_mnist_full_size_file_must_have_official_md5(synth_root: Path, tmp_path:
 def test_mnist_files_are_parsed_once_per_process(synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     D.load_mnist_arrays(synth_root, download=False)
     calls = []
-    original = M._read_idx_raw
-    monkeypatch.setattr(M, "_read_idx_raw", lambda *a: calls.append(a) or original(*a))
+    original = M._load_mnist_file
+    monkeypatch.setattr(M, "_load_mnist_file", lambda *a: calls.append(a) or original(*a))
     D.mnist("validation", root=synth_root, download=False)
     assert calls == []
 
@@ -202,7 +202,7 @@ def test_mnist_files_are_parsed_once_per_process(synth_root: Path, monkeypatch: 
 def test_mnist_smaller_than_official_warns(synth_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "subset"
     shutil.copytree(synth_root / "mnist", root / "mnist")
-    labels = D.read_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    labels = D.load_mnist_arrays(synth_root, download=False).test_labels
     write_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz", labels[:-1])  # a consistent file, one label short
     with pytest.warns(D.UnverifiedDataWarning) as record:
         with pytest.raises(ChecksumError, match="99 labels"):  # and the images no longer match
@@ -285,9 +285,7 @@ def test_regenerated_recipe_on_synthetic_mnist(synth_root: Path) -> None:
     m = D.load_mnist_arrays(synth_root, download=False)
     args = (m.train_images, m.train_labels, m.test_images, m.test_labels)
     a = D.regenerate_rotated_mnist(*args)
-    sizes = D.regenerated_sizes(600, 100)
-    assert sizes == (100, 20, 500)
-    assert tuple(len(a[f"{s}_images"]) for s in D.SPLITS) == sizes
+    assert tuple(len(a[f"{s}_images"]) for s in D.SPLITS) == (100, 20, 500)
     from_train = [set(a[f"{s}_source_index"][a[f"{s}_source_split"] == 0]) for s in D.SPLITS]
     assert sum(map(len, from_train)) == 100 + 20 + 400  # no digit used twice
     assert not (from_train[0] & from_train[1] or from_train[0] & from_train[2] or from_train[1] & from_train[2])

@@ -1,8 +1,12 @@
-"""The split names, the in-memory image dataset every loader returns, split selection and subset helpers."""
+"""Shared parts of the loaders: split names, the dataset classes, split selection and subset helpers, the
+per-process memo, array checksums and the cache folder."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,28 +14,73 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ._cache import array_checksum
-
 SPLITS = ("train", "validation", "test")
 Transform = Callable[[Tensor], Tensor]
 FRACTION_SEED = 0  # the original: torch.manual_seed(0); torch.randperm(n)[:int(n * fraction)]
+# One per-process memo for verified files, parsed idx files and parsed / regenerated arrays. Keys start with a
+# kind ("idx", "mnist", "verified", "npz") and identify files by (path, size, mtime) so a changed file is re-read.
+MEMO: dict[tuple, Any] = {}
+
+
+def clear_caches() -> None:
+    """Forget every per-process cache (verified files, parsed and regenerated arrays)."""
+    MEMO.clear()
+
+
+def memo(key: tuple, build: Callable[[], Any]) -> Any:
+    if key not in MEMO:
+        MEMO[key] = build()
+    return MEMO[key]
+
+
+def array_checksum(*arrays: np.ndarray) -> str:
+    """sha256 over each array's dtype, shape and C-order bytes (stable across machines for fixed dtypes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def writable(path: Path) -> bool:
+    """True when ``path`` (or its nearest existing parent) may be written: permission bits, not only root's access."""
+    p = Path(path).absolute()
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Cache folder for parsed / regenerated arrays: ``cache_dir``, else ``$GEVIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/gevit_companion`` (``~/.cache/...``); never a data folder (it may be shared and read-only)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("GEVIT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gevit_companion"
 
 
 class NormalizedImages(Dataset):
-    """Shared part: labels, row indices and provenance; uint8 [H, W] or [H, W, C] pixels -> float32 [C, H, W] in
-    [0, 1], optionally normalised."""
+    """A split's labels, row indices and provenance. Items: uint8 pixels [H, W] or [H, W, C] -> float32 [C, H, W],
+    x / 255, then ``(x - mean) / std`` when ``normalize``, then ``transform`` (a function of the float tensor)."""
 
     def __init__(self, labels: np.ndarray, indices: np.ndarray, *, name: str, split: str, source: str,
-                 num_classes: int, mean: Sequence[float], std: Sequence[float], normalize: bool,
-                 transform: Transform | None, info: dict[str, Any] | None) -> None:
+                 num_classes: int, mean: Sequence[float], std: Sequence[float], normalize: bool = True,
+                 transform: Transform | None = None, info: dict[str, Any] | None = None) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.name, self.split, self.source, self.num_classes = name, split, source, num_classes
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.normalize = normalize
-        self.transform = transform
+        self.mean, self.std, self.normalize, self.transform = tuple(mean), tuple(std), normalize, transform
         self._info = dict(info or {})
-        self._described: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,33 +101,26 @@ class NormalizedImages(Dataset):
             x = self.transform(x)
         return x, torch.tensor(int(label), dtype=torch.int64)
 
-    def _checksum(self) -> str | None:
-        return None
+    def _checksum(self) -> str:
+        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """Where this split came from: dataset, split, source, sizes, checksum, options (JSON-serialisable)."""
-        if self._described is None:
-            self._described = {"dataset": self.name, "split": self.split, "source": self.source,
-                               "size": len(self), "num_classes": self.num_classes, **self._info,
-                               "normalize": self.normalize, "checksum": self._checksum()}
-        return dict(self._described)
+        return {"dataset": self.name, "split": self.split, "source": self.source, "size": len(self),
+                "num_classes": self.num_classes, **self._info, "normalize": self.normalize,
+                "checksum": self._checksum()}
 
 
 class ImageDataset(NormalizedImages):
-    """An in-memory split: ``images`` uint8 [N, H, W] (or [N, H, W, C]) and ``labels`` int64 [N]; ``indices`` [N]
-    gives each item's row in the array the split was taken from. Items: pixels / 255, then ``(x - mean) / std``
-    when ``normalize``, then ``transform`` (a function of the float tensor)."""
+    """An in-memory split: ``images`` uint8 [N, H, W] (or [N, H, W, C]), ``labels`` int64 [N]; ``indices`` [N]
+    gives each item's row in the array the split was taken from."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, name: str, split: str, source: str,
-                 indices: np.ndarray, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                 normalize: bool = True, transform: Transform | None = None,
-                 info: dict[str, Any] | None = None) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, **kwargs: Any) -> None:
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
             raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
         if len(labels) != len(images) or len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels and {len(indices)} indices")
-        super().__init__(labels, indices, name=name, split=split, source=source, num_classes=num_classes, mean=mean,
-                         std=std, normalize=normalize, transform=transform, info=info)
+        super().__init__(labels, indices, **kwargs)
         self.images = images
         self.angles: np.ndarray | None = None  # degrees, counter-clockwise (regenerated rotated MNIST only)
         self.source_indices: np.ndarray | None = None  # row in the source file (rotated MNIST)
@@ -97,20 +139,14 @@ class ImageDataset(NormalizedImages):
         return array_checksum(self.images, self.labels)
 
 
-def check_split(split: str) -> str:
+def check_args(split: str, fraction: float = 1.0, digits: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """ValueError for an unknown split, a fraction outside (0, 1] or bad digits; returns the digits as a tuple."""
     if split not in SPLITS:
         hint = " (use 'validation')" if split in ("val", "valid", "dev") else ""
         raise ValueError(f"unknown split {split!r}{hint}: expected one of 'train', 'validation', 'test'; "
                          f"model selection must only use 'validation'")
-    return split
-
-
-def check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-
-
-def check_digits(digits: Sequence[int] | None) -> tuple[int, ...] | None:
     if digits is None:
         return None
     out = tuple(int(d) for d in digits)
@@ -119,21 +155,17 @@ def check_digits(digits: Sequence[int] | None) -> tuple[int, ...] | None:
     return out
 
 
-def select(labels: np.ndarray, digits: Sequence[int] | None, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to keep and their labels: ``digits`` filter (relabelled 0..k-1 in the given order), then ``fraction``.
-
-    The fraction subset is the original's: ``torch.manual_seed(0); torch.randperm(n)[:int(n * fraction)]`` (done
-    with a private generator, so the global torch RNG is untouched), in that permuted order.
-    """
+def select(labels: np.ndarray, digits: tuple[int, ...] | None, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to keep and their labels: ``digits`` filter (relabelled 0..k-1 in the given order), then ``fraction``:
+    the original's ``torch.manual_seed(0); torch.randperm(n)[:int(n * fraction)]``, in that permuted order (with a
+    private generator, so the global torch RNG is untouched)."""
     rows = np.arange(len(labels))
     labels = np.asarray(labels, dtype=np.int64)
-    digits = check_digits(digits)
     if digits is not None:
         mapping = np.full(10, -1, dtype=np.int64)
         mapping[list(digits)] = np.arange(len(digits))
         keep = mapping[labels] >= 0
         rows, labels = rows[keep], mapping[labels[keep]]
-    check_fraction(fraction)
     if fraction < 1.0:
         n = int(len(rows) * fraction)
         if n == 0:

@@ -18,8 +18,7 @@ import numpy as np
 
 from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, data_dir, fetch
 
-from ._cache import array_checksum, file_key, memo, writable
-from .dataset import ImageDataset, Transform, check_digits, check_fraction, check_split, select
+from .dataset import ImageDataset, Transform, array_checksum, check_args, file_key, memo, select, writable
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_BACKGROUND = (0.0 - MNIST_MEAN[0]) / MNIST_STD[0]  # black, in normalised space
@@ -51,15 +50,13 @@ MNIST_FILES: dict[str, IdxSpec] = {
                                       10000, 1),
 }
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_FOLDERS = ("mnist", "MNIST/raw")  # in the data dir
 
 
-def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> np.ndarray:
-    """Parse an IDX file (plain or .gz) into a uint8 array; ChecksumError for an unreadable gzip stream, a bad
-    magic number or a length that disagrees with the header (truncation or trailing bytes)."""
-    return _read_idx_raw(Path(path), expected_ndim)[0]
-
-
-def _read_idx_raw(path: Path, expected_ndim: int | None) -> tuple[np.ndarray, bytes]:
+def _load_mnist_file(path: Path, name: str) -> tuple[np.ndarray, bool]:
+    """The IDX file (plain or .gz) of MNIST's ``name`` as a read-only uint8 array, and whether it was md5-verified
+    (only full-size files have official md5s); ChecksumError when it is malformed or fails the md5."""
+    spec = MNIST_FILES[name]
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
@@ -67,8 +64,8 @@ def _read_idx_raw(path: Path, expected_ndim: int | None) -> tuple[np.ndarray, by
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ChecksumError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
     ndim = raw[3]
-    if expected_ndim is not None and ndim != expected_ndim:
-        raise ChecksumError(f"{path}: IDX header has {ndim} dimensions, expected {expected_ndim}")
+    if ndim != spec.ndim:
+        raise ChecksumError(f"{path}: IDX header has {ndim} dimensions, expected {spec.ndim}")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ChecksumError(f"{path}: truncated inside the IDX header")
@@ -78,13 +75,7 @@ def _read_idx_raw(path: Path, expected_ndim: int | None) -> tuple[np.ndarray, by
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise ChecksumError(f"{path}: {what}: the IDX header {dims} needs {expected} bytes, the (decompressed) file "
                             f"has {len(raw)}; delete it and download it again")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims), raw
-
-
-def _load_mnist_file(path: Path, name: str) -> tuple[np.ndarray, bool]:
-    """Parsed file and whether it was md5-verified (only full-size files have official md5s to check)."""
-    spec = MNIST_FILES[name]
-    arr, raw = _read_idx_raw(path, spec.ndim)
+    arr = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
     if spec.ndim == 3 and arr.shape[1:] != (28, 28):
         raise ChecksumError(f"{path}: images are {arr.shape[1:]}, MNIST images are 28x28")
     if arr.shape[0] == spec.count:
@@ -96,20 +87,16 @@ def _load_mnist_file(path: Path, name: str) -> tuple[np.ndarray, bool]:
     return arr, arr.shape[0] == spec.count
 
 
-def _mnist_folders(root: Path) -> list[Path]:
-    return [root / "mnist", root / "MNIST" / "raw"]
-
-
 def _find_mnist_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     """The files found (plain or .gz) and the names missing."""
-    found = {name: next((folder / f for folder in _mnist_folders(root) for f in (name, name + ".gz")
-                         if (folder / f).is_file()), None) for name in MNIST_FILES}
+    found = {name: next((root / folder / f for folder in MNIST_FOLDERS for f in (name, name + ".gz")
+                         if (root / folder / f).is_file()), None) for name in MNIST_FILES}
     return {n: p for n, p in found.items() if p is not None}, [n for n, p in found.items() if p is None]
 
 
 def _mnist_missing_error(root: Path, missing: list[str], reason: str) -> MissingFileError:
     lines = [f"MNIST files missing: {', '.join(missing)}{reason}.",
-             f"Looked in {' and '.join(str(f) for f in _mnist_folders(root))} for each name, plain or with '.gz'.",
+             f"Looked in {' and '.join(str(root / f) for f in MNIST_FOLDERS)} for each name, plain or with '.gz'.",
              "Needed files (md5 of the decompressed file; md5 of the official .gz; URL):"]
     lines += [f"  {name}  {spec.md5}  {spec.gz_md5}  {MNIST_MIRRORS[0]}{name}.gz (mirror {MNIST_MIRRORS[1]}{name}.gz)"
               for name, spec in MNIST_FILES.items()]
@@ -154,13 +141,11 @@ class MnistArrays:
 
 
 def load_mnist_arrays(root: str | os.PathLike[str] | None = None, download: bool = True) -> MnistArrays:
-    """Read (and verify) the four MNIST idx files, plain or ``.gz``, from ``<root>/mnist/`` or ``<root>/MNIST/raw/``.
+    """The four MNIST idx files, plain or ``.gz``, from ``<root>/mnist/`` or ``<root>/MNIST/raw/`` (cached per process).
 
-    Every IDX header is checked against its file's length; files with the official entry count (60,000 / 10,000)
-    must match the official md5 (else ChecksumError). Smaller files (e.g. ``gevit_lib.testing``'s synthetic MNIST)
-    load as ``source == "unverified"`` with an ``UnverifiedDataWarning``. Cached per process. Absent files are
-    downloaded (md5-checked, with a timeout and bounded retries) into ``<root>/mnist`` when ``download`` and the
-    data dir is writable; otherwise MissingFileError names the files, md5s, URLs and where to put them.
+    Full-size files must match the official md5s (else ChecksumError); smaller ones (synthetic MNIST) load as
+    ``source == "unverified"`` with an ``UnverifiedDataWarning``. Absent files are downloaded into ``<root>/mnist``
+    when ``download`` and the data dir is writable; otherwise MissingFileError names files, md5s, URLs and folders.
     """
     root_dir = data_dir(root)
     paths, missing = _find_mnist_files(root_dir)
@@ -201,8 +186,7 @@ def _read_mnist(paths: dict[str, Path]) -> MnistArrays:
 
 
 def mnist_validation_rows(n_train: int) -> np.ndarray:
-    """Sorted rows of the MNIST train file held out for validation: ``n_train // 30`` of them (2,000 of 60,000),
-    drawn with ``np.random.default_rng(MNIST_VALIDATION_SEED).permutation(n_train)``."""
+    """Sorted rows of the MNIST train file held out for validation: a seeded ``n_train // 30`` (2,000 of 60,000)."""
     n_val = n_train // 30
     if n_val == 0:
         raise ValueError(f"the MNIST train file has {n_train} images; at least 30 are needed for a validation split")
@@ -212,8 +196,8 @@ def mnist_validation_rows(n_train: int) -> np.ndarray:
 def mnist_split(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, split: str, digits: tuple[int, ...] | None,
                 fraction: float, *, name: str, source: str, normalize: bool, transform: Transform | None,
                 info: dict[str, Any]) -> ImageDataset:
-    """The ``rows`` of ``images`` / ``labels`` kept by ``select`` (``fraction`` only applies to the train split) as
-    an MNIST-normalised ImageDataset; ``.indices`` are the kept ``rows``."""
+    """The ``rows`` of ``images`` kept by ``select`` (``fraction`` applies to the train split only) as an MNIST
+    ImageDataset; ``.indices`` are the kept ``rows``."""
     applied = fraction if split == "train" else 1.0
     keep, new_labels = select(labels[rows], digits, applied)
     info = {**info, "fraction": applied, "digits": list(digits) if digits is not None else None}
@@ -226,16 +210,12 @@ def mnist(split: str, root: str | os.PathLike[str] | None = None, transform: Tra
           download: bool = True, *, normalize: bool = True, fraction: float = 1.0,
           digits: Sequence[int] | None = None) -> ImageDataset:
     """Upright MNIST: validation = 2,000 train-file images (``mnist_validation_rows``), train = the other 58,000 in
-    file order, test = the 10,000 test images.
+    file order, test = the 10,000 test images. (The post's ViT trained on all 60,000 and validated on 2,000 test
+    images; this keeps the test set untouched.)
 
-    (The post's ViT trained on all 60,000 and validated on 2,000 *test* images; this keeps the test set untouched.)
-    ``.indices`` are rows of the train or test file. Pixels x / 255, then mean 0.1307 / std 0.3081 when
-    ``normalize`` (raw uint8 in ``.images``). ``digits`` / ``fraction``: as in ``rotated_mnist``. Files:
-    ``load_mnist_arrays``.
+    ``.indices`` are rows of the train or test file. ``normalize``, ``digits``, ``fraction``: as in ``rotated_mnist``.
     """
-    check_split(split)
-    check_fraction(fraction)
-    digits = check_digits(digits)
+    digits = check_args(split, fraction, digits)
     arrays = load_mnist_arrays(root, download)
     n_train = len(arrays.train_labels)
     if split == "test":

@@ -1,7 +1,7 @@
 """Rotated MNIST: the official MNIST-rot archive (Larochelle et al. 2007) or a deterministic re-creation.
 
-The genuine archive is used when present (``source="official"``); otherwise the same split sizes are regenerated
-from genuine MNIST with a frozen, seeded recipe (``source="regenerated"``, "MNIST-rot-like"), cached as npz in
+The archive is used when present (``source="official"``); otherwise the same split sizes are regenerated from
+genuine MNIST with a frozen, seeded recipe (``source="regenerated"``, "MNIST-rot-like"). Both are cached as npz in
 the cache folder. Compare results on the latter with published numbers only loosely (docs/mnist_rot.md).
 """
 
@@ -18,35 +18,26 @@ from typing import Any
 
 import numpy as np
 
-from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, data_dir, fetch, verify
+from gevit_lib.files import ChecksumError, MissingFileError, RemoteFile, atomic_write, data_dir, fetch, verify
 
-from ._cache import array_checksum, file_key, load_npz, memo, resolve_cache_dir, save_npz, writable
-from .dataset import SPLITS, ImageDataset, Transform, check_digits, check_fraction, check_split
+from .dataset import (SPLITS, ImageDataset, Transform, array_checksum, check_args, file_key, memo, resolve_cache_dir,
+                      writable)
 from .mnist import MnistArrays, load_mnist_arrays, mnist_split
 
 REGEN_SEED = 0  # np.random.default_rng(0) drives the regenerated rotated-MNIST recipe
 REGEN_VERSION = 1  # bump when the recipe changes; part of the cache file name
-
-MNIST_ROT_ARCHIVE = RemoteFile(
-    "mnist_rotation_new.zip",
-    "http://www.iro.umontreal.ca/~lisa/icml2007data/mnist_rotation_new.zip",
-    "0f9a947ff3d30e95cd685462cbf3b847",
-    "md5",
-)
-MNIST_ROT_MEMBERS = {
-    "train_valid": "mnist_all_rotation_normalized_float_train_valid.amat",
-    "test": "mnist_all_rotation_normalized_float_test.amat",
-}
+MNIST_ROT_ARCHIVE = RemoteFile("mnist_rotation_new.zip",
+                               "http://www.iro.umontreal.ca/~lisa/icml2007data/mnist_rotation_new.zip",
+                               "0f9a947ff3d30e95cd685462cbf3b847", "md5")
+MNIST_ROT_MEMBERS = {"train_valid": "mnist_all_rotation_normalized_float_train_valid.amat",
+                     "test": "mnist_all_rotation_normalized_float_test.amat"}
 
 
 # Not groups.rotate: this float64 numpy recipe is frozen, its output is pinned by checksums across machines.
 def rotate_images(images: np.ndarray, angles: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Rotate each [H, W] image counter-clockwise as displayed (like torchvision's ``rotate``) by ``angles`` degrees.
-
-    Inverse mapping about the centre (cy, cx) = ((H-1)/2, (W-1)/2): output (row, col) samples the input bilinearly
-    (zeros outside) at col' = cx + cos*(col-cx) - sin*(row-cy), row' = cy + sin*(col-cx) + cos*(row-cy). float64
-    in a fixed order with ``math`` cos / sin, so reproducible across machines. Returns float64 [N, H, W].
-    """
+    """Rotate each [H, W] image counter-clockwise as displayed (like torchvision's ``rotate``) by ``angles`` degrees,
+    bilinearly about ((H-1)/2, (W-1)/2) with zero fill; float64 with ``math`` cos / sin, reproducible across
+    machines. Returns float64 [N, H, W]."""
     images = np.asarray(images)
     n, h, w = images.shape
     if len(angles) != n:
@@ -77,32 +68,21 @@ def rotate_images(images: np.ndarray, angles: np.ndarray, chunk: int = 2048) -> 
     return out
 
 
-def regenerated_sizes(n_train: int, n_test: int) -> tuple[int, int, int]:
-    """Regenerated (train, validation, test) sizes: 10,000 / 2,000 / 50,000 (MNIST-rot's) for genuine MNIST,
-    proportionally fewer for a small synthetic MNIST."""
-    return n_train // 6, n_train // 30, n_test + (2 * n_train) // 3
-
-
 def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-                             test_labels: np.ndarray, *, seed: int = REGEN_SEED,
-                             sizes: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
-    """The regenerated ("MNIST-rot-like") recipe, version ``REGEN_VERSION``; deterministic for a given input.
+                             test_labels: np.ndarray, *, seed: int = REGEN_SEED) -> dict[str, np.ndarray]:
+    """The regenerated ("MNIST-rot-like") recipe, version ``REGEN_VERSION`` (docs/mnist_rot.md), deterministic.
 
-    With ``rng = np.random.default_rng(seed)``, in this order: ``perm = rng.permutation(n_train)`` gives train
-    ``perm[:a]``, validation ``perm[a:a+b]`` and the ``c = test - n_test`` train-file digits ``perm[a+b:a+b+c]``
-    that follow all MNIST test digits in the test split, which ``rng.permutation(test)`` reorders; then angles
-    ``rng.uniform(0, 360)`` for train, validation, test. Each digit is TRANSPOSED (as the official archive's, on
-    which the published checkpoints were trained), rotated (``rotate_images``), ``np.rint``-ed and clipped to
-    uint8. ``sizes`` defaults to ``regenerated_sizes``. Returns per split ``{split}_images`` uint8, ``_labels``,
-    ``_angles``, ``_source_index`` and ``_source_split`` (0 = MNIST train file, 1 = test file), plus
-    ``recipe_version`` and ``seed``.
+    Returns per split ``{split}_images`` uint8 (each digit transposed, then rotated), ``_labels``, ``_angles``,
+    ``_source_index`` and ``_source_split`` (0 = MNIST train file, 1 = test file), plus ``recipe_version`` and
+    ``seed``. Sizes: 10,000 / 2,000 / 50,000 (MNIST-rot's; the test split holds every MNIST test digit and 40,000
+    train-file digits, shuffled) for genuine MNIST, proportionally fewer for a small synthetic MNIST.
     """
     n_tr, n_te = len(train_labels), len(test_labels)
-    a, b, t = sizes if sizes is not None else regenerated_sizes(n_tr, n_te)
-    c = t - n_te
-    if min(a, b) < 1 or c < 0 or a + b + c > n_tr:
+    a, b, c = n_tr // 6, n_tr // 30, (2 * n_tr) // 3
+    t = n_te + c
+    if min(a, b) < 1:
         raise ValueError(f"cannot draw train {a} / validation {b} / test {t} from MNIST with {n_tr} train and "
-                         f"{n_te} test images (test holds all test images plus train-file images)")
+                         f"{n_te} test images")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n_tr)
     test_index = np.concatenate([np.arange(n_te), perm[a + b:a + b + c]])
@@ -112,19 +92,14 @@ def regenerate_rotated_mnist(train_images: np.ndarray, train_labels: np.ndarray,
                "test": (test_index[order], test_from[order])}
     out: dict[str, np.ndarray] = {"recipe_version": np.array(REGEN_VERSION), "seed": np.array(seed)}
     angles = {s: rng.uniform(0.0, 360.0, size=len(sources[s][0])) for s in SPLITS}
+    all_images, all_labels = np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])
     for s in SPLITS:
         index, from_split = sources[s]
-        in_test = from_split == 1
-        digits = np.empty((len(index), *train_images.shape[1:]), dtype=np.uint8)
-        labels = np.empty(len(index), dtype=np.int64)
-        digits[~in_test], labels[~in_test] = train_images[index[~in_test]], train_labels[index[~in_test]]
-        digits[in_test], labels[in_test] = test_images[index[in_test]], test_labels[index[in_test]]
-        rotated = rotate_images(digits.transpose(0, 2, 1), angles[s])
-        out[f"{s}_images"] = np.clip(np.rint(rotated), 0, 255).astype(np.uint8)
-        out[f"{s}_labels"] = labels
-        out[f"{s}_angles"] = angles[s]
-        out[f"{s}_source_index"] = index.astype(np.int64)
-        out[f"{s}_source_split"] = from_split
+        rows = index + n_tr * from_split.astype(np.int64)  # test-file digits follow the train file in all_images
+        rotated = rotate_images(all_images[rows].transpose(0, 2, 1), angles[s])
+        out.update({f"{s}_images": np.clip(np.rint(rotated), 0, 255).astype(np.uint8),
+                    f"{s}_labels": all_labels[rows].astype(np.int64), f"{s}_angles": angles[s],
+                    f"{s}_source_index": index.astype(np.int64), f"{s}_source_split": from_split})
     return out
 
 
@@ -134,19 +109,31 @@ def _split_checksum(arrays: dict[str, np.ndarray], split: str) -> str:
 
 
 def _cached_arrays(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays from the process cache, else from the npz at ``path`` (split checksums verified), else built, given
-    a ``{split}_checksum`` entry per split, and saved."""
+    """Arrays from the process memo, else from the npz at ``path`` when its split checksums hold, else built, given
+    a ``{split}_checksum`` per split and saved there (an unreadable or unwritable cache only warns)."""
 
     def load_or_build() -> dict[str, np.ndarray]:
-        arrays = load_npz(path)
-        if arrays is not None and all(f"{s}_checksum" in arrays and str(arrays[f"{s}_checksum"])
-                                      == _split_checksum(arrays, s) for s in SPLITS):
-            return arrays
+        arrays = None
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+                warnings.warn(f"ignoring unreadable cache {path} ({exc}); rebuilding it", stacklevel=4)
         if arrays is not None:
+            if all(str(arrays.get(f"{s}_checksum")) == _split_checksum(arrays, s) for s in SPLITS):
+                return arrays
             warnings.warn(f"cache {path} fails its checksums; rebuilding it", stacklevel=4)
         arrays = build()
         arrays.update({f"{s}_checksum": np.array(_split_checksum(arrays, s)) for s in SPLITS})
-        save_npz(path, arrays)
+        if not writable(path.parent):
+            warnings.warn(f"cache folder {path.parent} is not writable; not caching {path.name}", stacklevel=4)
+            return arrays
+        try:
+            with atomic_write(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError as exc:
+            warnings.warn(f"could not write cache {path}: {exc}", stacklevel=4)
         return arrays
 
     return memo(("npz", str(path.absolute())), load_or_build)
@@ -215,16 +202,15 @@ def official_rotated_mnist_arrays(root: str | os.PathLike[str] | None = None,
                                   cache_dir: str | os.PathLike[str] | None = None,
                                   download: bool = True) -> tuple[dict[str, np.ndarray], Path]:
     """The MNIST-rot archive (``<root>/rotated_mnist/`` or ``<root>/``), md5-verified, parsed once and cached."""
-    root_dir = data_dir(root)
-    remote = MNIST_ROT_ARCHIVE
+    root_dir, remote = data_dir(root), MNIST_ROT_ARCHIVE
     archive = _find_rot_archive(root_dir)
     if archive is None:
         can_write = writable(root_dir / "rotated_mnist")
         try:
             archive = fetch(remote, root_dir / "rotated_mnist", search=[root_dir], download=download and can_write)
         except MissingFileError as exc:
-            note = "" if can_write or not download else (f"\nThe data dir {root_dir} is read-only, so nothing was "
-                                                         f"downloaded.")
+            read_only = download and not can_write
+            note = f"\nThe data dir {root_dir} is read-only, so nothing was downloaded." if read_only else ""
             raise MissingFileError(f"{exc}{note}\nWithout the archive, rotated_mnist(source='regenerated') builds an "
                                    f"MNIST-rot-like set from genuine MNIST.") from None
     memo(("verified", *file_key(archive), remote.checksum), lambda: verify(archive, remote.checksum, remote.algo))
@@ -238,19 +224,15 @@ def rotated_mnist(split: str, source: str = "auto", root: str | os.PathLike[str]
                   download: bool = True) -> ImageDataset:
     """Rotated MNIST: train 10,000 / validation 2,000 / test 50,000 digits at uniformly random angles.
 
-    ``source``: ``"official"``, the MNIST-rot archive in ``<root>/`` or ``<root>/rotated_mnist/`` (downloaded
-    there when absent, ``download`` and writable; rows read as in docs/mnist_rot.md, ``.source_indices`` their amat
-    row numbers, ``.angles`` None); ``"regenerated"``, ``regenerate_rotated_mnist`` of the data dir's MNIST
-    (``.angles``, ``.source_indices``, ``.source_split`` record each digit's origin); ``"auto"``, official when the
-    archive is present. Arrays are cached in ``resolve_cache_dir(cache_dir)``. ``.indices`` are rows of the full
-    split. ``digits`` keeps those labels in every split, relabelled 0..k-1 in the given order (``(3, 8)``: 3 -> 0,
-    8 -> 1); then ``fraction`` (train split only, as in the original) keeps ``int(n * fraction)`` images,
-    ``torch.manual_seed(0); torch.randperm(n)[:n_keep]`` as the original did. Pixels x / 255, then mean 0.1307 /
-    std 0.3081 when ``normalize``. Without the archive and without MNIST, MissingFileError names both.
+    ``source``: ``"official"``, the MNIST-rot archive in ``<root>/`` or ``<root>/rotated_mnist/`` (downloaded there
+    when absent, ``download`` and writable; ``.source_indices`` are its amat rows); ``"regenerated"``, rebuilt from
+    the data dir's MNIST (``.angles``, ``.source_indices``, ``.source_split`` record each digit's origin);
+    ``"auto"``, official when the archive is present. ``.indices`` are rows of the full split. ``digits`` keeps those
+    labels in every split, relabelled 0..k-1 in the given order; then ``fraction`` (train split only) keeps a seeded
+    ``int(n * fraction)`` of them, as the original did. Pixels x / 255, then mean 0.1307 / std 0.3081 when
+    ``normalize``.
     """
-    check_split(split)
-    check_fraction(fraction)
-    digits = check_digits(digits)
+    digits = check_args(split, fraction, digits)
     if source not in ("auto", "official", "regenerated"):
         raise ValueError(f"unknown source {source!r}: expected 'auto', 'official' or 'regenerated'")
     root_dir = data_dir(root)
