@@ -235,7 +235,8 @@ class _SelfAttention(nn.Module):
         qkv = F.linear(x_cl, w, b)  # [B, H, W, G, 3 * d * heads]
         # heads are channel-major (channel c * heads + h): the last axis is (qkv, c, head)
         qkv = rearrange(qkv, "B i j g (t c n) -> t (B n) i j g c", t=3, n=self.num_heads)
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # (its backward writes the three gradients into one tensor; indexing would add three)
+        return q, k, v
 
     def _merge(self, out: Tensor, bsz: int) -> Tensor:
         """Heads ``[B*heads, H, W, G, d]`` back to channels (channel-major), then the output ``[B, C_out, G, H, W]``."""

@@ -1,18 +1,21 @@
-// Fused CPU kernel of GE-ViT / GSA-Net local attention: forward and recomputing backward, one pixel at a time.
+// Fused CPU kernel of GE-ViT / GSA-Net local attention: forward and recomputing backward.
 //
 // Written by hand because no library has it: neighbourhood-attention kernels (NATTEN, flex_attention) have neither
 // the (output v, query g, key m) group axes nor a CPU backward. Same math and layouts as fast_attention.py:
 //   L[v,g,m,d] = content[g,m,d] + spatial[v,g,d] + group[v,g,m]   (each already times `scale`; d = offset)
 //   p = softmax over (m, d) of L for each (v, g); out[v] = sum_g sum_{m,d} p * value[m, x+d]
-// Per pixel the three terms are exponentiated at their own sizes, each shifted by its own maximum, and the score
-// block is their product (no exponential over the G^3 P^2 block); the sum of the maxima bounds the row maximum, so
-// the softmax is exact; a row whose bound underflows is recomputed the direct way. Nothing of size G^3 P^2 leaves
-// the pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser.
+// The three terms are exponentiated at their own sizes, each shifted by its own maximum, and the score block is
+// their product (no exponential over the G^3 P^2 block); the sum of the maxima bounds the row maximum, so the
+// softmax is exact; a row whose bound underflows is recomputed the direct way. Nothing of size G^3 P^2 leaves the
+// pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser.
+//
+// Vectorised across pixels: one SIMD lane per pixel of a run of L consecutive pixels of one image row (L = 64 bytes
+// of lanes: 16 floats, 8 doubles), so every scalar formula above is one vector operation, and the key of offset
+// (a, b) for the whole run is one unaligned load from a padded image row.
 // Layouts: q [N,H,W,Gq,D]; keys and values planar and zero-padded by r = P/2, kp [N,Gk,D,H+2r,W+2r],
-// vp [N,Gk,Dv,H+2r,W+2r] (a neighbourhood row is then P contiguous numbers); pos [Gv,P*P,Dpos], grp [J,Dg],
-// gidx [Gv,Gq,Gk] (int64); out [N,H,W,Gv,Dv], lse [N,H,W,Gv,Gq] (log row sums, see kExactRow); the backward
-// pass returns dk, dv padded planar.
-// Per pixel the neighbourhood axis is (m, d): md = m * P*P + d, rows padded to a multiple of 8 (MDp).
+// vp [N,Gk,Dv,H+2r,W+2r]; pos [Gv,P*P,Dpos], grp [J,Dg], gidx [Gv,Gq,Gk] (int64); out [N,H,W,Gv,Dv],
+// lse [N,H,W,Gv,Gq] (log row sums, see kExactRow); the backward pass returns dk, dv padded planar.
+// The neighbourhood axis is (m, d): md = m * P*P + d with the offset d = b * P + a (a: row, b: column).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,33 +24,92 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-// exp of x <= 0 (clamped to [-87, 0]), vectorisable (Cephes expf: Cody-Waite reduction + degree-6 polynomial,
+#ifdef __AVX512F__
+constexpr int kBytes = 64;  // one vector: 16 float or 8 double lanes (one AVX-512 register)
+#else
+constexpr int kBytes = 32;  // one vector: 8 float or 4 double lanes (one AVX2 register)
+#endif
+
+template <typename T>
+struct Vec {
+  static constexpr int L = kBytes / sizeof(T);
+  typedef T v __attribute__((vector_size(kBytes)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I i __attribute__((vector_size(kBytes)));        // comparison results of v
+  typedef uint32_t u __attribute__((vector_size(L * 4)));  // one 32-bit hash per lane
+  static v splat(T x) { return v{} + x; }
+  static v load(const T* p) { v r; std::memcpy(&r, p, sizeof(v)); return r; }
+  static void store(T* p, v x) { std::memcpy(p, &x, sizeof(v)); }
+  static v max(v a, v b) { return a > b ? a : b; }
+  static T sum(v a) { T s = 0; for (int k = 0; k < L; ++k) s += a[k]; return s; }
+};
+
+// exp of every lane (x clamped to [-87, 88]) (Cephes expf: Cody-Waite reduction + degree-6 polynomial,
 // ~1 ulp); glibc's expf has no vector form without -ffast-math, which would also assume finite math.
-inline float exp_nonpos(float x) {
-  x = std::min(std::max(x, -87.0f), 0.0f);
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float z = r * r;
-  float y = 1.9875691500e-4f;
+inline Vec<float>::v vexp(Vec<float>::v x) {
+  using V = Vec<float>;
+  typedef int32_t vi __attribute__((vector_size(kBytes)));
+  x = V::max(x, V::splat(-87.0f));
+  x = x > 88.0f ? V::splat(88.0f) : x;
+  const V::v t = x * 1.44269504088896341f + 0.5f;
+  vi fi = __builtin_convertvector(t, vi);  // floor(t): truncate, then one down where that rounded up
+  fi += (__builtin_convertvector(fi, V::v) > t);
+  const V::v fx = __builtin_convertvector(fi, V::v);
+  const V::v r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const V::v z = r * r;
+  V::v y = V::splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  return y * (V::v)((fi + 127) << 23);
 }
-inline double exp_nonpos(double x) { return std::exp(std::min(x, 0.0)); }
+inline Vec<double>::v vexp(Vec<double>::v x) {
+  for (int k = 0; k < Vec<double>::L; ++k) x[k] = std::exp(std::min(x[k], 700.0));
+  return x;
+}
+
+// log of every lane (x > 0; Cephes logf: exponent split + degree-8 polynomial, ~1 ulp).
+inline Vec<float>::v vlog(Vec<float>::v x) {
+  using V = Vec<float>;
+  typedef int32_t vi __attribute__((vector_size(kBytes)));
+  const vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 126;
+  V::v m = (V::v)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  const vi small = m < 0.707106781186547524f;
+  e += small;  // -1 where the mantissa is doubled below
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const V::v z = m * m;
+  V::v y = V::splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const V::v fe = __builtin_convertvector(e, V::v);
+  y += fe * -2.12194440e-4f;
+  y -= z * 0.5f;
+  return m + y + fe * 0.693359375f;
+}
+inline Vec<double>::v vlog(Vec<double>::v x) {
+  for (int k = 0; k < Vec<double>::L; ++k) x[k] = std::log(x[k]);
+  return x;
+}
 
 // Dropout: a counter-based hash (lowbias32, C. Wellons) of (seed, pixel, element): the same masks in both passes.
-inline uint32_t mix32(uint32_t x) {
+template <typename U>
+inline U mix32(U x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
   x ^= x >> 15;
@@ -60,8 +122,19 @@ inline uint32_t pixel_key(int64_t seed, int64_t pixel) {
   return mix32(s + mix32(static_cast<uint32_t>(pixel) * 0x85ebca6bU + static_cast<uint32_t>(pixel >> 32)));
 }
 
+// `w` where 16 random bits pass the threshold, else 0 (lane by lane).
+template <typename T>
+inline typename Vec<T>::v kept(typename Vec<T>::u bits, uint32_t threshold, typename Vec<T>::v w) {
+  using V = Vec<T>;
+  if constexpr (sizeof(T) == 4) {
+    return bits >= threshold ? w : V::splat(0);
+  } else {
+    return __builtin_convertvector(bits >= threshold, typename V::i) ? w : V::splat(0);
+  }
+}
+
 struct Dims {
-  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, MDp, Hp, Wp, Dpos, Dg, J;
+  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Hp, Wp, Dpos, Dg, J, runs, Wpad;
   bool has_group;
 };
 // lse output: log of the row sum relative to the row's shift (sum of the three maxima), or this marker for rows
@@ -69,242 +142,205 @@ struct Dims {
 template <typename T>
 constexpr T kExactRow = std::numeric_limits<T>::lowest();
 
-constexpr int64_t kBlock = 8;  // dot products over channels are accumulated 8 neighbours at a time, in registers
-
-// Row strips (keys, values and their gradients): for the `planes` of image n ([N, planes, Hp, Wp], padded),
-// strip[(p * Wp + jj) * P + a] = plane p at (row i + a, column jj), so the window of pixel j is P*P contiguous
-// numbers from jj = j, in the offset order d = b * P + a.
-template <typename T>
-void to_strips(const Dims& s, const T* planes, int64_t count, int64_t n, int64_t i, T* strips) {
-  const int64_t P = s.P, Wp = s.Wp, plane = s.Hp * Wp;
-  for (int64_t p = 0; p < count; ++p) {
-    const T* src = planes + (n * count + p) * plane + i * Wp;
-    T* dst = strips + p * Wp * P;
-    for (int64_t a = 0; a < P; ++a)
-      for (int64_t jj = 0; jj < Wp; ++jj) dst[jj * P + a] = src[a * Wp + jj];
-  }
-}
-
-// Adjoint of to_strips: planes += strips.
-template <typename T>
-void add_strips(const Dims& s, const T* strips, int64_t count, int64_t n, int64_t i, T* planes) {
-  const int64_t P = s.P, Wp = s.Wp, plane = s.Hp * Wp;
-  for (int64_t p = 0; p < count; ++p) {
-    T* dst = planes + (n * count + p) * plane + i * Wp;
-    const T* src = strips + p * Wp * P;
-    for (int64_t a = 0; a < P; ++a)
-      for (int64_t jj = 0; jj < Wp; ++jj) dst[a * Wp + jj] += src[jj * P + a];
-  }
-}
-
-// The window of pixel j as [c][md] (row stride MDp), from strips of `channels` channels per key group element;
-// with accumulate, the adjoint: strips += window.
-template <typename T, bool accumulate>
-void window(const Dims& s, T* strips, int64_t channels, int64_t j, T* win) {
-  const int64_t P2 = s.P2, strip = s.Wp * s.P;
-  for (int64_t m = 0; m < s.Gk; ++m)
-    for (int64_t c = 0; c < channels; ++c) {
-      T* st = strips + (m * channels + c) * strip + j * s.P;
-      T* w = win + c * s.MDp + m * P2;
-      for (int64_t t = 0; t < P2; ++t) {
-        if constexpr (accumulate) st[t] += w[t];
-        else w[t] = st[t];
+// Image rows i .. i+P-1 (padded) of `count` planes of image n, as rows[(p * P + a) * Wpad + jj], zero beyond Wp
+// so that the loads of a run that sticks out of the image stay inside; with add, the adjoint (planes += rows).
+template <typename T, bool add>
+void rows(const Dims& s, T* planes, int64_t count, int64_t n, int64_t i, T* rows) {
+  const int64_t plane = s.Hp * s.Wp;
+  for (int64_t p = 0; p < count; ++p)
+    for (int64_t a = 0; a < s.P; ++a) {
+      T* src = planes + (n * count + p) * plane + (i + a) * s.Wp;
+      T* dst = rows + (p * s.P + a) * s.Wpad;
+      if constexpr (add) {
+        for (int64_t jj = 0; jj < s.Wp; ++jj) src[jj] += dst[jj];
+      } else {
+        for (int64_t jj = 0; jj < s.Wp; ++jj) dst[jj] = src[jj];
+        for (int64_t jj = s.Wp; jj < s.Wpad; ++jj) dst[jj] = T(0);
       }
     }
 }
 
-// out[t] = sum_c w[c] * x[c * stride + t] for t < n (n a multiple of kBlock), in vector registers, four blocks at a
-// time so that the multiply-adds do not wait on each other (GCC/Clang vector extension: the auto-vectoriser
-// vectorises the channel loop instead and keeps the accumulators in memory).
+// Per-thread scratch for one run of L pixels (n, i, j0 .. j0+L-1); the score terms, computed identically in both
+// passes, one vector (a lane per pixel) per entry.
 template <typename T>
-inline void block_dots(const T* w, const T* x, int64_t channels, int64_t stride, int64_t n, T* out) {
-  typedef T vec __attribute__((vector_size(kBlock * sizeof(T))));
-  int64_t b0 = 0;
-  for (; b0 + 4 * kBlock <= n; b0 += 4 * kBlock) {
-    vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t c = 0; c < channels; ++c) {
-      const T* xc = x + c * stride + b0;
-      vec x0, x1, x2, x3;
-      std::memcpy(&x0, xc, sizeof(vec));
-      std::memcpy(&x1, xc + kBlock, sizeof(vec));
-      std::memcpy(&x2, xc + 2 * kBlock, sizeof(vec));
-      std::memcpy(&x3, xc + 3 * kBlock, sizeof(vec));
-      a0 += w[c] * x0;
-      a1 += w[c] * x1;
-      a2 += w[c] * x2;
-      a3 += w[c] * x3;
-    }
-    std::memcpy(out + b0, &a0, sizeof(vec));
-    std::memcpy(out + b0 + kBlock, &a1, sizeof(vec));
-    std::memcpy(out + b0 + 2 * kBlock, &a2, sizeof(vec));
-    std::memcpy(out + b0 + 3 * kBlock, &a3, sizeof(vec));
-  }
-  for (; b0 < n; b0 += kBlock) {
-    vec acc = {};
-    for (int64_t c = 0; c < channels; ++c) {
-      vec xv;
-      std::memcpy(&xv, x + c * stride + b0, sizeof(vec));
-      acc += w[c] * xv;
-    }
-    std::memcpy(out + b0, &acc, sizeof(vec));
-  }
-}
-
-// Per-thread scratch for one pixel; the score terms of one pixel, computed identically in both passes.
-template <typename T>
-struct Pixel {
+struct Run {
+  using V = Vec<T>;
+  using v = typename V::v;
+  static constexpr int L = V::L;
   const Dims& s;
-  std::vector<T> Kt, Vt, mask, C, eC, S, eS, A, eA, cmax, smax, amax, qg, qs;
+  std::vector<T> ks, vs;  // the run's image rows of keys and values (see rows())
+  std::vector<v> q, mask, C, eC, S, eS, A, eA, cmax, smax, amax, qg, row;
+  v valid;  // 1 for lanes inside the image row
+  int64_t n = 0, i = 0, j0 = 0;
 
-  explicit Pixel(const Dims& dims)
-      : s(dims), Kt(dims.D * dims.MDp, T(0)), Vt(dims.Dv * dims.MDp, T(0)), mask(dims.MDp, T(0)),
-        C(dims.Gq * dims.MDp), eC(dims.Gq * dims.MDp), S(dims.Gv * dims.Gq * dims.P2),
-        eS(dims.Gv * dims.Gq * dims.P2), A(dims.Gv * dims.Gq * dims.Gk), eA(dims.Gv * dims.Gq * dims.Gk),
-        cmax(dims.Gq), smax(dims.Gv * dims.Gq), amax(dims.Gv * dims.Gq),
-        qg(dims.Gq * std::max<int64_t>(dims.J, 1)), qs(dims.D) {}
+  explicit Run(const Dims& d)
+      : s(d), ks(d.Gk * d.D * d.P * d.Wpad), vs(d.Gk * d.Dv * d.P * d.Wpad), q(d.Gq * d.D), mask(d.P2),
+        C(d.Gq * d.MD), eC(d.Gq * d.MD), S(d.Gv * d.Gq * d.P2), eS(d.Gv * d.Gq * d.P2), A(d.Gv * d.Gq * d.Gk),
+        eA(d.Gv * d.Gq * d.Gk), cmax(d.Gq), smax(d.Gv * d.Gq), amax(d.Gv * d.Gq),
+        qg(d.Gq * std::max<int64_t>(d.J, 1)), row(d.MD) {}
 
-  // Keys and values of pixel (n, i, j) as [c][md] (zeros outside, from the padding); strips() first, per row.
-  std::vector<T> ks, vs;
-  void strips(const T* kp, const T* vp, int64_t n, int64_t i) {
-    ks.resize(s.Gk * s.D * s.Wp * s.P);
-    vs.resize(s.Gk * s.Dv * s.Wp * s.P);
-    to_strips(s, kp, s.Gk * s.D, n, i, ks.data());
-    to_strips(s, vp, s.Gk * s.Dv, n, i, vs.data());
+  const T* key(int64_t m, int64_t c, int64_t a, int64_t b) const { return ks.data() + ((m * s.D + c) * s.P + a) * s.Wpad + j0 + b; }
+  const T* value(int64_t m, int64_t c, int64_t a, int64_t b) const { return vs.data() + ((m * s.Dv + c) * s.P + a) * s.Wpad + j0 + b; }
+  int64_t pixel(int k) const { return (n * s.H + i) * s.W + j0 + k; }
+  int lanes() const { return static_cast<int>(std::min<int64_t>(L, s.W - j0)); }
+
+  void start_row(T* kp, T* vp, int64_t n_, int64_t i_) {
+    n = n_;
+    i = i_;
+    rows<T, false>(s, kp, s.Gk * s.D, n, i, ks.data());
+    rows<T, false>(s, vp, s.Gk * s.Dv, n, i, vs.data());
   }
 
-  void gather(int64_t i, int64_t j) {
-    const int64_t r = s.P / 2, P = s.P, P2 = s.P2;
-    for (int64_t b = 0; b < P; ++b) {
-      const bool col_in = j + b - r >= 0 && j + b - r < s.W;
-      for (int64_t a = 0; a < P; ++a) {
-        const bool in = col_in && i + a - r >= 0 && i + a - r < s.H;
-        for (int64_t m = 0; m < s.Gk; ++m) mask[m * P2 + b * P + a] = in ? T(1) : T(0);
-      }
+  // The run's queries (times scale; zero in lanes outside the image) and the validity masks of its offsets.
+  void start_run(int64_t j0_, const T* qd, T scale) {
+    j0 = j0_;
+    const int64_t r = s.P / 2;
+    const int lanes_in = lanes();
+    for (int k = 0; k < L; ++k) valid[k] = k < lanes_in ? T(1) : T(0);
+    const int64_t GD = s.Gq * s.D;
+    const T* qr = qd + pixel(0) * GD;
+    for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
+    for (int k = 0; k < lanes_in; ++k)
+      for (int64_t x = 0; x < GD; ++x) q[x][k] = qr[k * GD + x] * scale;
+    for (int64_t b = 0; b < s.P; ++b) {
+      v col;
+      for (int k = 0; k < L; ++k) col[k] = j0 + k + b - r >= 0 && j0 + k + b - r < s.W ? T(1) : T(0);
+      for (int64_t a = 0; a < s.P; ++a) mask[b * s.P + a] = i + a - r >= 0 && i + a - r < s.H ? col : V::splat(0);
     }
-    window<T, false>(s, ks.data(), s.D, j, Kt.data());
-    window<T, false>(s, vs.data(), s.Dv, j, Vt.data());
   }
 
   // Content, spatial and group terms (times scale), their maxima over the neighbourhood and shifted exponentials.
-  void scores(const T* q, const T* posT, const T* grp, const int64_t* gidx, T scale) {
-    const int64_t MD = s.MD, MDp = s.MDp, P2 = s.P2, Gq = s.Gq, Gk = s.Gk, Gv = s.Gv;
-    const T lowest = std::numeric_limits<T>::lowest();
+  void scores(const T* posT, const T* grp, const int64_t* gidx) {
+    const int64_t P = s.P, P2 = s.P2, MD = s.MD, Gq = s.Gq, Gk = s.Gk, Gv = s.Gv;
+    const v lowest = V::splat(std::numeric_limits<T>::lowest());
+    for (int64_t m = 0; m < Gk; ++m)
+      for (int64_t b = 0; b < P; ++b)
+        for (int64_t a = 0; a < P; ++a) {
+          const int64_t md = m * P2 + b * P + a;
+          for (int64_t g = 0; g < Gq; ++g) {
+            const v* qr = q.data() + g * s.D;
+            v acc = qr[0] * V::load(key(m, 0, a, b));
+            for (int64_t c = 1; c < s.D; ++c) acc += qr[c] * V::load(key(m, c, a, b));
+            C[g * MD + md] = acc;
+          }
+        }
     for (int64_t g = 0; g < Gq; ++g) {
-      const T* qr = q + g * s.D;
-      T* Cg = C.data() + g * MDp;
-      for (int64_t c = 0; c < s.D; ++c) qs[c] = qr[c] * scale;
-      block_dots(qs.data(), Kt.data(), s.D, MDp, MDp, Cg);
-      T mx = lowest;
-      for (int64_t md = 0; md < MD; ++md) mx = std::max(mx, mask[md] > T(0) ? Cg[md] : lowest);
-      cmax[g] = mx;
-      T* eCg = eC.data() + g * MDp;
-      for (int64_t md = 0; md < MD; ++md) eCg[md] = exp_nonpos(Cg[md] - mx) * mask[md];
-      for (int64_t v = 0; v < Gv; ++v) {
-        T* Svg = S.data() + (v * Gq + g) * P2;
-        std::fill(Svg, Svg + P2, T(0));
-        for (int64_t c = 0; c < s.Dpos; ++c) {
-          const T a = qr[c] * scale;
-          const T* pr = posT + (v * s.Dpos + c) * P2;
-          for (int64_t dd = 0; dd < P2; ++dd) Svg[dd] += a * pr[dd];
+      v mx = lowest;
+      for (int64_t m = 0; m < Gk; ++m)
+        for (int64_t d = 0; d < P2; ++d) mx = V::max(mx, mask[d] > T(0) ? C[g * MD + m * P2 + d] : lowest);
+      cmax[g] = mx = mx == lowest ? V::splat(0) : mx;  // lanes outside the image see no key
+      for (int64_t m = 0; m < Gk; ++m)
+        for (int64_t d = 0; d < P2; ++d) eC[g * MD + m * P2 + d] = vexp(C[g * MD + m * P2 + d] - mx) * mask[d];
+      for (int64_t vv = 0; vv < Gv; ++vv) {
+        const int64_t vg = vv * Gq + g;
+        v sm = lowest;
+        for (int64_t d = 0; d < P2; ++d) {
+          const T* pc = posT + vv * s.Dpos * P2 + d;
+          v acc = q[g * s.D] * pc[0];
+          for (int64_t c = 1; c < s.Dpos; ++c) acc += q[g * s.D + c] * pc[c * P2];
+          S[vg * P2 + d] = acc;
+          sm = V::max(sm, mask[d] > T(0) ? acc : lowest);
         }
-        T sm = lowest;
-        for (int64_t dd = 0; dd < P2; ++dd) sm = std::max(sm, mask[dd] > T(0) ? Svg[dd] : lowest);
-        smax[v * Gq + g] = sm;
-        T* eSvg = eS.data() + (v * Gq + g) * P2;
-        for (int64_t dd = 0; dd < P2; ++dd) eSvg[dd] = exp_nonpos(Svg[dd] - sm);
+        smax[vg] = sm = sm == lowest ? V::splat(0) : sm;
+        for (int64_t d = 0; d < P2; ++d) eS[vg * P2 + d] = vexp(S[vg * P2 + d] - sm);
       }
-      if (s.has_group) {
-        for (int64_t jx = 0; jx < s.J; ++jx) {
-          T acc = 0;
-          for (int64_t c = 0; c < s.Dg; ++c) acc += qr[s.Dpos + c] * grp[jx * s.Dg + c];
-          qg[g * s.J + jx] = acc * scale;
-        }
+      for (int64_t jx = 0; jx < s.J; ++jx) {
+        v acc = V::splat(0);
+        for (int64_t c = 0; c < s.Dg; ++c) acc += q[g * s.D + s.Dpos + c] * grp[jx * s.Dg + c];
+        qg[g * s.J + jx] = acc;
       }
     }
     for (int64_t vg = 0; vg < Gv * Gq; ++vg) {
       const int64_t g = vg % Gq;
-      T* Avg = A.data() + vg * Gk;
-      T am = T(0);
-      if (s.has_group) {
-        am = lowest;
-        for (int64_t m = 0; m < Gk; ++m) {
-          Avg[m] = qg[g * s.J + gidx[vg * Gk + m]];
-          am = std::max(am, Avg[m]);
-        }
-      } else {
-        std::fill(Avg, Avg + Gk, T(0));
+      v am = s.has_group ? lowest : V::splat(0);
+      for (int64_t m = 0; m < Gk; ++m) {
+        A[vg * Gk + m] = s.has_group ? qg[g * s.J + gidx[vg * Gk + m]] : V::splat(0);
+        am = V::max(am, A[vg * Gk + m]);
       }
       amax[vg] = am;
-      for (int64_t m = 0; m < Gk; ++m) eA[vg * Gk + m] = exp_nonpos(Avg[m] - am);
+      for (int64_t m = 0; m < Gk; ++m) eA[vg * Gk + m] = vexp(A[vg * Gk + m] - am);
     }
   }
 
-  // row[md] = exp(L[v,g,md] - shift) * f (shift = cmax + smax + amax) as the product of the three factors; returns the row sum.
-  T factored_row(int64_t v, int64_t g, T* row, T f) const {
-    const int64_t P2 = s.P2, vg = v * s.Gq + g;
-    const T* eCg = eC.data() + g * s.MDp;
-    const T* eSvg = eS.data() + vg * P2;
-    T z = 0;
+  // row[md] = exp(L[v,g,md] - shift) * f (shift = cmax + smax + amax) as the product of the three factors; returns
+  // the row sums.
+  v factored_row(int64_t vv, int64_t g, v f) {
+    const int64_t P2 = s.P2, vg = vv * s.Gq + g;
+    const v* eCg = eC.data() + g * s.MD;
+    const v* eSvg = eS.data() + vg * P2;
+    v z[4] = {};  // four partial sums: the additions do not wait on each other
     for (int64_t m = 0; m < s.Gk; ++m) {
-      const T a = eA[vg * s.Gk + m] * f;
-      const T* ec = eCg + m * P2;
-      T* rr = row + m * P2;
-      for (int64_t dd = 0; dd < P2; ++dd) {
-        rr[dd] = ec[dd] * eSvg[dd] * a;
-        z += rr[dd];
+      const v a = eA[vg * s.Gk + m] * f;
+      for (int64_t d = 0; d < P2; ++d) {
+        const v x = eCg[m * P2 + d] * eSvg[d] * a;
+        row[m * P2 + d] = x;
+        z[d & 3] += x;
       }
     }
-    return z;
+    return (z[0] + z[1]) + (z[2] + z[3]);
   }
 
-  // row[md] = exp(L[v,g,md] - ref) computed directly; with find_max, ref is set to the exact row maximum first.
-  // Returns the row sum.
-  T exact_row(int64_t v, int64_t g, T* row, T* ref, bool find_max) const {
-    const int64_t P2 = s.P2, vg = v * s.Gq + g;
-    const T lowest = std::numeric_limits<T>::lowest();
-    T mx = lowest;
+  // The lanes `lanes_exact` of row[md] as exp(L[v,g,md] - max) / z computed directly (max: the exact row maximum).
+  void exact_row(int64_t vv, int64_t g, typename V::i lanes_exact) {
+    const int64_t P2 = s.P2, vg = vv * s.Gq + g;
+    const v lowest = V::splat(std::numeric_limits<T>::lowest());
+    std::vector<v> x(s.MD);
+    v mx = lowest;
     for (int64_t m = 0; m < s.Gk; ++m)
-      for (int64_t dd = 0; dd < P2; ++dd) {
-        const int64_t md = m * P2 + dd;
-        row[md] = C[g * s.MDp + md] + S[vg * P2 + dd] + A[vg * s.Gk + m];
-        mx = std::max(mx, mask[md] > T(0) ? row[md] : lowest);
+      for (int64_t d = 0; d < P2; ++d) {
+        x[m * P2 + d] = C[g * s.MD + m * P2 + d] + S[vg * P2 + d] + A[vg * s.Gk + m];
+        mx = V::max(mx, mask[d] > T(0) ? x[m * P2 + d] : lowest);
       }
-    if (find_max) *ref = mx;
-    T z = 0;
+    v z = V::splat(0);
     for (int64_t md = 0; md < s.MD; ++md) {
-      row[md] = exp_nonpos(row[md] - *ref) * mask[md];
-      z += row[md];
+      x[md] = vexp(x[md] - mx) * mask[md % P2];
+      z += x[md];
     }
-    return z;
+    z = z > T(0) ? z : V::splat(1);
+    for (int64_t md = 0; md < s.MD; ++md) row[md] = lanes_exact ? x[md] / z : row[md];
   }
 
-  // keep[md] = scale if score (v, g, md) is kept by dropout, else 0: 16 random bits per score, the two halves of
-  // hash (seed, pixel, v, g, t) for md = t and md = t + ceil(MD / 2) (two contiguous stores: vectorisable).
-  void keep_factors(int64_t v, int64_t g, T* keep, uint32_t key, uint32_t threshold, T scale) const {
-    const int64_t half = (s.MD + 1) / 2, rest = s.MD - half;
-    const uint32_t base = key + static_cast<uint32_t>((v * s.Gq + g) * half);
-    T* hi = keep + half;
-    for (int64_t t = 0; t < rest; ++t) {
-      const uint32_t h = mix32(base + static_cast<uint32_t>(t));
-      keep[t] = (h & 0xffffU) >= threshold ? scale : T(0);
-      hi[t] = (h >> 16) >= threshold ? scale : T(0);
+  // out[md] = row[md] * `w` where dropout keeps score (v, g, md), 0 where it drops it: 16 random bits per
+  // score, the two halves of hash (seed, pixel, v, g, t) for md = t and md = t + ceil(MD / 2).
+  void drop(int64_t vv, int64_t g, typename V::u key, uint32_t threshold, v w, v* out) {
+    const int64_t half = (s.MD + 1) / 2;
+    const typename V::u base = key + static_cast<uint32_t>((vv * s.Gq + g) * half);
+    for (int64_t t = 0; t < half; ++t) {
+      const typename V::u h = mix32(base + static_cast<uint32_t>(t));
+      out[t] = row[t] * kept<T>(h & 0xffffU, threshold, w);
+      if (t + half < s.MD) out[t + half] = row[t + half] * kept<T>(h >> 16, threshold, w);
     }
-    if (half > rest) keep[half - 1] = (mix32(base + static_cast<uint32_t>(half - 1)) & 0xffffU) >= threshold ? scale : T(0);
+  }
+
+  typename V::u keys(int64_t seed) const {
+    typename V::u k{};
+    for (int l = 0; l < L; ++l) k[l] = pixel_key(seed, pixel(l));
+    return k;
   }
 };
 
+template <typename V>
+bool any(typename V::i x) {
+  for (int k = 0; k < V::L; ++k)
+    if (x[k]) return true;
+  return false;
+}
+
 Dims make_dims(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& pos,
-               const at::Tensor& grp, int64_t patch) {
+               const at::Tensor& grp, int64_t patch, int64_t lanes) {
   Dims s;
   s.N = q.size(0); s.H = q.size(1); s.W = q.size(2); s.Gq = q.size(3); s.D = q.size(4);
   s.Gk = kp.size(1); s.Dv = vp.size(2); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
-  s.MD = s.Gk * s.P2; s.MDp = (s.MD + kBlock - 1) / kBlock * kBlock; s.Dpos = pos.size(2);
+  s.MD = s.Gk * s.P2; s.Dpos = pos.size(2);
   s.Hp = s.H + 2 * (patch / 2); s.Wp = s.W + 2 * (patch / 2);
+  s.runs = (s.W + lanes - 1) / lanes;
+  s.Wpad = s.runs * lanes + 2 * (patch / 2);
   s.has_group = grp.numel() > 0;
   s.J = s.has_group ? grp.size(0) : 0;
   s.Dg = s.has_group ? grp.size(1) : 0;
   TORCH_CHECK(pos.size(1) == s.P2, "positional table has ", pos.size(1), " offsets, patch ", patch, " needs ", s.P2);
   TORCH_CHECK(s.Dpos + s.Dg <= s.D, "positional + group channels exceed the query channels");
+  TORCH_CHECK(s.Dpos >= 1 && s.D >= 1 && s.Dv >= 1, "empty channel axis");
   TORCH_CHECK(kp.size(2) == s.D && kp.size(3) == s.Hp && kp.size(4) == s.Wp, "keys must be [N, Gk, D, H+2r, W+2r]");
   TORCH_CHECK(vp.size(1) == s.Gk && vp.size(3) == s.Hp && vp.size(4) == s.Wp, "values must be [N, Gk, Dv, H+2r, W+2r]");
   TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous() && pos.is_contiguous(),
@@ -319,27 +355,29 @@ at::Tensor pos_transposed(const at::Tensor& pos, int64_t P) {
 
 uint32_t drop_threshold(double p) { return static_cast<uint32_t>(std::min(65536.0, std::ceil(p * 65536.0))); }
 
+// 1 / keep probability (0 when everything is dropped); the keep probability is exactly P(16 random bits >= threshold).
+double keep_scale_of(double p) {
+  const double keep = (65536.0 - drop_threshold(p)) / 65536.0;
+  return keep > 0 ? 1.0 / keep : 0.0;
+}
+
 }  // namespace
-
-// Keep probability of the dropout masks (exact: P(16 random bits >= threshold)).
-double keep_probability(double p) { return (65536.0 - drop_threshold(p)) / 65536.0; }
-
-// 1 / keep probability (0 when everything is dropped).
-double keep_scale_of(double p) { return keep_probability(p) > 0 ? 1.0 / keep_probability(p) : 0.0; }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& pos,
                                 const at::Tensor& grp, const at::Tensor& gidx, double scale, int64_t patch,
                                 double dropout, int64_t seed) {
-  const Dims s = make_dims(q, kp, vp, pos, grp, patch);
-  auto out = at::empty({s.N, s.H, s.W, s.Gv, s.Dv}, q.options());
-  auto lse = at::empty({s.N, s.H, s.W, s.Gv, s.Gq}, q.options());
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), pos.size(0), vp.size(2)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2), pos.size(0), q.size(3)}, q.options());
   const at::Tensor posT = pos_transposed(pos, patch);
   const uint32_t threshold = dropout > 0 ? drop_threshold(dropout) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gevit_local_attention_forward", [&] {
     using T = scalar_t;
+    using V = Vec<T>;
+    using v = typename V::v;
+    const Dims s = make_dims(q, kp, vp, pos, grp, patch, V::L);
     const T* qd = q.data_ptr<T>();
-    const T* kd = kp.data_ptr<T>();
-    const T* vd = vp.data_ptr<T>();
+    T* kd = kp.data_ptr<T>();
+    T* vd = vp.data_ptr<T>();
     const T* pd = posT.data_ptr<T>();
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
@@ -347,46 +385,42 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
     T* ld = lse.data_ptr<T>();
     const T tiny = std::numeric_limits<T>::min() * T(1e8);
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
-    const int64_t MD = s.MD, MDp = s.MDp;
+    const int64_t MD = s.MD;
     at::parallel_for(0, s.N * s.H, 1, [&](int64_t begin, int64_t end) {
-      Pixel<T> px(s);
-      std::vector<T> row(MDp), keep(MDp), wsum(s.Gv * MDp, T(0));
+      Run<T> run(s);
+      std::vector<v> wsum(MD);
+      std::vector<int64_t> voff(MD);  // value(m, c, a, b) - value(0, c, 0, 0) for md = (m, b, a)
+      for (int64_t m = 0; m < s.Gk; ++m)
+        for (int64_t b = 0; b < s.P; ++b)
+          for (int64_t a = 0; a < s.P; ++a) voff[m * s.P2 + b * s.P + a] = (m * s.Dv * s.P + a) * s.Wpad + b;
       for (int64_t ni = begin; ni < end; ++ni) {
-        const int64_t n = ni / s.H, i = ni % s.H;
-        px.strips(kd, vd, n, i);
-        for (int64_t j = 0; j < s.W; ++j) {
-          const int64_t pixel = ni * s.W + j;
-          px.gather(i, j);
-          px.scores(qd + pixel * s.Gq * s.D, pd, gd, xd, T(scale));
-          const uint32_t key = dropout > 0 ? pixel_key(seed, pixel) : 0;
+        run.start_row(kd, vd, ni / s.H, ni % s.H);
+        for (int64_t jr = 0; jr < s.runs; ++jr) {
+          run.start_run(jr * V::L, qd, T(scale));
+          run.scores(pd, gd, xd);
+          const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
+          const int lanes = run.lanes();
           for (int64_t vv = 0; vv < s.Gv; ++vv) {
-            T* wv = wsum.data() + vv * MDp;
-            std::fill(wv, wv + MD, T(0));
+            std::fill(wsum.begin(), wsum.end(), V::splat(0));
             for (int64_t g = 0; g < s.Gq; ++g) {
-              T z = px.factored_row(vv, g, row.data(), T(1));
-              T log_z;
-              if (z < tiny) {  // the shift bound was too loose: exact maximum (the backward pass redoes this)
-                T mx;
-                z = px.exact_row(vv, g, row.data(), &mx, true);
-                log_z = kExactRow<T>;
-              } else {
-                log_z = std::log(z);
+              v z = run.factored_row(vv, g, V::splat(1));
+              const typename V::i exact = (z < tiny) & (run.valid > T(0));
+              if (any<V>(exact)) {  // the shift bound was too loose: exact maximum (the backward pass redoes this)
+                run.exact_row(vv, g, exact);
+                z = exact ? V::splat(1) : z;
               }
-              ld[(pixel * s.Gv + vv) * s.Gq + g] = log_z;
-              const T w = keep_scale / z;
-              if (dropout > 0) {
-                px.keep_factors(vv, g, keep.data(), key, threshold, w);
-                for (int64_t md = 0; md < MD; ++md) wv[md] += row[md] * keep[md];
-              } else {
-                for (int64_t md = 0; md < MD; ++md) wv[md] += row[md] * w;
-              }
+              const v log_z = exact ? V::splat(kExactRow<T>) : vlog(z);
+              for (int k = 0; k < lanes; ++k) ld[(run.pixel(k) * s.Gv + vv) * s.Gq + g] = log_z[k];
+              const v w = run.valid > T(0) ? keep_scale / z : V::splat(0);
+              if (dropout > 0) run.drop(vv, g, key, threshold, w, run.row.data());
+              for (int64_t md = 0; md < MD; ++md) wsum[md] += dropout > 0 ? run.row[md] : run.row[md] * w;
             }
-            T* o = od + (pixel * s.Gv + vv) * s.Dv;
-            for (int64_t c = 0; c < s.Dv; ++c) {
-              const T* vc = px.Vt.data() + c * MDp;
-              T acc = 0;
-              for (int64_t md = 0; md < MD; ++md) acc += wv[md] * vc[md];
-              o[c] = acc;
+            for (int64_t c = 0; c < s.Dv; ++c) {  // out[v, c] = sum_md wsum[md] value[c, md], four partial sums
+              const T* vc = run.value(0, c, 0, 0);
+              v acc[4] = {};
+              for (int64_t md = 0; md < MD; ++md) acc[md & 3] += wsum[md] * V::load(vc + voff[md]);
+              const v o = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+              for (int k = 0; k < lanes; ++k) od[(run.pixel(k) * s.Gv + vv) * s.Dv + c] = o[k];
             }
           }
         }
@@ -400,21 +434,25 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& vp, const at::Tensor& pos, const at::Tensor& grp,
                                  const at::Tensor& gidx, const at::Tensor& lse, double scale, int64_t patch,
                                  double dropout, int64_t seed) {
-  const Dims s = make_dims(q, kp, vp, pos, grp, patch);
-  auto dq = at::zeros_like(q);
+  auto dq = at::empty_like(q);
   auto dkp = at::zeros_like(kp);
   auto dvp = at::zeros_like(vp);
   const at::Tensor posT = pos_transposed(pos, patch);
   const int64_t threads = at::get_num_threads();
-  auto dposT_parts = at::zeros({threads, s.Gv, s.Dpos, s.P2}, q.options());
-  auto dgrp_parts = at::zeros({threads, std::max<int64_t>(s.J, 1), std::max<int64_t>(s.Dg, 1)}, q.options());
+  const int64_t J = std::max<int64_t>(grp.numel() > 0 ? grp.size(0) : 0, 1);
+  const int64_t Dg = std::max<int64_t>(grp.numel() > 0 ? grp.size(1) : 0, 1);
+  auto dposT_parts = at::zeros({threads, pos.size(0), pos.size(2), patch * patch}, q.options());
+  auto dgrp_parts = at::zeros({threads, J, Dg}, q.options());
   const uint32_t threshold = dropout > 0 ? drop_threshold(dropout) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gevit_local_attention_backward", [&] {
     using T = scalar_t;
+    using V = Vec<T>;
+    using v = typename V::v;
+    const Dims s = make_dims(q, kp, vp, pos, grp, patch, V::L);
     const T* god = grad_out.data_ptr<T>();
     const T* qd = q.data_ptr<T>();
-    const T* kd = kp.data_ptr<T>();
-    const T* vd = vp.data_ptr<T>();
+    T* kd = kp.data_ptr<T>();
+    T* vd = vp.data_ptr<T>();
     const T* pd = posT.data_ptr<T>();
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
@@ -424,149 +462,167 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     T* dvd = dvp.data_ptr<T>();
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const T sc = T(scale);
-    const int64_t MD = s.MD, MDp = s.MDp, P2 = s.P2, strip = s.Wp * s.P;
+    const int64_t MD = s.MD, P = s.P, P2 = s.P2, Gq = s.Gq, Gv = s.Gv, Gk = s.Gk;
     // Whole images per task: the scatters into dk, dv of one image never cross tasks.
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
-      T* dposT = dposT_parts.data_ptr<T>() + tid * s.Gv * s.Dpos * P2;
-      T* dgrp = dgrp_parts.data_ptr<T>() + tid * std::max<int64_t>(s.J, 1) * std::max<int64_t>(s.Dg, 1);
-      Pixel<T> px(s);
-      std::vector<T> prob(MDp), kept(MDp, T(0)), dP(s.Gv * MDp), wsum(s.Gv * MDp), dC(s.Gq * MDp),
-          dS(s.Gv * s.Gq * P2), dA(s.Gv * s.Gq * s.Gk), dqg(s.Gq * std::max<int64_t>(s.J, 1)), dwin(std::max(s.D, s.Dv) * MDp),
-          dks(s.Gk * s.D * strip), dvs(s.Gk * s.Dv * strip);  // gradients of the row strips
+      T* dposT = dposT_parts.data_ptr<T>() + tid * Gv * s.Dpos * P2;
+      T* dgrp = dgrp_parts.data_ptr<T>() + tid * J * Dg;
+      Run<T> run(s);
+      std::vector<v> go(Gv * s.Dv), dP(Gv * MD), wsum(Gv * MD), dC(Gq * MD), dS(Gv * Gq * P2), dA(Gv * Gq * Gk),
+          dq_run(Gq * s.D), kept_row(MD), dpos_acc(Gv * s.Dpos * P2, V::splat(0)), dgrp_acc(J * Dg, V::splat(0)), dqg(Gq * J);
+      std::vector<T> dks(run.ks.size()), dvs(run.vs.size());  // gradients of the run rows
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t i = 0; i < s.H; ++i) {
-          px.strips(kd, vd, n, i);
+          run.start_row(kd, vd, n, i);
           std::fill(dks.begin(), dks.end(), T(0));
           std::fill(dvs.begin(), dvs.end(), T(0));
-          for (int64_t j = 0; j < s.W; ++j) {
-            const int64_t pixel = (n * s.H + i) * s.W + j;
-            const T* qp = qd + pixel * s.Gq * s.D;
-            const T* go = god + pixel * s.Gv * s.Dv;
-            px.gather(i, j);
-            px.scores(qp, pd, gd, xd, sc);
-            const uint32_t key = dropout > 0 ? pixel_key(seed, pixel) : 0;
-            for (int64_t vv = 0; vv < s.Gv; ++vv) {  // dP[v, md] = go[v] . value[md]
-              T* dPv = dP.data() + vv * MDp;
-              block_dots(go + vv * s.Dv, px.Vt.data(), s.Dv, MDp, MDp, dPv);
+          for (int64_t jr = 0; jr < s.runs; ++jr) {
+            run.start_run(jr * V::L, qd, sc);
+            run.scores(pd, gd, xd);
+            const int lanes = run.lanes();
+            const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
+            for (int64_t x = 0; x < Gv * s.Dv; ++x) {
+              v gv = V::splat(0);
+              for (int k = 0; k < lanes; ++k) gv[k] = god[run.pixel(k) * Gv * s.Dv + x];
+              go[x] = gv;
             }
-            std::fill(wsum.begin(), wsum.end(), T(0));
-            std::fill(dC.begin(), dC.end(), T(0));
-            std::fill(dS.begin(), dS.end(), T(0));
-            for (int64_t vv = 0; vv < s.Gv; ++vv) {
-              const T* dPv = dP.data() + vv * MDp;
-              T* wv = wsum.data() + vv * MDp;
-              for (int64_t g = 0; g < s.Gq; ++g) {
-                const int64_t vg = vv * s.Gq + g;
-                const T log_z = ld[pixel * s.Gv * s.Gq + vg];
-                if (log_z == kExactRow<T>) {  // the forward pass took the exact path for this row
-                  T mx;
-                  const T z = px.exact_row(vv, g, prob.data(), &mx, true);
-                  for (int64_t md = 0; md < MD; ++md) prob[md] /= z;
-                } else {  // relative to the shift: no cancellation between large logits and their normaliser
-                  px.factored_row(vv, g, prob.data(), std::exp(-log_z));
-                }
-                if (dropout > 0) {
-                  px.keep_factors(vv, g, kept.data(), key, threshold, keep_scale);
-                  for (int64_t md = 0; md < MD; ++md) kept[md] *= prob[md];
-                } else {
-                  for (int64_t md = 0; md < MD; ++md) kept[md] = prob[md];
-                }
-                T rs = 0;
-                for (int64_t md = 0; md < MD; ++md) {
-                  wv[md] += kept[md];
-                  rs += kept[md] * dPv[md];
-                }
-                T* dCg = dC.data() + g * MDp;
-                T* dSvg = dS.data() + vg * P2;
-                for (int64_t m = 0; m < s.Gk; ++m) {
-                  T acc = 0;
-                  for (int64_t dd = 0; dd < P2; ++dd) {
-                    const int64_t md = m * P2 + dd;
-                    const T d = kept[md] * dPv[md] - prob[md] * rs;  // softmax backward
-                    dCg[md] += d;
-                    dSvg[dd] += d;
-                    acc += d;
+            for (int64_t vv = 0; vv < Gv; ++vv)  // dP[v, md] = go[v] . value[md]
+              for (int64_t m = 0; m < Gk; ++m)
+                for (int64_t b = 0; b < P; ++b)
+                  for (int64_t a = 0; a < P; ++a) {
+                    v acc = go[vv * s.Dv] * V::load(run.value(m, 0, a, b));
+                    for (int64_t c = 1; c < s.Dv; ++c) acc += go[vv * s.Dv + c] * V::load(run.value(m, c, a, b));
+                    dP[vv * MD + m * P2 + b * P + a] = acc;
                   }
-                  dA[vg * s.Gk + m] = acc;
+            std::fill(wsum.begin(), wsum.end(), V::splat(0));
+            std::fill(dC.begin(), dC.end(), V::splat(0));
+            std::fill(dS.begin(), dS.end(), V::splat(0));
+            for (int64_t vv = 0; vv < Gv; ++vv) {
+              const v* dPv = dP.data() + vv * MD;
+              v* wv = wsum.data() + vv * MD;
+              for (int64_t g = 0; g < Gq; ++g) {
+                const int64_t vg = vv * Gq + g;
+                v log_z = V::splat(0);
+                for (int k = 0; k < lanes; ++k) log_z[k] = ld[run.pixel(k) * Gv * Gq + vg];
+                const typename V::i exact = log_z == kExactRow<T>;
+                // relative to the shift: no cancellation between large logits and their normaliser
+                run.factored_row(vv, g, vexp(exact ? V::splat(0) : -log_z));
+                if (any<V>(exact)) run.exact_row(vv, g, exact);  // the forward pass took the exact path here
+                std::vector<v>& prob = run.row;
+                v rs = V::splat(0);
+                if (dropout > 0) {
+                  v* kr = kept_row.data();
+                  run.drop(vv, g, key, threshold, V::splat(keep_scale), kr);  // the kept probabilities
+                  v r4[4] = {};
+                  for (int64_t md = 0; md < MD; ++md) {
+                    wv[md] += kr[md];
+                    r4[md & 3] += kr[md] * dPv[md];
+                  }
+                  rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
+                  for (int64_t m = 0; m < Gk; ++m) {
+                    v acc = V::splat(0);
+                    for (int64_t d = 0; d < P2; ++d) {
+                      const int64_t md = m * P2 + d;
+                      const v dd = kr[md] * dPv[md] - prob[md] * rs;  // softmax backward
+                      dC[g * MD + md] += dd;
+                      dS[vg * P2 + d] += dd;
+                      acc += dd;
+                    }
+                    dA[vg * Gk + m] = acc;
+                  }
+                } else {
+                  v r4[4] = {};
+                  for (int64_t md = 0; md < MD; ++md) {
+                    wv[md] += prob[md];
+                    r4[md & 3] += prob[md] * dPv[md];
+                  }
+                  rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
+                  for (int64_t m = 0; m < Gk; ++m) {
+                    v acc = V::splat(0);
+                    for (int64_t d = 0; d < P2; ++d) {
+                      const int64_t md = m * P2 + d;
+                      const v dd = prob[md] * (dPv[md] - rs);
+                      dC[g * MD + md] += dd;
+                      dS[vg * P2 + d] += dd;
+                      acc += dd;
+                    }
+                    dA[vg * Gk + m] = acc;
+                  }
                 }
               }
             }
-            // Content: dq[g] += sc * dC[g] . K; dK += sc * q[g] dC[g] (scattered into the padded planar dk)
-            T* dqp = dqd + pixel * s.Gq * s.D;
-            for (int64_t g = 0; g < s.Gq; ++g) {
-              const T* dCg = dC.data() + g * MDp;
-              for (int64_t c = 0; c < s.D; ++c) {
-                const T* kc = px.Kt.data() + c * MDp;
-                T acc = 0;
-                for (int64_t md = 0; md < MD; ++md) acc += dCg[md] * kc[md];
-                dqp[g * s.D + c] += sc * acc;
-              }
-            }
-            for (int64_t c = 0; c < s.D; ++c) {  // dK window [c][md]
-              T* tmp = dwin.data() + c * MDp;
-              std::fill(tmp, tmp + MD, T(0));
-              for (int64_t g = 0; g < s.Gq; ++g) {
-                const T a = sc * qp[g * s.D + c];
-                const T* dCg = dC.data() + g * MDp;
-                for (int64_t md = 0; md < MD; ++md) tmp[md] += a * dCg[md];
-              }
-            }
-            window<T, true>(s, dks.data(), s.D, j, dwin.data());
-            // Values: dV[md] += sum_v wsum[v, md] go[v]
-            for (int64_t c = 0; c < s.Dv; ++c) {  // dV window [c][md]
-              T* tmp = dwin.data() + c * MDp;
-              std::fill(tmp, tmp + MD, T(0));
-              for (int64_t vv = 0; vv < s.Gv; ++vv) {
-                const T a = go[vv * s.Dv + c];
-                const T* wv = wsum.data() + vv * MDp;
-                for (int64_t md = 0; md < MD; ++md) tmp[md] += a * wv[md];
-              }
-            }
-            window<T, true>(s, dvs.data(), s.Dv, j, dwin.data());
+            // Content: dq[g] += sc * dC[g] . K; dK += sc * q[g] dC[g]; values: dV[md] += sum_v wsum[v, md] go[v]
+            std::fill(dq_run.begin(), dq_run.end(), V::splat(0));
+            for (int64_t m = 0; m < Gk; ++m)
+              for (int64_t b = 0; b < P; ++b)
+                for (int64_t a = 0; a < P; ++a) {
+                  const int64_t md = m * P2 + b * P + a;
+                  for (int64_t c = 0; c < s.D; ++c) {
+                    const v kc = V::load(run.key(m, c, a, b));
+                    v acc = V::splat(0);
+                    for (int64_t g = 0; g < Gq; ++g) {
+                      dq_run[g * s.D + c] += dC[g * MD + md] * kc;
+                      acc += run.q[g * s.D + c] * dC[g * MD + md];  // q is already times sc
+                    }
+                    T* dk = dks.data() + (run.key(m, c, a, b) - run.ks.data());
+                    V::store(dk, V::load(dk) + acc);
+                  }
+                  for (int64_t c = 0; c < s.Dv; ++c) {
+                    v acc = V::splat(0);
+                    for (int64_t vv = 0; vv < Gv; ++vv) acc += wsum[vv * MD + md] * go[vv * s.Dv + c];
+                    T* dv = dvs.data() + (run.value(m, c, a, b) - run.vs.data());
+                    V::store(dv, V::load(dv) + acc);
+                  }
+                }
+            for (auto& x : dq_run) x *= sc;
             // Spatial: dq[g, :Dpos] += sc * dS[v,g] . posT[v]; dposT[v] += sc * q[g, :Dpos] dS[v,g]
-            for (int64_t vv = 0; vv < s.Gv; ++vv) {
-              for (int64_t g = 0; g < s.Gq; ++g) {
-                const T* dSvg = dS.data() + (vv * s.Gq + g) * P2;
+            for (int64_t vv = 0; vv < Gv; ++vv)
+              for (int64_t g = 0; g < Gq; ++g) {
+                const v* dSvg = dS.data() + (vv * Gq + g) * P2;
                 for (int64_t c = 0; c < s.Dpos; ++c) {
                   const T* pc = pd + (vv * s.Dpos + c) * P2;
-                  T* dpc = dposT + (vv * s.Dpos + c) * P2;
-                  const T a = sc * qp[g * s.D + c];
-                  T acc = 0;
-                  for (int64_t dd = 0; dd < P2; ++dd) {
-                    acc += dSvg[dd] * pc[dd];
-                    dpc[dd] += a * dSvg[dd];
+                  v* dpc = dpos_acc.data() + (vv * s.Dpos + c) * P2;
+                  const v qc = run.q[g * s.D + c];
+                  v acc = V::splat(0);
+                  for (int64_t d = 0; d < P2; ++d) {
+                    acc += dSvg[d] * pc[d];
+                    dpc[d] += qc * dSvg[d];
                   }
-                  dqp[g * s.D + c] += sc * acc;
+                  dq_run[g * s.D + c] += sc * acc;
                 }
               }
-            }
             // Group: dqg[g, j] = sc * sum of dA over (v, m) with gidx[v,g,m] = j
             if (s.has_group) {
-              std::fill(dqg.begin(), dqg.end(), T(0));
-              for (int64_t vg = 0; vg < s.Gv * s.Gq; ++vg) {
-                const int64_t g = vg % s.Gq;
-                for (int64_t m = 0; m < s.Gk; ++m) dqg[g * s.J + xd[vg * s.Gk + m]] += sc * dA[vg * s.Gk + m];
+              std::fill(dqg.begin(), dqg.end(), V::splat(0));
+              for (int64_t vg = 0; vg < Gv * Gq; ++vg) {
+                const int64_t g = vg % Gq;
+                for (int64_t m = 0; m < Gk; ++m) dqg[g * J + xd[vg * Gk + m]] += sc * dA[vg * Gk + m];
               }
-              for (int64_t g = 0; g < s.Gq; ++g) {
+              for (int64_t g = 0; g < Gq; ++g)
                 for (int64_t jx = 0; jx < s.J; ++jx) {
-                  const T a = dqg[g * s.J + jx];
+                  const v a = dqg[g * J + jx];
                   for (int64_t c = 0; c < s.Dg; ++c) {
-                    dqp[g * s.D + s.Dpos + c] += a * gd[jx * s.Dg + c];
-                    dgrp[jx * s.Dg + c] += a * qp[g * s.D + s.Dpos + c];
+                    dq_run[g * s.D + s.Dpos + c] += a * gd[jx * s.Dg + c];
+                    dgrp_acc[jx * Dg + c] += a * run.q[g * s.D + s.Dpos + c];  // q times sc: divided out below
                   }
                 }
-              }
             }
+            for (int64_t x = 0; x < Gq * s.D; ++x)
+              for (int k = 0; k < lanes; ++k) dqd[run.pixel(k) * Gq * s.D + x] = dq_run[x][k];
           }
-          add_strips(s, dks.data(), s.Gk * s.D, n, i, dkd);  // the row's gradients into the padded planar dk, dv
-          add_strips(s, dvs.data(), s.Gk * s.Dv, n, i, dvd);
+          rows<T, true>(s, dkd, Gk * s.D, n, i, dks.data());  // the row's gradients into the padded planar dk, dv
+          rows<T, true>(s, dvd, Gk * s.Dv, n, i, dvs.data());
         }
       }
+      // q in the run is times sc: the positional and group gradients were accumulated with sc * q
+      for (int64_t x = 0; x < Gv * s.Dpos * P2; ++x) dposT[x] += V::sum(dpos_acc[x]);
+      for (int64_t x = 0; x < J * Dg; ++x) dgrp[x] += sc != T(0) ? V::sum(dgrp_acc[x]) / sc : T(0);
     });
   });
-  auto dpos = dposT_parts.sum(0).view({s.Gv, s.Dpos, s.P, s.P}).permute({0, 3, 2, 1}).reshape({s.Gv, s.P2, s.Dpos});
-  auto dgrp = s.has_group ? dgrp_parts.sum(0) : at::Tensor();
+  auto dpos = dposT_parts.sum(0).view({pos.size(0), pos.size(2), patch, patch}).permute({0, 3, 2, 1}).reshape(
+      {pos.size(0), patch * patch, pos.size(2)});
+  auto dgrp = grp.numel() > 0 ? dgrp_parts.sum(0) : at::Tensor();
   return {dq, dkp, dvp, dpos, dgrp};
 }
 
