@@ -509,46 +509,28 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 // relative to the shift: no cancellation between large logits and their normaliser
                 run.factored_row(vv, g, vexp(exact ? V::splat(0) : -log_z));
                 if (any<V>(exact)) run.exact_row(vv, g, exact);  // the forward pass took the exact path here
-                std::vector<v>& prob = run.row;
-                v rs = V::splat(0);
+                const v* prob = run.row.data();
+                const v* kr = prob;  // the kept probabilities: p * keep / (1 - dropout), or p
                 if (dropout > 0) {
-                  v* kr = kept_row.data();
-                  run.drop(vv, g, key, threshold, V::splat(keep_scale), kr);  // the kept probabilities
-                  v r4[4] = {};
-                  for (int64_t md = 0; md < MD; ++md) {
-                    wv[md] += kr[md];
-                    r4[md & 3] += kr[md] * dPv[md];
+                  run.drop(vv, g, key, threshold, V::splat(keep_scale), kept_row.data());
+                  kr = kept_row.data();
+                }
+                v r4[4] = {};
+                for (int64_t md = 0; md < MD; ++md) {
+                  wv[md] += kr[md];
+                  r4[md & 3] += kr[md] * dPv[md];
+                }
+                const v rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
+                for (int64_t m = 0; m < Gk; ++m) {
+                  v acc = V::splat(0);
+                  for (int64_t d = 0; d < P2; ++d) {
+                    const int64_t md = m * P2 + d;
+                    const v dd = kr[md] * dPv[md] - prob[md] * rs;  // softmax backward
+                    dC[g * MD + md] += dd;
+                    dS[vg * P2 + d] += dd;
+                    acc += dd;
                   }
-                  rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
-                  for (int64_t m = 0; m < Gk; ++m) {
-                    v acc = V::splat(0);
-                    for (int64_t d = 0; d < P2; ++d) {
-                      const int64_t md = m * P2 + d;
-                      const v dd = kr[md] * dPv[md] - prob[md] * rs;  // softmax backward
-                      dC[g * MD + md] += dd;
-                      dS[vg * P2 + d] += dd;
-                      acc += dd;
-                    }
-                    dA[vg * Gk + m] = acc;
-                  }
-                } else {
-                  v r4[4] = {};
-                  for (int64_t md = 0; md < MD; ++md) {
-                    wv[md] += prob[md];
-                    r4[md & 3] += prob[md] * dPv[md];
-                  }
-                  rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
-                  for (int64_t m = 0; m < Gk; ++m) {
-                    v acc = V::splat(0);
-                    for (int64_t d = 0; d < P2; ++d) {
-                      const int64_t md = m * P2 + d;
-                      const v dd = prob[md] * (dPv[md] - rs);
-                      dC[g * MD + md] += dd;
-                      dS[vg * P2 + d] += dd;
-                      acc += dd;
-                    }
-                    dA[vg * Gk + m] = acc;
-                  }
+                  dA[vg * Gk + m] = acc;
                 }
               }
             }
