@@ -23,8 +23,8 @@ from .models import create_model, load_published, published_weights
 from .profiles import check_profile
 from .viz import portable_path
 
-__all__ = ["published_model", "data_label", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize",
-           "pick_digits", "Digits", "load_digits", "predict", "posthoc_knob"]
+__all__ = ["published_model", "rotated_digits", "smoke_mnist_root", "digits_root", "normalize", "pick_digits",
+           "Digits", "load_digits", "predict", "posthoc_knob"]
 
 
 def published_model(name: str, profile: str, weights: str | os.PathLike[str] | None = None,
@@ -164,10 +164,10 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
 
 
 def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: Dataset, interactive: bool,
-                 device: str | torch.device = "cpu", n_digits: int = 3, step: int = 15) -> Any:
+                 device: str | torch.device = "cpu") -> Any:
     """The post-hoc notebooks' knob: a test digit and an angle against the prediction and confidence of
-    ``backbone`` and of each named wrapper around it (PostHoc, Canonicalized, ...). The predictions of ``n_digits``
-    test digits at every ``step`` degrees are computed once (one backbone pass per group for all PostHoc wrappers);
+    ``backbone`` and of each named wrapper around it (PostHoc, Canonicalized, ...). The predictions of 3 test digits
+    at every 15 degrees are computed once (one backbone pass per group for all PostHoc wrappers);
     the knob picks one (a batch run: the first digit at 45 degrees)."""
     from IPython.display import display
     from PIL import Image as PILImage
@@ -176,10 +176,10 @@ def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: D
     from .groups import rotate
     from .viz import figure_to_array, knobs, new_figure
 
-    picked = evenly_spaced(len(test), n_digits).tolist()
+    picked = evenly_spaced(len(test), 3).tolist()
     images = torch.stack([test[i][0] for i in picked])  # [D, 1, H, W], normalised
     truth = [int(test[i][1]) for i in picked]
-    turns = list(range(0, 360, step))
+    turns = list(range(0, 360, 15))
     turned = torch.stack([rotate(images - MNIST_BACKGROUND, a, "bilinear") + MNIST_BACKGROUND for a in turns])
     x = turned.flatten(0, 1).to(device)  # [angles * digits, 1, H, W]
     for model in (backbone, *wrappers.values()):
@@ -212,4 +212,4 @@ def posthoc_knob(backbone: nn.Module, wrappers: Mapping[str, nn.Module], test: D
         display(PILImage.fromarray(figure_to_array(fig, dpi=72)))
 
     return knobs(draw, interactive, digit=[(f"test image {picked[i]} (class {t})", i) for i, t in enumerate(truth)],
-                 angle=(0, 360 - step, step))
+                 angle=(0, turns[-1], 15))

@@ -55,13 +55,7 @@ def _norm(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
-_ALIASES: dict[str, str] = {}
-for _m in METHODS.values():
-    for _alias in (_m.key, _m.post_name, _m.original_class, _m.original_class.replace("PostHocEquivariant", ""),
-                   _m.original_class.replace("PostHoc", "")):
-        _ALIASES[_norm(_alias)] = _m.key
-_ALIASES.update({_norm("most_likely"): "most_probable", _norm("learned_aggregation"): "learned_attention",
-                 _norm("learned_score_aggregation"): "learned_score", _norm("mean_logits"): "tta"})
+_ALIASES = {_norm(alias): m.key for m in METHODS.values() for alias in (m.key, m.post_name, m.original_class)}
 
 
 def resolve_method(name: str) -> str:

@@ -185,7 +185,7 @@ class GEViT(nn.Module):
             if config.normalize_between_layers:
                 layers += [_norm(config.norm, c_out), _activation(config.activation)]
             size -= 2 * crop
-        layers.append(Pointwise(c_out, config.num_classes, bias=False))
+        layers.append(Pointwise(c_out, config.num_classes, bias=False))  # the classifier, blocks[-1]
         self.blocks = nn.Sequential(*layers)
         for m in self.modules():  # the original's init: 1x1 maps, positional MLPs ~ N(0, scale^2 / fan_in), biases 0
             if isinstance(m, (Pointwise, nn.Linear)):
@@ -209,14 +209,9 @@ class GEViT(nn.Module):
         return self.lift.feature_side
 
     @property
-    def classifier(self) -> Pointwise:
-        """The final 1x1 classifier (last module of ``blocks``, no bias)."""
-        return self.blocks[-1]
-
-    @property
     def num_features(self) -> int:
         """Size of the ``pre_logits`` embedding: channels before the classifier times the group size."""
-        return self.classifier.in_channels * len(self.group)
+        return self.blocks[-1].in_channels * len(self.group)
 
     @property
     def num_classes(self) -> int:
@@ -260,11 +255,11 @@ class GEViT(nn.Module):
         """Logits ``[B, classes]``; ``pre_logits=True``: the embedding ``[B, C * G]`` (sum over (H, W))."""
         if pre_logits:
             return features.sum(dim=(-2, -1)).flatten(1)
-        return self.pool(self.classifier(features))
+        return self.pool(self.blocks[-1](features))
 
     def get_classifier(self) -> GroupMaxHead:
         """The head on the ``pre_logits`` embedding: the 1x1 classifier for every group element, max over G."""
-        return GroupMaxHead(self.classifier, len(self.group))
+        return GroupMaxHead(self.blocks[-1], len(self.group))
 
     @staticmethod
     def pool(last: Tensor) -> Tensor:
@@ -344,40 +339,35 @@ def build_gevit(preset: str = "rotmnist", group: str | Group = "p4", patch_size:
 # ---- published checkpoints -------------------------------------------------------------------------------------
 _DERIVED = re.compile(r"(^|\.)(row_indices|col_indices|g_indices)$"
                       r"|(^|\.)group\._(identity|elements|relative_positions)$")
-_MLP = {"0": "inp", "1.layer_norm": "norm", "3": "out"}
-_NORM_PARAM = r"(?:layer_norm\.)?(weight|bias|running_mean|running_var|num_batches_tracked)"
+_W = r"(?P<w>weight|bias)"
+_NORM = r"(?:layer_norm\.)?(?P<w>weight|bias|running_mean|running_var|num_batches_tracked)"
+_BLOCK = r"transformer\.(?P<i>\d+)\."
+_ATTENTION = (  # attention-layer key suffix: original -> this library's
+    (r"(?P<p>query|key|value)\." + _W, r"\g<p>.\g<w>"),
+    (r"wout\." + _W, r"out.\g<w>"),
+    (r"(?P<p>row|col)_embedding\.0\." + _W, r"pos.\g<p>.inp.\g<w>"),
+    (r"(?P<p>row|col)_embedding\.1\.layer_norm\." + _W, r"pos.\g<p>.norm.\g<w>"),
+    (r"(?P<p>row|col)_embedding\.3\." + _W, r"pos.\g<p>.out.\g<w>"),
+    (r"group_embedding\.weight", "pos.group_embedding.weight"),
+)
 _BLOCK_PARTS = {"attention.0": "norm_in", "attention.3": "norm_out", "mlp.0": "mlp_in", "mlp.1": "mlp_norm",
                 "mlp.3": "mlp_out", "mlp.4": "mlp_norm_out", "shortcut.0": "shortcut"}
-
-
-def _rename_attention(prefix: str, rest: str) -> str | None:
-    m = re.fullmatch(r"(query|key|value|wout)\.(weight|bias)", rest)
-    if m:
-        return f"{prefix}.{'out' if m[1] == 'wout' else m[1]}.{m[2]}"
-    m = re.fullmatch(r"(row|col)_embedding\.(0|1\.layer_norm|3)\.(weight|bias)", rest)
-    if m:
-        return f"{prefix}.pos.{m[1]}.{_MLP[m[2]]}.{m[3]}"
-    return f"{prefix}.pos.group_embedding.weight" if rest == "group_embedding.weight" else None
+_PREFIXES = ((r"lifting_self_attention\.", "lift."), (_BLOCK + r"attention\.2\.", r"blocks.\g<i>.attn."))
+_RENAMES = [  # original key pattern (full match, the first that matches wins) -> key of GEViT
+    *((prefix + suffix, new + new_suffix) for prefix, new in _PREFIXES for suffix, new_suffix in _ATTENTION),
+    *((_BLOCK + re.escape(part) + r"\.(?:layer_norm\.)?(?P<p>\w+)", rf"blocks.\g<i>.{name}.\g<p>")
+      for part, name in _BLOCK_PARTS.items()),
+    (r"lifting_normalization\." + _NORM, r"lift_norm.\g<w>"),
+    (_BLOCK + _NORM, r"blocks.\g<i>.\g<w>"),
+]
 
 
 def _rename(key: str) -> str | None:
     """Original key -> key of :class:`GEViT` (None: unknown to the converter)."""
-    if key.startswith("lifting_self_attention."):
-        return _rename_attention("lift", key.removeprefix("lifting_self_attention."))
-    m = re.fullmatch(r"lifting_normalization\." + _NORM_PARAM, key)
-    if m:
-        return f"lift_norm.{m[1]}"
-    m = re.fullmatch(r"transformer\.(\d+)\.(.+)", key)
-    if not m:
-        return None
-    i, rest = m.groups()
-    if rest.startswith("attention.2."):
-        return _rename_attention(f"blocks.{i}.attn", rest.removeprefix("attention.2."))
-    m = re.fullmatch(r"(attention\.[03]|mlp\.[0134]|shortcut\.0)\.(?:layer_norm\.)?(\w+)", rest)
-    if m:
-        return f"blocks.{i}.{_BLOCK_PARTS[m[1]]}.{m[2]}"
-    m = re.fullmatch(_NORM_PARAM, rest)
-    return f"blocks.{i}.{m[1]}" if m else None
+    for pattern, new in _RENAMES:
+        if m := re.fullmatch(pattern, key):
+            return m.expand(new)
+    return None
 
 
 def convert_original_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
