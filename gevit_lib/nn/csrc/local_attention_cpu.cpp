@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -134,7 +135,7 @@ inline typename Vec<T>::v kept(typename Vec<T>::u bits, uint32_t threshold, type
 }
 
 struct Dims {
-  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Hp, Wp, Dpos, Dg, J, runs, Wpad;
+  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Hp, Wp, Dpos, Dg, J, images, groups, runs, Wpad;
   bool has_group;
 };
 // lse output: log of the row sum relative to the row's shift (sum of the three maxima), or this marker for rows
@@ -142,26 +143,34 @@ struct Dims {
 template <typename T>
 constexpr T kExactRow = std::numeric_limits<T>::lowest();
 
-// Image rows i .. i+P-1 (padded) of `count` planes of image n, as rows[(p * P + a) * Wpad + jj], zero beyond Wp
-// so that the loads of a run that sticks out of the image stay inside; with add, the adjoint (planes += rows).
+// Row i of the images n0 .. n0+count-1 side by side (the concatenated row; image t's column j at r + t * W + j),
+// for the padded rows i .. i+P-1 of `planes` planes per image: rows[(p * P + a) * Wpad + r + t * W + j], zero at
+// both ends, so that every load of a run stays inside (an offset that reaches into the neighbouring image is masked);
+// with add, the adjoint (planes += rows, inside the images).
 template <typename T, bool add>
-void rows(const Dims& s, T* planes, int64_t count, int64_t n, int64_t i, T* rows) {
-  const int64_t plane = s.Hp * s.Wp;
-  for (int64_t p = 0; p < count; ++p)
+void rows(const Dims& s, T* data, int64_t planes, int64_t n0, int64_t count, int64_t i, T* rows) {
+  const int64_t plane = s.Hp * s.Wp, r = s.P / 2;
+  for (int64_t p = 0; p < planes; ++p)
     for (int64_t a = 0; a < s.P; ++a) {
-      T* src = planes + (n * count + p) * plane + (i + a) * s.Wp;
       T* dst = rows + (p * s.P + a) * s.Wpad;
-      if constexpr (add) {
-        for (int64_t jj = 0; jj < s.Wp; ++jj) src[jj] += dst[jj];
-      } else {
-        for (int64_t jj = 0; jj < s.Wp; ++jj) dst[jj] = src[jj];
-        for (int64_t jj = s.Wp; jj < s.Wpad; ++jj) dst[jj] = T(0);
+      if constexpr (!add) {
+        std::fill(dst, dst + r, T(0));
+        std::fill(dst + r + count * s.W, dst + s.Wpad, T(0));
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        T* src = data + ((n0 + t) * planes + p) * plane + (i + a) * s.Wp + r;
+        T* row = dst + r + t * s.W;
+        for (int64_t j = 0; j < s.W; ++j) {
+          if constexpr (add) src[j] += row[j];
+          else row[j] = src[j];
+        }
       }
     }
 }
 
-// Per-thread scratch for one run of L pixels (n, i, j0 .. j0+L-1); the score terms, computed identically in both
-// passes, one vector (a lane per pixel) per entry.
+// Per-thread scratch for one run of L pixels: positions j0 .. j0+L-1 of the concatenated row i of images n0 ..
+// n0+count-1 (see rows()); the score terms, computed identically in both passes, one vector (a lane per pixel) per
+// entry.
 template <typename T>
 struct Run {
   using V = Vec<T>;
@@ -170,8 +179,8 @@ struct Run {
   const Dims& s;
   std::vector<T> ks, vs;  // the run's image rows of keys and values (see rows())
   std::vector<v> q, mask, C, eC, S, eS, A, eA, cmax, smax, amax, qg, row;
-  v valid;  // 1 for lanes inside the image row
-  int64_t n = 0, i = 0, j0 = 0;
+  v valid;  // 1 for lanes on a pixel
+  int64_t n0 = 0, count = 0, i = 0, j0 = 0;
 
   explicit Run(const Dims& d)
       : s(d), ks(d.Gk * d.D * d.P * d.Wpad), vs(d.Gk * d.Dv * d.P * d.Wpad), q(d.Gq * d.D), mask(d.P2),
@@ -181,14 +190,15 @@ struct Run {
 
   const T* key(int64_t m, int64_t c, int64_t a, int64_t b) const { return ks.data() + ((m * s.D + c) * s.P + a) * s.Wpad + j0 + b; }
   const T* value(int64_t m, int64_t c, int64_t a, int64_t b) const { return vs.data() + ((m * s.Dv + c) * s.P + a) * s.Wpad + j0 + b; }
-  int64_t pixel(int k) const { return (n * s.H + i) * s.W + j0 + k; }
-  int lanes() const { return static_cast<int>(std::min<int64_t>(L, s.W - j0)); }
+  int64_t pixel(int k) const { return ((n0 + (j0 + k) / s.W) * s.H + i) * s.W + (j0 + k) % s.W; }
+  int lanes() const { return static_cast<int>(std::min<int64_t>(L, count * s.W - j0)); }
 
-  void start_row(T* kp, T* vp, int64_t n_, int64_t i_) {
-    n = n_;
+  void start_row(T* kp, T* vp, int64_t group, int64_t i_) {
+    n0 = group * s.images;
+    count = std::min(s.images, s.N - n0);
     i = i_;
-    rows<T, false>(s, kp, s.Gk * s.D, n, i, ks.data());
-    rows<T, false>(s, vp, s.Gk * s.Dv, n, i, vs.data());
+    rows<T, false>(s, kp, s.Gk * s.D, n0, count, i, ks.data());
+    rows<T, false>(s, vp, s.Gk * s.Dv, n0, count, i, vs.data());
   }
 
   // The run's queries (times scale; zero in lanes outside the image) and the validity masks of its offsets.
@@ -198,13 +208,17 @@ struct Run {
     const int lanes_in = lanes();
     for (int k = 0; k < L; ++k) valid[k] = k < lanes_in ? T(1) : T(0);
     const int64_t GD = s.Gq * s.D;
-    const T* qr = qd + pixel(0) * GD;
     for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
-    for (int k = 0; k < lanes_in; ++k)
-      for (int64_t x = 0; x < GD; ++x) q[x][k] = qr[k * GD + x] * scale;
+    for (int k = 0; k < lanes_in; ++k) {
+      const T* qr = qd + pixel(k) * GD;
+      for (int64_t x = 0; x < GD; ++x) q[x][k] = qr[x] * scale;
+    }
     for (int64_t b = 0; b < s.P; ++b) {
       v col;
-      for (int k = 0; k < L; ++k) col[k] = j0 + k + b - r >= 0 && j0 + k + b - r < s.W ? T(1) : T(0);
+      for (int k = 0; k < L; ++k) {
+        const int64_t j = (j0 + k) % s.W + b - r;  // the lane's own column: the neighbouring image is outside
+        col[k] = j >= 0 && j < s.W ? T(1) : T(0);
+      }
       for (int64_t a = 0; a < s.P; ++a) mask[b * s.P + a] = i + a - r >= 0 && i + a - r < s.H ? col : V::splat(0);
     }
   }
@@ -333,7 +347,9 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, 
   s.Gk = kp.size(1); s.Dv = vp.size(2); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
   s.MD = s.Gk * s.P2; s.Dpos = pos.size(2);
   s.Hp = s.H + 2 * (patch / 2); s.Wp = s.W + 2 * (patch / 2);
-  s.runs = (s.W + lanes - 1) / lanes;
+  s.images = lanes / std::gcd(s.W, lanes);  // images side by side: a whole number of runs (small images fill lanes)
+  s.groups = (s.N + s.images - 1) / s.images;
+  s.runs = s.images * s.W / lanes;
   s.Wpad = s.runs * lanes + 2 * (patch / 2);
   s.has_group = grp.numel() > 0;
   s.J = s.has_group ? grp.size(0) : 0;
@@ -386,7 +402,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
     const T tiny = std::numeric_limits<T>::min() * T(1e8);
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const int64_t MD = s.MD;
-    at::parallel_for(0, s.N * s.H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.groups * s.H, 1, [&](int64_t begin, int64_t end) {
       Run<T> run(s);
       std::vector<v> wsum(MD);
       std::vector<int64_t> voff(MD);  // value(m, c, a, b) - value(0, c, 0, 0) for md = (m, b, a)
@@ -395,7 +411,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
           for (int64_t a = 0; a < s.P; ++a) voff[m * s.P2 + b * s.P + a] = (m * s.Dv * s.P + a) * s.Wpad + b;
       for (int64_t ni = begin; ni < end; ++ni) {
         run.start_row(kd, vd, ni / s.H, ni % s.H);
-        for (int64_t jr = 0; jr < s.runs; ++jr) {
+        for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
           run.start_run(jr * V::L, qd, T(scale));
           run.scores(pd, gd, xd);
           const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
@@ -463,8 +479,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const T sc = T(scale);
     const int64_t MD = s.MD, P = s.P, P2 = s.P2, Gq = s.Gq, Gv = s.Gv, Gk = s.Gk;
-    // Whole images per task: the scatters into dk, dv of one image never cross tasks.
-    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    // Whole image groups per task: the scatters into dk, dv of one image never cross tasks.
+    at::parallel_for(0, s.groups, 1, [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
       T* dposT = dposT_parts.data_ptr<T>() + tid * Gv * s.Dpos * P2;
       T* dgrp = dgrp_parts.data_ptr<T>() + tid * J * Dg;
@@ -472,12 +488,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       std::vector<v> go(Gv * s.Dv), dP(Gv * MD), wsum(Gv * MD), dC(Gq * MD), dS(Gv * Gq * P2), dA(Gv * Gq * Gk),
           dq_run(Gq * s.D), kept_row(MD), dpos_acc(Gv * s.Dpos * P2, V::splat(0)), dgrp_acc(J * Dg, V::splat(0)), dqg(Gq * J);
       std::vector<T> dks(run.ks.size()), dvs(run.vs.size());  // gradients of the run rows
-      for (int64_t n = begin; n < end; ++n) {
+      for (int64_t n = begin; n < end; ++n) {  // n: the group
         for (int64_t i = 0; i < s.H; ++i) {
           run.start_row(kd, vd, n, i);
           std::fill(dks.begin(), dks.end(), T(0));
           std::fill(dvs.begin(), dvs.end(), T(0));
-          for (int64_t jr = 0; jr < s.runs; ++jr) {
+          for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
             run.start_run(jr * V::L, qd, sc);
             run.scores(pd, gd, xd);
             const int lanes = run.lanes();
@@ -593,8 +609,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             for (int64_t x = 0; x < Gq * s.D; ++x)
               for (int k = 0; k < lanes; ++k) dqd[run.pixel(k) * Gq * s.D + x] = dq_run[x][k];
           }
-          rows<T, true>(s, dkd, Gk * s.D, n, i, dks.data());  // the row's gradients into the padded planar dk, dv
-          rows<T, true>(s, dvd, Gk * s.Dv, n, i, dvs.data());
+          rows<T, true>(s, dkd, Gk * s.D, run.n0, run.count, i, dks.data());  // into the padded planar dk, dv
+          rows<T, true>(s, dvd, Gk * s.Dv, run.n0, run.count, i, dvs.data());
         }
       }
       // q in the run is times sc: the positional and group gradients were accumulated with sc * q
