@@ -347,9 +347,11 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, 
   s.Gk = kp.size(1); s.Dv = vp.size(2); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
   s.MD = s.Gk * s.P2; s.Dpos = pos.size(2);
   s.Hp = s.H + 2 * (patch / 2); s.Wp = s.W + 2 * (patch / 2);
-  s.images = lanes / std::gcd(s.W, lanes);  // images side by side: a whole number of runs (small images fill lanes)
+  // Images side by side in a run's row: one for rows of at least a run (then the backward pass has a task per image),
+  // else enough for a whole number of runs (small images fill the lanes).
+  s.images = s.W >= lanes ? 1 : lanes / std::gcd(s.W, lanes);
   s.groups = (s.N + s.images - 1) / s.images;
-  s.runs = s.images * s.W / lanes;
+  s.runs = (s.images * s.W + lanes - 1) / lanes;
   s.Wpad = s.runs * lanes + 2 * (patch / 2);
   s.has_group = grp.numel() > 0;
   s.J = s.has_group ? grp.size(0) : 0;
