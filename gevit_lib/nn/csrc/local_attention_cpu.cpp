@@ -9,9 +9,10 @@
 // softmax is exact; a row whose bound underflows is recomputed the direct way. Nothing of size G^3 P^2 leaves the
 // pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser.
 //
-// Vectorised across pixels: one SIMD lane per pixel of a run of L consecutive pixels of one image row (L = 64 bytes
-// of lanes: 16 floats, 8 doubles), so every scalar formula above is one vector operation, and the key of offset
-// (a, b) for the whole run is one unaligned load from a padded image row.
+// Vectorised across pixels: one SIMD lane per pixel of a run of L consecutive pixels of one image row, or of the
+// rows of several small images side by side (L: 16 floats / 8 doubles with AVX-512, half that with AVX2), so every
+// scalar formula above is one vector operation, and the key of offset (a, b) for the whole run is one unaligned load
+// from a copied row (see rows()).
 // Layouts: q [N,H,W,Gq,D]; keys and values planar and zero-padded by r = P/2, kp [N,Gk,D,H+2r,W+2r],
 // vp [N,Gk,Dv,H+2r,W+2r]; pos [Gv,P*P,Dpos], grp [J,Dg], gidx [Gv,Gq,Gk] (int64); out [N,H,W,Gv,Dv],
 // lse [N,H,W,Gv,Gq] (log row sums, see kExactRow); the backward pass returns dk, dv padded planar.
