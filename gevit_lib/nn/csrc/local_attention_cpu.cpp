@@ -28,6 +28,9 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
@@ -135,6 +138,17 @@ inline typename Vec<T>::v kept(typename Vec<T>::u bits, uint32_t threshold, type
   }
 }
 
+// Subnormal inputs and results as zero while a task runs (x86 FTZ and DAZ): each operation on a subnormal costs
+// about a hundred cycles, and the exponentials of far-away scores produce them; they are far below what the
+// softmax resolves (rows whose sum underflows take the exact path).
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 struct Dims {
   int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Hp, Wp, Dpos, Dg, J, images, groups, runs, Wpad;
   bool has_group;
@@ -144,29 +158,130 @@ struct Dims {
 template <typename T>
 constexpr T kExactRow = std::numeric_limits<T>::lowest();
 
-// Row i of the images n0 .. n0+count-1 side by side (the concatenated row; image t's column j at r + t * W + j),
-// for the padded rows i .. i+P-1 of `planes` planes per image: rows[(p * P + a) * Wpad + r + t * W + j], zero at
-// both ends, so that every load of a run stays inside (an offset that reaches into the neighbouring image is masked);
-// with add, the adjoint (planes += rows, inside the images).
-template <typename T, bool add>
-void rows(const Dims& s, T* data, int64_t planes, int64_t n0, int64_t count, int64_t i, T* rows) {
-  const int64_t plane = s.Hp * s.Wp, r = s.P / 2;
-  for (int64_t p = 0; p < planes; ++p)
-    for (int64_t a = 0; a < s.P; ++a) {
-      T* dst = rows + (p * s.P + a) * s.Wpad;
-      if constexpr (!add) {
-        std::fill(dst, dst + r, T(0));
-        std::fill(dst + r + count * s.W, dst + s.Wpad, T(0));
-      }
-      for (int64_t t = 0; t < count; ++t) {
-        T* src = data + ((n0 + t) * planes + p) * plane + (i + a) * s.Wp + r;
-        T* row = dst + r + t * s.W;
-        for (int64_t j = 0; j < s.W; ++j) {
-          if constexpr (add) src[j] += row[j];
-          else row[j] = src[j];
+// The row buffers: padded row `prow` of the images n0 .. n0+count-1 side by side (image t's column j at r + t * W + j),
+// for `planes` planes per image, in slot prow % P of a ring of P rows: buf[(p * P + slot) * Wpad + r + t * W + j],
+// zero at both ends, so that every load of a run stays inside (an offset that reaches into the neighbouring image is
+// masked). Moving to the next image row copies one padded row per plane. put_row is the adjoint (planes += buf, inside
+// the images), and clears the slot.
+template <typename T>
+void get_row(const Dims& s, const T* data, int64_t planes, int64_t n0, int64_t count, int64_t prow, T* buf) {
+  const int64_t plane = s.Hp * s.Wp, r = s.P / 2, slot = prow % s.P;
+  for (int64_t p = 0; p < planes; ++p) {
+    T* dst = buf + (p * s.P + slot) * s.Wpad + r;
+    for (int64_t t = 0; t < count; ++t)
+      std::memcpy(dst + t * s.W, data + ((n0 + t) * planes + p) * plane + prow * s.Wp + r, s.W * sizeof(T));
+    if (count < s.images) std::fill(dst + count * s.W, dst + s.images * s.W, T(0));  // the last, partial group
+  }
+}
+template <typename T>
+void put_row(const Dims& s, T* data, int64_t planes, int64_t n0, int64_t count, int64_t prow, T* buf) {
+  const int64_t plane = s.Hp * s.Wp, r = s.P / 2, slot = prow % s.P;
+  for (int64_t p = 0; p < planes; ++p) {
+    T* __restrict__ src = buf + (p * s.P + slot) * s.Wpad;
+    for (int64_t t = 0; t < count; ++t) {
+      T* __restrict__ dst = data + ((n0 + t) * planes + p) * plane + prow * s.Wp + r;
+      const T* __restrict__ row = src + r + t * s.W;
+      for (int64_t j = 0; j < s.W; ++j) dst[j] += row[j];
+    }
+    std::fill(src, src + s.Wpad, T(0));
+  }
+}
+
+// The three channel contractions of the kernel, blocked so that a block of operands stays in registers. Per lane:
+// A[x, c] (a vector per entry, row stride `as`), S[x, md] (rows of MD), and a row-buffer tensor B[c, md] at
+// B + c * cs + off[md] (keys, values or their gradients; see rows()).
+constexpr int kXB = 4, kCB = 5;  // block of x by c: 20 accumulators or operands (D = 10 in the presets)
+
+// out[x, md] = sum_c A[x, c] B[c, md]   (scores q . k, and go . value)
+template <typename T>
+void contract_c(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_t C, const T* B, int64_t cs,
+                const int64_t* off, int64_t MD, typename Vec<T>::v* out) {
+  using V = Vec<T>;
+  using v = typename V::v;
+  for (int64_t x0 = 0; x0 < X; x0 += kXB) {
+    const int64_t xn = std::min<int64_t>(kXB, X - x0);
+    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
+      const int64_t cn = std::min<int64_t>(kCB, C - c0);
+      v a[kXB][kCB];
+      for (int xx = 0; xx < kXB; ++xx)
+        for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : V::splat(0);
+      for (int64_t md = 0; md < MD; ++md) {
+        const T* b = B + c0 * cs + off[md];
+        v bb[kCB];
+        for (int cc = 0; cc < kCB; ++cc) bb[cc] = cc < cn ? V::load(b + cc * cs) : V::splat(0);
+        for (int xx = 0; xx < kXB; ++xx) {
+          if (xx >= xn) break;
+          v acc = c0 == 0 ? V::splat(0) : out[(x0 + xx) * MD + md];
+          for (int cc = 0; cc < kCB; ++cc) acc += a[xx][cc] * bb[cc];
+          out[(x0 + xx) * MD + md] = acc;
         }
       }
     }
+  }
+}
+
+// out[x, c] = sum_md S[x, md] B[c, md]   (output p . value, and the query gradient dC . k)
+template <typename T>
+void contract_md(const typename Vec<T>::v* S, int64_t X, int64_t C, const T* B, int64_t cs, const int64_t* off,
+                 int64_t MD, typename Vec<T>::v* out, int64_t os) {
+  using V = Vec<T>;
+  using v = typename V::v;
+  constexpr int XB = 2;
+  for (int64_t x0 = 0; x0 < X; x0 += XB) {
+    const int64_t xn = std::min<int64_t>(XB, X - x0);
+    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
+      const int64_t cn = std::min<int64_t>(kCB, C - c0);
+      v acc[XB][kCB] = {};
+      for (int64_t md = 0; md < MD; ++md) {
+        const T* b = B + c0 * cs + off[md];
+        v ss[XB];
+        for (int xx = 0; xx < XB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
+        for (int cc = 0; cc < kCB; ++cc) {
+          if (cc >= cn) break;
+          const v bc = V::load(b + cc * cs);
+          for (int xx = 0; xx < XB; ++xx) acc[xx][cc] += ss[xx] * bc;
+        }
+      }
+      for (int xx = 0; xx < xn; ++xx)
+        for (int cc = 0; cc < cn; ++cc) out[(x0 + xx) * os + c0 + cc] = acc[xx][cc];
+    }
+  }
+}
+
+// B[c, md] += sum_x A[x, c] S[x, md]   (the key and value gradients)
+template <typename T>
+void accumulate_outer(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_t C, const typename Vec<T>::v* S,
+                      int64_t MD, T* B, int64_t cs, const int64_t* off) {
+  using V = Vec<T>;
+  using v = typename V::v;
+  for (int64_t x0 = 0; x0 < X; x0 += kXB) {
+    const int64_t xn = std::min<int64_t>(kXB, X - x0);
+    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
+      const int64_t cn = std::min<int64_t>(kCB, C - c0);
+      v a[kXB][kCB];
+      for (int xx = 0; xx < kXB; ++xx)
+        for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : V::splat(0);
+      for (int64_t md = 0; md < MD; ++md) {
+        v ss[kXB];
+        for (int xx = 0; xx < kXB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
+        T* b = B + c0 * cs + off[md];
+        for (int cc = 0; cc < kCB; ++cc) {
+          if (cc >= cn) break;
+          v acc = V::load(b + cc * cs);
+          for (int xx = 0; xx < kXB; ++xx) acc += a[xx][cc] * ss[xx];
+          V::store(b + cc * cs, acc);
+        }
+      }
+    }
+  }
+}
+
+// off[md] for md = (m, b, a) of a row-buffer tensor with C channels at image row i: key or value (m, c) of offset
+// (a, b) of the run's first pixel is at buf + c * P * Wpad + off[md] (padded row i + a in its ring slot)
+inline void md_offsets(int64_t G, int64_t C, int64_t P, int64_t Wpad, int64_t i, int64_t* off) {
+  for (int64_t m = 0; m < G; ++m)
+    for (int64_t b = 0; b < P; ++b)
+      for (int64_t a = 0; a < P; ++a) off[m * P * P + b * P + a] = (m * C * P + (i + a) % P) * Wpad + b;
 }
 
 // Per-thread scratch for one run of L pixels: positions j0 .. j0+L-1 of the concatenated row i of images n0 ..
@@ -180,33 +295,48 @@ struct Run {
   const Dims& s;
   std::vector<T> ks, vs;  // the run's image rows of keys and values (see rows())
   std::vector<v> q, mask, C, eC, S, eS, A, eA, cmax, smax, amax, qg, row;
+  std::vector<int64_t> koff, voff;  // md_offsets of the key and value rows
+  int64_t cs;  // channel stride of the row buffers
   v valid;  // 1 for lanes on a pixel
   int64_t n0 = 0, count = 0, i = 0, j0 = 0;
+  bool started = false;
+  int64_t pix[L];  // the lanes' pixels (flat index into [N, H, W]); lanes outside the images repeat the last one
+  int nlanes = 0;
 
   explicit Run(const Dims& d)
       : s(d), ks(d.Gk * d.D * d.P * d.Wpad), vs(d.Gk * d.Dv * d.P * d.Wpad), q(d.Gq * d.D), mask(d.P2),
         C(d.Gq * d.MD), eC(d.Gq * d.MD), S(d.Gv * d.Gq * d.P2), eS(d.Gv * d.Gq * d.P2), A(d.Gv * d.Gq * d.Gk),
         eA(d.Gv * d.Gq * d.Gk), cmax(d.Gq), smax(d.Gv * d.Gq), amax(d.Gv * d.Gq),
-        qg(d.Gq * std::max<int64_t>(d.J, 1)), row(d.MD) {}
+        qg(d.Gq * std::max<int64_t>(d.J, 1)), row(d.MD), koff(d.MD), voff(d.MD), cs(d.P * d.Wpad) {}
 
-  const T* key(int64_t m, int64_t c, int64_t a, int64_t b) const { return ks.data() + ((m * s.D + c) * s.P + a) * s.Wpad + j0 + b; }
-  const T* value(int64_t m, int64_t c, int64_t a, int64_t b) const { return vs.data() + ((m * s.Dv + c) * s.P + a) * s.Wpad + j0 + b; }
-  int64_t pixel(int k) const { return ((n0 + (j0 + k) / s.W) * s.H + i) * s.W + (j0 + k) % s.W; }
-  int lanes() const { return static_cast<int>(std::min<int64_t>(L, count * s.W - j0)); }
+  int64_t pixel(int k) const { return pix[k]; }
+  int lanes() const { return nlanes; }
 
-  void start_row(T* kp, T* vp, int64_t group, int64_t i_) {
+  // Image row i_ of image group `group`: the ring gets the padded rows i_ .. i_+P-1 (one new row after row i_-1).
+  void start_row(const T* kp, const T* vp, int64_t group, int64_t i_) {
+    const bool next = group * s.images == n0 && i_ == i + 1 && started;
     n0 = group * s.images;
     count = std::min(s.images, s.N - n0);
     i = i_;
-    rows<T, false>(s, kp, s.Gk * s.D, n0, count, i, ks.data());
-    rows<T, false>(s, vp, s.Gk * s.Dv, n0, count, i, vs.data());
+    started = true;
+    for (int64_t prow = next ? i + s.P - 1 : i; prow < i + s.P; ++prow) {
+      get_row<T>(s, kp, s.Gk * s.D, n0, count, prow, ks.data());
+      get_row<T>(s, vp, s.Gk * s.Dv, n0, count, prow, vs.data());
+    }
+    md_offsets(s.Gk, s.D, s.P, s.Wpad, i, koff.data());
+    md_offsets(s.Gk, s.Dv, s.P, s.Wpad, i, voff.data());
   }
 
   // The run's queries (times scale; zero in lanes outside the image) and the validity masks of its offsets.
   void start_run(int64_t j0_, const T* qd, T scale) {
     j0 = j0_;
     const int64_t r = s.P / 2;
-    const int lanes_in = lanes();
+    nlanes = static_cast<int>(std::min<int64_t>(L, count * s.W - j0));
+    for (int k = 0; k < L; ++k) {
+      const int64_t jk = j0 + std::min(k, nlanes - 1);
+      pix[k] = ((n0 + jk / s.W) * s.H + i) * s.W + jk % s.W;
+    }
+    const int lanes_in = nlanes;
     for (int k = 0; k < L; ++k) valid[k] = k < lanes_in ? T(1) : T(0);
     const int64_t GD = s.Gq * s.D;
     for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
@@ -226,19 +356,9 @@ struct Run {
 
   // Content, spatial and group terms (times scale), their maxima over the neighbourhood and shifted exponentials.
   void scores(const T* posT, const T* grp, const int64_t* gidx) {
-    const int64_t P = s.P, P2 = s.P2, MD = s.MD, Gq = s.Gq, Gk = s.Gk, Gv = s.Gv;
+    const int64_t P2 = s.P2, MD = s.MD, Gq = s.Gq, Gk = s.Gk, Gv = s.Gv;
     const v lowest = V::splat(std::numeric_limits<T>::lowest());
-    for (int64_t m = 0; m < Gk; ++m)
-      for (int64_t b = 0; b < P; ++b)
-        for (int64_t a = 0; a < P; ++a) {
-          const int64_t md = m * P2 + b * P + a;
-          for (int64_t g = 0; g < Gq; ++g) {
-            const v* qr = q.data() + g * s.D;
-            v acc = qr[0] * V::load(key(m, 0, a, b));
-            for (int64_t c = 1; c < s.D; ++c) acc += qr[c] * V::load(key(m, c, a, b));
-            C[g * MD + md] = acc;
-          }
-        }
+    contract_c<T>(q.data(), s.D, Gq, s.D, ks.data() + j0, cs, koff.data(), MD, C.data());
     for (int64_t g = 0; g < Gq; ++g) {
       v mx = lowest;
       for (int64_t m = 0; m < Gk; ++m)
@@ -348,9 +468,11 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, 
   s.Gk = kp.size(1); s.Dv = vp.size(2); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
   s.MD = s.Gk * s.P2; s.Dpos = pos.size(2);
   s.Hp = s.H + 2 * (patch / 2); s.Wp = s.W + 2 * (patch / 2);
-  // Images side by side in a run's row: one for rows of at least a run (then the backward pass has a task per image),
-  // else enough for a whole number of runs (small images fill the lanes).
-  s.images = s.W >= lanes ? 1 : lanes / std::gcd(s.W, lanes);
+  // Images side by side in a run's row: the fewest that fill at least 15/16 of the lanes (at most enough for a
+  // whole number of runs): small images fill the lanes, and a 28-wide row is not two runs with 4 idle lanes.
+  const int64_t most = lanes / std::gcd(s.W, lanes);
+  s.images = 1;
+  while (s.images < most && 16 * s.images * s.W < 15 * lanes * ((s.images * s.W + lanes - 1) / lanes)) ++s.images;
   s.groups = (s.N + s.images - 1) / s.images;
   s.runs = (s.images * s.W + lanes - 1) / lanes;
   s.Wpad = s.runs * lanes + 2 * (patch / 2);
@@ -406,12 +528,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const int64_t MD = s.MD;
     at::parallel_for(0, s.groups * s.H, 1, [&](int64_t begin, int64_t end) {
+      FlushDenormals ftz;
       Run<T> run(s);
-      std::vector<v> wsum(MD);
-      std::vector<int64_t> voff(MD);  // value(m, c, a, b) - value(0, c, 0, 0) for md = (m, b, a)
-      for (int64_t m = 0; m < s.Gk; ++m)
-        for (int64_t b = 0; b < s.P; ++b)
-          for (int64_t a = 0; a < s.P; ++a) voff[m * s.P2 + b * s.P + a] = (m * s.Dv * s.P + a) * s.Wpad + b;
+      std::vector<v> wsum(s.Gv * MD), o(s.Gv * s.Dv);
       for (int64_t ni = begin; ni < end; ++ni) {
         run.start_row(kd, vd, ni / s.H, ni % s.H);
         for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
@@ -419,8 +538,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
           run.scores(pd, gd, xd);
           const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
           const int lanes = run.lanes();
+          std::fill(wsum.begin(), wsum.end(), V::splat(0));
           for (int64_t vv = 0; vv < s.Gv; ++vv) {
-            std::fill(wsum.begin(), wsum.end(), V::splat(0));
+            v* wv = wsum.data() + vv * MD;
             for (int64_t g = 0; g < s.Gq; ++g) {
               v z = run.factored_row(vv, g, V::splat(1));
               const typename V::i exact = (z < tiny) & (run.valid > T(0));
@@ -432,15 +552,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
               for (int k = 0; k < lanes; ++k) ld[(run.pixel(k) * s.Gv + vv) * s.Gq + g] = log_z[k];
               const v w = run.valid > T(0) ? keep_scale / z : V::splat(0);
               if (dropout > 0) run.drop(vv, g, key, threshold, w, run.row.data());
-              for (int64_t md = 0; md < MD; ++md) wsum[md] += dropout > 0 ? run.row[md] : run.row[md] * w;
+              for (int64_t md = 0; md < MD; ++md) wv[md] += dropout > 0 ? run.row[md] : run.row[md] * w;
             }
-            for (int64_t c = 0; c < s.Dv; ++c) {  // out[v, c] = sum_md wsum[md] value[c, md], four partial sums
-              const T* vc = run.value(0, c, 0, 0);
-              v acc[4] = {};
-              for (int64_t md = 0; md < MD; ++md) acc[md & 3] += wsum[md] * V::load(vc + voff[md]);
-              const v o = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-              for (int k = 0; k < lanes; ++k) od[(run.pixel(k) * s.Gv + vv) * s.Dv + c] = o[k];
-            }
+          }
+          // out[v, c] = sum_md wsum[v, md] value[c, md]
+          contract_md<T>(wsum.data(), s.Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, o.data(), s.Dv);
+          for (int k = 0; k < lanes; ++k) {
+            T* dst = od + run.pixel(k) * s.Gv * s.Dv;
+            for (int64_t x = 0; x < s.Gv * s.Dv; ++x) dst[x] = o[x][k];
           }
         }
       }
@@ -484,6 +603,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const int64_t MD = s.MD, P = s.P, P2 = s.P2, Gq = s.Gq, Gv = s.Gv, Gk = s.Gk;
     // Whole image groups per task: the scatters into dk, dv of one image never cross tasks.
     at::parallel_for(0, s.groups, 1, [&](int64_t begin, int64_t end) {
+      FlushDenormals ftz;
       const int64_t tid = at::get_thread_num();
       T* dposT = dposT_parts.data_ptr<T>() + tid * Gv * s.Dpos * P2;
       T* dgrp = dgrp_parts.data_ptr<T>() + tid * J * Dg;
@@ -494,8 +614,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       for (int64_t n = begin; n < end; ++n) {  // n: the group
         for (int64_t i = 0; i < s.H; ++i) {
           run.start_row(kd, vd, n, i);
-          std::fill(dks.begin(), dks.end(), T(0));
-          std::fill(dvs.begin(), dvs.end(), T(0));
           for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
             run.start_run(jr * V::L, qd, sc);
             run.scores(pd, gd, xd);
@@ -506,14 +624,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
               for (int k = 0; k < lanes; ++k) gv[k] = god[run.pixel(k) * Gv * s.Dv + x];
               go[x] = gv;
             }
-            for (int64_t vv = 0; vv < Gv; ++vv)  // dP[v, md] = go[v] . value[md]
-              for (int64_t m = 0; m < Gk; ++m)
-                for (int64_t b = 0; b < P; ++b)
-                  for (int64_t a = 0; a < P; ++a) {
-                    v acc = go[vv * s.Dv] * V::load(run.value(m, 0, a, b));
-                    for (int64_t c = 1; c < s.Dv; ++c) acc += go[vv * s.Dv + c] * V::load(run.value(m, c, a, b));
-                    dP[vv * MD + m * P2 + b * P + a] = acc;
-                  }
+            // dP[v, md] = go[v] . value[md]
+            contract_c<T>(go.data(), s.Dv, Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, dP.data());
             std::fill(wsum.begin(), wsum.end(), V::splat(0));
             std::fill(dC.begin(), dC.end(), V::splat(0));
             std::fill(dS.begin(), dS.end(), V::splat(0));
@@ -554,28 +666,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
               }
             }
             // Content: dq[g] += sc * dC[g] . K; dK += sc * q[g] dC[g]; values: dV[md] += sum_v wsum[v, md] go[v]
-            std::fill(dq_run.begin(), dq_run.end(), V::splat(0));
-            for (int64_t m = 0; m < Gk; ++m)
-              for (int64_t b = 0; b < P; ++b)
-                for (int64_t a = 0; a < P; ++a) {
-                  const int64_t md = m * P2 + b * P + a;
-                  for (int64_t c = 0; c < s.D; ++c) {
-                    const v kc = V::load(run.key(m, c, a, b));
-                    v acc = V::splat(0);
-                    for (int64_t g = 0; g < Gq; ++g) {
-                      dq_run[g * s.D + c] += dC[g * MD + md] * kc;
-                      acc += run.q[g * s.D + c] * dC[g * MD + md];  // q is already times sc
-                    }
-                    T* dk = dks.data() + (run.key(m, c, a, b) - run.ks.data());
-                    V::store(dk, V::load(dk) + acc);
-                  }
-                  for (int64_t c = 0; c < s.Dv; ++c) {
-                    v acc = V::splat(0);
-                    for (int64_t vv = 0; vv < Gv; ++vv) acc += wsum[vv * MD + md] * go[vv * s.Dv + c];
-                    T* dv = dvs.data() + (run.value(m, c, a, b) - run.vs.data());
-                    V::store(dv, V::load(dv) + acc);
-                  }
-                }
+            contract_md<T>(dC.data(), Gq, s.D, run.ks.data() + run.j0, run.cs, run.koff.data(), MD, dq_run.data(), s.D);
+            // q is already times sc
+            accumulate_outer<T>(run.q.data(), s.D, Gq, s.D, dC.data(), MD, dks.data() + run.j0, run.cs, run.koff.data());
+            accumulate_outer<T>(go.data(), s.Dv, Gv, s.Dv, wsum.data(), MD, dvs.data() + run.j0, run.cs, run.voff.data());
             for (auto& x : dq_run) x *= sc;
             // Spatial: dq[g, :Dpos] += sc * dS[v,g] . posT[v]; dposT[v] += sc * q[g, :Dpos] dS[v,g]
             for (int64_t vv = 0; vv < Gv; ++vv)
@@ -612,8 +706,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             for (int64_t x = 0; x < Gq * s.D; ++x)
               for (int k = 0; k < lanes; ++k) dqd[run.pixel(k) * Gq * s.D + x] = dq_run[x][k];
           }
-          rows<T, true>(s, dkd, Gk * s.D, run.n0, run.count, i, dks.data());  // into the padded planar dk, dv
-          rows<T, true>(s, dvd, Gk * s.Dv, run.n0, run.count, i, dvs.data());
+          // into the padded planar dk, dv: padded row i is complete (the last row: all rows of the ring)
+          for (int64_t prow = i; prow < (i + 1 < s.H ? i + 1 : i + P); ++prow) {
+            put_row<T>(s, dkd, Gk * s.D, run.n0, run.count, prow, dks.data());
+            put_row<T>(s, dvd, Gk * s.Dv, run.n0, run.count, prow, dvs.data());
+          }
         }
       }
       // q in the run is times sc: the positional and group gradients were accumulated with sc * q
