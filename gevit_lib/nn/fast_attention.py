@@ -382,19 +382,19 @@ class _KernelAttention(torch.autograd.Function):
         kp, vp = _planar_padded(k, r), _planar_padded(v, r)
         g = grp if grp is not None else q.new_empty(0)
         gi = gidx.to(torch.int64).contiguous() if gidx is not None else torch.empty(0, dtype=torch.int64)
-        out, lse = ext.forward(q, kp, vp, pos, g, gi, scale, patch, dropout, seed)
-        ctx.save_for_backward(q, kp, vp, pos, g, gi, lse)
-        ctx.config = (scale, patch, dropout, seed, grp is not None)
+        out, lse, keep = ext.forward(q, kp, vp, pos, g, gi, scale, patch, dropout, seed)  # keep: dropout's bits
+        ctx.save_for_backward(q, kp, vp, pos, g, gi, lse, keep)
+        ctx.config = (scale, patch, dropout, grp is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         ext = cpu_kernel.load()
         assert ext is not None
-        scale, patch, dropout, seed, has_group = ctx.config
-        q, kp, vp, pos, g, gi, lse = ctx.saved_tensors
-        dq, dkp, dvp, dpos, dgrp = ext.backward(grad_out.to(q.dtype).contiguous(), q, kp, vp, pos, g, gi, lse,
-                                                scale, patch, dropout, seed)
+        scale, patch, dropout, has_group = ctx.config
+        q, kp, vp, pos, g, gi, lse, keep = ctx.saved_tensors
+        dq, dkp, dvp, dpos, dgrp = ext.backward(grad_out.to(q.dtype).contiguous(), q, kp, vp, pos, g, gi, lse, keep,
+                                                scale, patch, dropout)
         r = patch // 2
         return (dq, _unpad_planar(dkp, r), _unpad_planar(dvp, r), dpos, (dgrp if has_group else None),
                 None, None, None, None, None)

@@ -28,6 +28,9 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -52,6 +55,22 @@ struct Vec {
   static void store(T* p, v x) { std::memcpy(p, &x, sizeof(v)); }
   static v max(v a, v b) { return a > b ? a : b; }
   static T sum(v a) { T s = 0; for (int k = 0; k < L; ++k) s += a[k]; return s; }
+  // One bit per lane (lane k: bit k) of a comparison result, and back.
+  static uint16_t bits(i m) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    if constexpr (sizeof(T) == 4) return _mm512_movepi32_mask((__m512i)m);
+    else return _mm512_movepi64_mask((__m512i)m);
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) return static_cast<uint16_t>(_mm256_movemask_ps((__m256)m));
+    else return static_cast<uint16_t>(_mm256_movemask_pd((__m256d)m));
+#else
+    uint16_t b = 0;
+    for (int k = 0; k < L; ++k) b |= static_cast<uint16_t>(m[k] != 0) << k;
+    return b;
+#endif
+  }
+  static i lane_bits() { i b; for (int k = 0; k < L; ++k) b[k] = I(1) << k; return b; }
+  static v where_bits(uint16_t b, v w) { return ((i{} + I(b)) & lane_bits()) != 0 ? w : splat(0); }
 };
 
 // exp of every lane (x clamped to [-87, 88]) (Cephes expf: Cody-Waite reduction + degree-6 polynomial,
@@ -436,15 +455,27 @@ struct Run {
   }
 
   // out[md] = row[md] * `w` where dropout keeps score (v, g, md), 0 where it drops it: 16 random bits per
-  // score, the two halves of hash (seed, pixel, v, g, t) for md = t and md = t + ceil(MD / 2).
-  void drop(int64_t vv, int64_t g, typename V::u key, uint32_t threshold, v w, v* out) {
+  // score, the two halves of hash (seed, pixel, v, g, t) for md = t and md = t + ceil(MD / 2). The kept lanes of
+  // score md go to bit k of keep[md] (the backward pass reads them instead of hashing again).
+  void drop(int64_t vv, int64_t g, typename V::u key, uint32_t threshold, v w, v* out, uint16_t* keep) {
     const int64_t half = (s.MD + 1) / 2;
     const typename V::u base = key + static_cast<uint32_t>((vv * s.Gq + g) * half);
     for (int64_t t = 0; t < half; ++t) {
       const typename V::u h = mix32(base + static_cast<uint32_t>(t));
-      out[t] = row[t] * kept<T>(h & 0xffffU, threshold, w);
-      if (t + half < s.MD) out[t + half] = row[t + half] * kept<T>(h >> 16, threshold, w);
+      const v k0 = kept<T>(h & 0xffffU, threshold, V::splat(1));
+      out[t] = row[t] * (k0 * w);
+      keep[t] = V::bits(k0 > T(0));
+      if (t + half < s.MD) {
+        const v k1 = kept<T>(h >> 16, threshold, V::splat(1));
+        out[t + half] = row[t + half] * (k1 * w);
+        keep[t + half] = V::bits(k1 > T(0));
+      }
     }
+  }
+
+  // drop() from the bits it stored
+  void drop_stored(const uint16_t* keep, v w, v* out) const {
+    for (int64_t md = 0; md < s.MD; ++md) out[md] = row[md] * V::where_bits(keep[md], w);
   }
 
   typename V::u keys(int64_t seed) const {
@@ -509,6 +540,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
                                 double dropout, int64_t seed) {
   auto out = at::empty({q.size(0), q.size(1), q.size(2), pos.size(0), vp.size(2)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2), pos.size(0), q.size(3)}, q.options());
+  at::Tensor keep;  // dropout's kept lanes, a bit per lane: [image group, row, run, v, g, md]
   const at::Tensor posT = pos_transposed(pos, patch);
   const uint32_t threshold = dropout > 0 ? drop_threshold(dropout) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gevit_local_attention_forward", [&] {
@@ -524,6 +556,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
     T* od = out.data_ptr<T>();
     T* ld = lse.data_ptr<T>();
+    keep = at::empty({dropout > 0 ? s.groups * s.H * s.runs * s.Gv * s.Gq * s.MD : 0}, q.options().dtype(at::kShort));
+    uint16_t* kd_bits = reinterpret_cast<uint16_t*>(keep.data_ptr<int16_t>());
     const T tiny = std::numeric_limits<T>::min() * T(1e8);
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const int64_t MD = s.MD;
@@ -551,7 +585,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
               const v log_z = exact ? V::splat(kExactRow<T>) : vlog(z);
               for (int k = 0; k < lanes; ++k) ld[(run.pixel(k) * s.Gv + vv) * s.Gq + g] = log_z[k];
               const v w = run.valid > T(0) ? keep_scale / z : V::splat(0);
-              if (dropout > 0) run.drop(vv, g, key, threshold, w, run.row.data());
+              if (dropout > 0)
+                run.drop(vv, g, key, threshold, w, run.row.data(), kd_bits + (((ni * s.runs + jr) * s.Gv + vv) * s.Gq + g) * MD);
               for (int64_t md = 0; md < MD; ++md) wv[md] += dropout > 0 ? run.row[md] : run.row[md] * w;
             }
           }
@@ -565,13 +600,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
       }
     });
   });
-  return {out, lse};
+  return {out, lse, keep};
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& kp,
                                  const at::Tensor& vp, const at::Tensor& pos, const at::Tensor& grp,
-                                 const at::Tensor& gidx, const at::Tensor& lse, double scale, int64_t patch,
-                                 double dropout, int64_t seed) {
+                                 const at::Tensor& gidx, const at::Tensor& lse, const at::Tensor& keep, double scale,
+                                 int64_t patch, double dropout) {
   auto dq = at::empty_like(q);
   auto dkp = at::zeros_like(kp);
   auto dvp = at::zeros_like(vp);
@@ -581,7 +616,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   const int64_t Dg = std::max<int64_t>(grp.numel() > 0 ? grp.size(1) : 0, 1);
   auto dposT_parts = at::zeros({threads, pos.size(0), pos.size(2), patch * patch}, q.options());
   auto dgrp_parts = at::zeros({threads, J, Dg}, q.options());
-  const uint32_t threshold = dropout > 0 ? drop_threshold(dropout) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gevit_local_attention_backward", [&] {
     using T = scalar_t;
     using V = Vec<T>;
@@ -595,6 +629,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
     const T* ld = lse.data_ptr<T>();
+    TORCH_CHECK(dropout <= 0 || keep.numel() == s.groups * s.H * s.runs * s.Gv * s.Gq * s.MD,
+                "the dropout bits do not match this call (", keep.numel(), " entries)");
+    const uint16_t* kd_bits = dropout > 0 ? reinterpret_cast<const uint16_t*>(keep.data_ptr<int16_t>()) : nullptr;
     T* dqd = dq.data_ptr<T>();
     T* dkd = dkp.data_ptr<T>();
     T* dvd = dvp.data_ptr<T>();
@@ -618,7 +655,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             run.start_run(jr * V::L, qd, sc);
             run.scores(pd, gd, xd);
             const int lanes = run.lanes();
-            const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
             for (int64_t x = 0; x < Gv * s.Dv; ++x) {
               v gv = V::splat(0);
               for (int k = 0; k < lanes; ++k) gv[k] = god[run.pixel(k) * Gv * s.Dv + x];
@@ -643,7 +679,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 const v* prob = run.row.data();
                 const v* kr = prob;  // the kept probabilities: p * keep / (1 - dropout), or p
                 if (dropout > 0) {
-                  run.drop(vv, g, key, threshold, V::splat(keep_scale), kept_row.data());
+                  run.drop_stored(kd_bits + (((n * s.H + i) * s.runs + jr) * Gv * Gq + vg) * MD, V::splat(keep_scale),
+                                  kept_row.data());
                   kr = kept_row.data();
                 }
                 v r4[4] = {};
@@ -725,6 +762,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "GE-ViT local attention, forward (out, log-normaliser)");
+  m.def("forward", &forward, "GE-ViT local attention, forward (out, log-normaliser, dropout bits)");
   m.def("backward", &backward, "GE-ViT local attention, backward (dq, dk, dv, dpos, dgrp)");
 }
