@@ -77,6 +77,23 @@ struct Vec {
 // ~1 ulp); glibc's expf has no vector form without -ffast-math, which would also assume finite math.
 inline Vec<float>::v vexp(Vec<float>::v x) {
   using V = Vec<float>;
+#if defined(__AVX512F__)
+  // the same reduction and polynomial, rounding and scaling by 2^n with one AVX-512 instruction each
+  x = V::max(x, V::splat(-87.0f));
+  x = x > 88.0f ? V::splat(88.0f) : x;
+  const __m512 n = _mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V::v fx = (V::v)n;
+  const V::v r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const V::v z = r * r;
+  V::v y = V::splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  return (V::v)_mm512_scalef_ps((__m512)y, n);
+#else
   typedef int32_t vi __attribute__((vector_size(kBytes)));
   x = V::max(x, V::splat(-87.0f));
   x = x > 88.0f ? V::splat(88.0f) : x;
@@ -94,6 +111,7 @@ inline Vec<float>::v vexp(Vec<float>::v x) {
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
   return y * (V::v)((fi + 127) << 23);
+#endif
 }
 inline Vec<double>::v vexp(Vec<double>::v x) {
   for (int k = 0; k < Vec<double>::L; ++k) x[k] = std::exp(std::min(x[k], 700.0));
