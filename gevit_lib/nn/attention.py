@@ -52,7 +52,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..groups import Group, get_group
-from .fast_attention import fast_local_attention
+from .fast_attention import fast_local_attention, packed_local_attention
 from .positional import RelativePositionalEncoding, feature_action_side
 
 __all__ = ["IMPLS", "check_impl", "Pointwise", "reference_logits", "reference_attention", "local_attention",
@@ -228,20 +228,23 @@ class _SelfAttention(nn.Module):
         """Regular action of the output's group axis: "right" (GE-ViT) or "left" (GSA-Nets)."""
         return feature_action_side(self.positional)
 
-    def _heads(self, x_cl: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys, values of ``x_cl [B, H, W, G, C_in]``, each ``[B*heads, H, W, G, d]``."""
+    def _packed_heads(self, x_cl: Tensor) -> Tensor:
+        """Queries, keys, values of ``x_cl [B, H, W, G, C_in]`` in one tensor ``[B, H, W, G, 3, d, heads]``."""
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # type: ignore[list-item]
         qkv = F.linear(x_cl, w, b)  # [B, H, W, G, 3 * d * heads]
         # heads are channel-major (channel c * heads + h): the last axis is (qkv, c, head)
-        qkv = rearrange(qkv, "B i j g (t c n) -> t (B n) i j g c", t=3, n=self.num_heads)
+        return rearrange(qkv, "B i j g (t c n) -> B i j g t c n", t=3, n=self.num_heads)
+
+    def _heads(self, x_cl: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values of ``x_cl [B, H, W, G, C_in]``, each ``[B*heads, H, W, G, d]``."""
+        qkv = rearrange(self._packed_heads(x_cl), "B i j g t c n -> t (B n) i j g c")
         q, k, v = qkv.unbind(0)  # (its backward writes the three gradients into one tensor; indexing would add three)
         return q, k, v
 
-    def _merge(self, out: Tensor, bsz: int) -> Tensor:
-        """Heads ``[B*heads, H, W, G, d]`` back to channels (channel-major), then the output ``[B, C_out, G, H, W]``."""
-        out = rearrange(out, "(B n) i j g c -> B i j g (c n)", B=bsz)  # [B, H, W, G, d * heads]
-        out = F.linear(out, self.out.weight, self.out.bias)  # [B, H, W, G, C_out]
+    def _merge(self, out: Tensor) -> Tensor:
+        """Heads ``[B, H, W, G, d, heads]`` back to channels (channel-major), then the output ``[B, C_out, G, H, W]``."""
+        out = F.linear(out.flatten(-2), self.out.weight, self.out.bias)  # [B, H, W, G, C_out]
         return rearrange(out, "B i j g c -> B c g i j")
 
     def _group_term(self) -> tuple[Tensor | None, Tensor | None]:
@@ -267,12 +270,18 @@ class _SelfAttention(nn.Module):
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``[B, C_out, G, H, W]``; with ``return_attention=True`` also the attention probabilities of the plain
         path (before dropout, no gradient), as :meth:`attention_probabilities` gives them."""
-        q, k, v = self._heads(self._channels_last(x))
-        grp, gidx = self._group_term()
-        out = local_attention(q, k, v, self.pos.spatial(), grp, gidx, scale=1.0 / math.sqrt(self.in_channels),
-                              patch_size=self.patch_size, dropout=self.attention_dropout, training=self.training,
-                              impl=self.impl)
-        out = self._merge(out, x.shape[0])
+        x_cl, (grp, gidx) = self._channels_last(x), self._group_term()
+        scale, dropout = 1.0 / math.sqrt(self.in_channels), self.attention_dropout if self.training else 0.0
+        if self.impl == "fast":  # the heads stay packed: the CPU kernel reads them in place
+            patch = self.patch_size or 2 * x.shape[-1] - 1  # global: every offset of an S x S image
+            out = packed_local_attention(self._packed_heads(x_cl), self.pos.spatial(), grp, gidx, scale=scale,
+                                         patch_size=patch, dropout=dropout)  # [B, H, W, G, d, heads]
+        else:
+            q, k, v = self._heads(x_cl)  # [B * heads, H, W, G, d] each
+            out = reference_attention(q, k, v, self.pos.spatial(), grp, gidx, scale=scale, patch_size=self.patch_size,
+                                      dropout=dropout, training=self.training)
+            out = rearrange(out, "(B n) i j g c -> B i j g c n", B=x.shape[0])
+        out = self._merge(out)
         return (out, self.attention_probabilities(x)) if return_attention else out
 
     @torch.no_grad()

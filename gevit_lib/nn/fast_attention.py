@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import cpu_kernel, triton_attention
 
-__all__ = ["fast_local_attention", "default_chunk_elements", "BACKENDS"]
+__all__ = ["fast_local_attention", "packed_local_attention", "default_chunk_elements", "BACKENDS"]
 
 
 def default_chunk_elements(device: torch.device) -> int:
@@ -360,30 +360,19 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, gr
     return dq, dkp[:, r:r + height, r:r + width], dvp[:, r:r + height, r:r + width], dpos_tab, dgrp
 
 
-def _planar_padded(x: Tensor, r: int) -> Tensor:
-    """``[N, H, W, G, c]`` -> zero-padded planar ``[N, G, c, H+2r, W+2r]`` (the kernel's key/value layout)."""
-    return F.pad(x.permute(0, 3, 4, 1, 2), (r, r, r, r)).contiguous()
-
-
-def _unpad_planar(x: Tensor, r: int) -> Tensor:
-    """Adjoint layout change of :func:`_planar_padded`: ``[N, G, c, H+2r, W+2r]`` -> ``[N, H, W, G, c]``."""
-    return x[..., r:x.shape[-2] - r, r:x.shape[-1] - r].permute(0, 3, 4, 1, 2)
-
-
 class _KernelAttention(torch.autograd.Function):
-    """The fused CPU kernel (:mod:`gevit_lib.nn.cpu_kernel`): same function, one pass over the pixels each way."""
+    """The fused CPU kernel (:mod:`gevit_lib.nn.cpu_kernel`) on packed heads: ``qkv [B, H, W, G, 3, d, heads]`` ->
+    ``[B, H, W, Gv, d, heads]``. The kernel reads q, k, v in place and writes their gradients into one tensor."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None,
-                scale: float, patch: int, dropout: float, seed: int) -> Tensor:
+    def forward(ctx, qkv: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, scale: float, patch: int,
+                dropout: float, seed: int) -> Tensor:
         ext = cpu_kernel.load()
         assert ext is not None
-        r = patch // 2
-        kp, vp = _planar_padded(k, r), _planar_padded(v, r)
-        g = grp if grp is not None else q.new_empty(0)
+        g = grp if grp is not None else qkv.new_empty(0)
         gi = gidx.to(torch.int64).contiguous() if gidx is not None else torch.empty(0, dtype=torch.int64)
-        out, lse, keep = ext.forward(q, kp, vp, pos, g, gi, scale, patch, dropout, seed)  # keep: dropout's bits
-        ctx.save_for_backward(q, kp, vp, pos, g, gi, lse, keep)
+        out, lse, keep = ext.forward(*qkv.unbind(4), pos, g, gi, scale, patch, dropout, seed)  # keep: dropout's bits
+        ctx.save_for_backward(qkv, pos, g, gi, lse, keep)
         ctx.config = (scale, patch, dropout, grp is not None)
         return out
 
@@ -392,12 +381,11 @@ class _KernelAttention(torch.autograd.Function):
         ext = cpu_kernel.load()
         assert ext is not None
         scale, patch, dropout, has_group = ctx.config
-        q, kp, vp, pos, g, gi, lse, keep = ctx.saved_tensors
-        dq, dkp, dvp, dpos, dgrp = ext.backward(grad_out.to(q.dtype).contiguous(), q, kp, vp, pos, g, gi, lse, keep,
-                                                scale, patch, dropout)
-        r = patch // 2
-        return (dq, _unpad_planar(dkp, r), _unpad_planar(dvp, r), dpos, (dgrp if has_group else None),
-                None, None, None, None, None)
+        qkv, pos, g, gi, lse, keep = ctx.saved_tensors
+        dqkv = torch.empty_like(qkv)  # every element is written
+        dpos, dgrp = ext.backward(grad_out.to(qkv.dtype).contiguous(), *qkv.unbind(4), pos, g, gi, lse, keep, scale,
+                                  patch, dropout, *dqkv.unbind(4))
+        return dqkv, dpos, (dgrp if has_group else None), None, None, None, None, None
 
 
 BACKENDS: tuple[str, ...] = ("auto", "kernel", "chunked", "triton")
@@ -437,11 +425,46 @@ def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tens
     if triton_attention.selected(backend, q.device):  # CUDA: the Triton kernels (GEVIT_CUDA_KERNEL chooses)
         return triton_attention.triton_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
                                                        dropout=dropout, seed=seed)
+    if _use_kernel(backend, q.device):
+        if q.shape == k.shape == v.shape:  # one head: packed for the kernel
+            out = packed_local_attention(torch.stack([q, k, v], dim=4).unsqueeze(-1), pos, grp, gidx, scale=scale,
+                                         patch_size=patch_size, dropout=dropout, backend=backend, seed=seed)
+            return out[..., 0]
+        if backend == "kernel":
+            raise ValueError(f"the fused CPU kernel needs q, k, v of one shape, got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
     args = [t.to(work).contiguous() if t is not None else None for t in (q, k, v, pos, grp)]
+    budget = chunk_elements or default_chunk_elements(q.device)
     with torch.autocast(q.device.type, enabled=False):
-        if _use_kernel(backend, q.device):
-            out = _KernelAttention.apply(*args, gidx, float(scale), int(patch_size), float(dropout), seed)
-        else:
-            budget = chunk_elements or default_chunk_elements(q.device)
-            out = _LocalAttention.apply(*args, gidx, float(scale), int(patch_size), float(dropout), seed, int(budget))
+        out = _LocalAttention.apply(*args, gidx, float(scale), int(patch_size), float(dropout), seed, int(budget))
+    return out.to(dtype)
+
+
+def packed_local_attention(qkv: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, *, scale: float,
+                           patch_size: int, dropout: float = 0.0, backend: str = "auto",
+                           seed: int | None = None) -> Tensor:
+    """:func:`fast_local_attention` on the heads of a layer's projection ``qkv [B, H, W, G, 3, d, heads]``:
+    ``[B, H, W, Gv, d, heads]``. The CPU kernel reads the heads in place (and writes one gradient for qkv); other
+    backends get the heads split into images, ``[B * heads, H, W, G, d]`` each. ``seed``: dropout's (default: drawn
+    from torch's generator)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if qkv.dim() != 7 or qkv.shape[4] != 3:
+        raise ValueError(f"qkv must be [B, H, W, G, 3, d, heads], got {tuple(qkv.shape)}")
+    if triton_attention.selected(backend, qkv.device) or not _use_kernel(backend, qkv.device):
+        q, k, v = qkv.permute(4, 0, 6, 1, 2, 3, 5).flatten(1, 2).unbind(0)  # [B * heads, H, W, G, d] each
+        out = fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
+                                   backend=backend)  # [B * heads, H, W, Gv, d]
+        return out.unflatten(0, (qkv.shape[0], qkv.shape[6])).permute(0, 2, 3, 4, 5, 1)
+    if patch_size % 2 != 1:
+        raise ValueError(f"patch_size must be odd, got {patch_size}")
+    if pos.shape[1] != patch_size * patch_size:
+        raise ValueError(f"positional table has {pos.shape[1]} offsets, patch {patch_size} needs {patch_size ** 2}")
+    dtype = qkv.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+    with torch.autocast(qkv.device.type, enabled=False):
+        out = _KernelAttention.apply(qkv.to(work), pos.to(work).contiguous(), None if grp is None else grp.to(work),
+                                     gidx, float(scale), int(patch_size), float(dropout), seed)
     return out.to(dtype)

@@ -10,12 +10,13 @@
 // pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser.
 //
 // Vectorised across pixels: one SIMD lane per pixel of a run of L consecutive pixels of one image row, or of the
-// rows of several small images side by side (L: 16 floats / 8 doubles with AVX-512, half that with AVX2), so every
-// scalar formula above is one vector operation, and the key of offset (a, b) for the whole run is one unaligned load
-// from a copied row (see rows()).
-// Layouts: q [N,H,W,Gq,D]; keys and values planar and zero-padded by r = P/2, kp [N,Gk,D,H+2r,W+2r],
-// vp [N,Gk,Dv,H+2r,W+2r]; pos [Gv,P*P,Dpos], grp [J,Dg], gidx [Gv,Gq,Gk] (int64); out [N,H,W,Gv,Dv],
-// lse [N,H,W,Gv,Gq] (log row sums, see kExactRow); the backward pass returns dk, dv padded planar.
+// rows of several images side by side (L: 16 floats / 8 doubles with AVX-512, half that with AVX2), so every scalar
+// formula above is one vector operation, and the key of offset (a, b) for the whole run is one unaligned load from a
+// ring of P copied rows (see get_row()).
+// Layouts: q, k, v [B,H,W,G,C,heads] with any strides (image n = b * heads + h; in GE-ViT views of the layer's one
+// projection, read in place), pos [Gv,P*P,Dpos], grp [J,Dg], gidx [Gv,Gq,Gk] (int64); out [B,H,W,Gv,Dv,heads],
+// lse [N,H,W,Gv,Gq] (log row sums, see kExactRow), keep (dropout's kept lanes, a bit per lane and score); the
+// backward pass writes dq, dk, dv (any strides) in full.
 // The neighbourhood axis is (m, d): md = m * P*P + d with the offset d = b * P + a (a: row, b: column).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -187,7 +188,7 @@ struct FlushDenormals {
 };
 
 struct Dims {
-  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Hp, Wp, Dpos, Dg, J, images, groups, runs, Wpad;
+  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Dpos, Dg, J, images, groups, runs, Wpad;
   bool has_group;
 };
 // lse output: log of the row sum relative to the row's shift (sum of the three maxima), or this marker for rows
@@ -195,33 +196,57 @@ struct Dims {
 template <typename T>
 constexpr T kExactRow = std::numeric_limits<T>::lowest();
 
-// The row buffers: padded row `prow` of the images n0 .. n0+count-1 side by side (image t's column j at r + t * W + j),
-// for `planes` planes per image, in slot prow % P of a ring of P rows: buf[(p * P + slot) * Wpad + r + t * W + j],
-// zero at both ends, so that every load of a run stays inside (an offset that reaches into the neighbouring image is
-// masked). Moving to the next image row copies one padded row per plane. put_row is the adjoint (planes += buf, inside
-// the images), and clears the slot.
+// q, k, v, the output and their gradients: [B, H, W, G, C, heads] with any strides (views of one packed
+// tensor); image n = b * heads + h. The contiguous [N, H, W, G, C] of one head is the case heads = 1.
 template <typename T>
-void get_row(const Dims& s, const T* data, int64_t planes, int64_t n0, int64_t count, int64_t prow, T* buf) {
-  const int64_t plane = s.Hp * s.Wp, r = s.P / 2, slot = prow % s.P;
-  for (int64_t p = 0; p < planes; ++p) {
-    T* dst = buf + (p * s.P + slot) * s.Wpad + r;
-    for (int64_t t = 0; t < count; ++t)
-      std::memcpy(dst + t * s.W, data + ((n0 + t) * planes + p) * plane + prow * s.Wp + r, s.W * sizeof(T));
-    if (count < s.images) std::fill(dst + count * s.W, dst + s.images * s.W, T(0));  // the last, partial group
+struct Strided {
+  T* p;
+  int64_t sb, si, sj, sg, sc, sh, heads;
+  explicit Strided(const at::Tensor& t)
+      : p(t.data_ptr<T>()), sb(t.stride(0)), si(t.stride(1)), sj(t.stride(2)), sg(t.stride(3)), sc(t.stride(4)),
+        sh(t.stride(5)), heads(t.size(5)) {}
+  T* at(int64_t n, int64_t i, int64_t j) const { return p + (n / heads) * sb + i * si + j * sj + (n % heads) * sh; }
+};
+
+// The row buffers: padded row `prow` (image row prow - r) of the images n0 .. n0+count-1 side by side (image t's
+// column j at r + t * W + j), for the G x C planes (m, c) of keys or values, in slot prow % P of a ring of P rows:
+// buf[((m * C + c) * P + slot) * Wpad + r + t * W + j], zero at both ends and in the padding rows, so that every load
+// of a run stays inside (an offset that reaches into the neighbouring image is masked). Moving to the next image row
+// copies one padded row. put_row is the adjoint: it writes a finished padded row of gradients (every inner element
+// once per pass) and clears the slot.
+template <typename T>
+void get_row(const Dims& s, const Strided<T>& x, int64_t G, int64_t C, int64_t n0, int64_t count, int64_t prow,
+             T* buf) {
+  const int64_t r = s.P / 2, i = prow - r, ps = s.P * s.Wpad;
+  T* row = buf + (prow % s.P) * s.Wpad + r;  // plane p's row at row + p * ps
+  for (int64_t t = 0; t < count; ++t) {
+    T* dst = row + t * s.W;
+    if (i < 0 || i >= s.H) {
+      for (int64_t p = 0; p < G * C; ++p) std::fill(dst + p * ps, dst + p * ps + s.W, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < s.W; ++j) {
+      const T* src = x.at(n0 + t, i, j);
+      for (int64_t m = 0; m < G; ++m)
+        for (int64_t c = 0; c < C; ++c) dst[(m * C + c) * ps + j] = src[m * x.sg + c * x.sc];
+    }
   }
+  if (count < s.images)  // the last, partial group of images
+    for (int64_t p = 0; p < G * C; ++p) std::fill(row + p * ps + count * s.W, row + p * ps + s.images * s.W, T(0));
 }
 template <typename T>
-void put_row(const Dims& s, T* data, int64_t planes, int64_t n0, int64_t count, int64_t prow, T* buf) {
-  const int64_t plane = s.Hp * s.Wp, r = s.P / 2, slot = prow % s.P;
-  for (int64_t p = 0; p < planes; ++p) {
-    T* __restrict__ src = buf + (p * s.P + slot) * s.Wpad;
-    for (int64_t t = 0; t < count; ++t) {
-      T* __restrict__ dst = data + ((n0 + t) * planes + p) * plane + prow * s.Wp + r;
-      const T* __restrict__ row = src + r + t * s.W;
-      for (int64_t j = 0; j < s.W; ++j) dst[j] += row[j];
-    }
-    std::fill(src, src + s.Wpad, T(0));
-  }
+void put_row(const Dims& s, const Strided<T>& x, int64_t G, int64_t C, int64_t n0, int64_t count, int64_t prow,
+             T* buf) {
+  const int64_t r = s.P / 2, i = prow - r, ps = s.P * s.Wpad;
+  T* row = buf + (prow % s.P) * s.Wpad;
+  if (i >= 0 && i < s.H)
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t j = 0; j < s.W; ++j) {
+        T* dst = x.at(n0 + t, i, j);
+        for (int64_t m = 0; m < G; ++m)
+          for (int64_t c = 0; c < C; ++c) dst[m * x.sg + c * x.sc] = row[(m * C + c) * ps + r + t * s.W + j];
+      }
+  for (int64_t p = 0; p < G * C; ++p) std::fill(row + p * ps, row + p * ps + s.Wpad, T(0));
 }
 
 // The three channel contractions of the kernel, blocked so that a block of operands stays in registers. Per lane:
@@ -337,7 +362,8 @@ struct Run {
   v valid;  // 1 for lanes on a pixel
   int64_t n0 = 0, count = 0, i = 0, j0 = 0;
   bool started = false;
-  int64_t pix[L];  // the lanes' pixels (flat index into [N, H, W]); lanes outside the images repeat the last one
+  int64_t pix[L], img[L], col[L];  // the lanes' pixels (flat index into [N, H, W]), images and columns; lanes
+                                    // outside the images repeat the last one
   int nlanes = 0;
 
   explicit Run(const Dims& d)
@@ -350,44 +376,47 @@ struct Run {
   int lanes() const { return nlanes; }
 
   // Image row i_ of image group `group`: the ring gets the padded rows i_ .. i_+P-1 (one new row after row i_-1).
-  void start_row(const T* kp, const T* vp, int64_t group, int64_t i_) {
+  void start_row(const Strided<T>& kx, const Strided<T>& vx, int64_t group, int64_t i_) {
     const bool next = group * s.images == n0 && i_ == i + 1 && started;
     n0 = group * s.images;
     count = std::min(s.images, s.N - n0);
     i = i_;
     started = true;
     for (int64_t prow = next ? i + s.P - 1 : i; prow < i + s.P; ++prow) {
-      get_row<T>(s, kp, s.Gk * s.D, n0, count, prow, ks.data());
-      get_row<T>(s, vp, s.Gk * s.Dv, n0, count, prow, vs.data());
+      get_row<T>(s, kx, s.Gk, s.D, n0, count, prow, ks.data());
+      get_row<T>(s, vx, s.Gk, s.Dv, n0, count, prow, vs.data());
     }
     md_offsets(s.Gk, s.D, s.P, s.Wpad, i, koff.data());
     md_offsets(s.Gk, s.Dv, s.P, s.Wpad, i, voff.data());
   }
 
   // The run's queries (times scale; zero in lanes outside the image) and the validity masks of its offsets.
-  void start_run(int64_t j0_, const T* qd, T scale) {
+  void start_run(int64_t j0_, const Strided<T>& qx, T scale) {
     j0 = j0_;
     const int64_t r = s.P / 2;
     nlanes = static_cast<int>(std::min<int64_t>(L, count * s.W - j0));
     for (int k = 0; k < L; ++k) {
       const int64_t jk = j0 + std::min(k, nlanes - 1);
-      pix[k] = ((n0 + jk / s.W) * s.H + i) * s.W + jk % s.W;
+      img[k] = n0 + jk / s.W;
+      col[k] = jk % s.W;
+      pix[k] = (img[k] * s.H + i) * s.W + col[k];
     }
     const int lanes_in = nlanes;
     for (int k = 0; k < L; ++k) valid[k] = k < lanes_in ? T(1) : T(0);
     const int64_t GD = s.Gq * s.D;
     for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
     for (int k = 0; k < lanes_in; ++k) {
-      const T* qr = qd + pixel(k) * GD;
-      for (int64_t x = 0; x < GD; ++x) q[x][k] = qr[x] * scale;
+      const T* qr = qx.at(img[k], i, col[k]);
+      for (int64_t g = 0; g < s.Gq; ++g)
+        for (int64_t c = 0; c < s.D; ++c) q[g * s.D + c][k] = qr[g * qx.sg + c * qx.sc] * scale;
     }
     for (int64_t b = 0; b < s.P; ++b) {
-      v col;
+      v inside;
       for (int k = 0; k < L; ++k) {
         const int64_t j = (j0 + k) % s.W + b - r;  // the lane's own column: the neighbouring image is outside
-        col[k] = j >= 0 && j < s.W ? T(1) : T(0);
+        inside[k] = j >= 0 && j < s.W ? T(1) : T(0);
       }
-      for (int64_t a = 0; a < s.P; ++a) mask[b * s.P + a] = i + a - r >= 0 && i + a - r < s.H ? col : V::splat(0);
+      for (int64_t a = 0; a < s.P; ++a) mask[b * s.P + a] = i + a - r >= 0 && i + a - r < s.H ? inside : V::splat(0);
     }
   }
 
@@ -491,11 +520,6 @@ struct Run {
     }
   }
 
-  // drop() from the bits it stored
-  void drop_stored(const uint16_t* keep, v w, v* out) const {
-    for (int64_t md = 0; md < s.MD; ++md) out[md] = row[md] * V::where_bits(keep[md], w);
-  }
-
   typename V::u keys(int64_t seed) const {
     typename V::u k{};
     for (int l = 0; l < L; ++l) k[l] = pixel_key(seed, pixel(l));
@@ -510,13 +534,13 @@ bool any(typename V::i x) {
   return false;
 }
 
-Dims make_dims(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& pos,
+Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                const at::Tensor& grp, int64_t patch, int64_t lanes) {
+  TORCH_CHECK(q.dim() == 6 && k.dim() == 6 && v.dim() == 6, "q, k, v must be [B, H, W, G, C, heads]");
   Dims s;
-  s.N = q.size(0); s.H = q.size(1); s.W = q.size(2); s.Gq = q.size(3); s.D = q.size(4);
-  s.Gk = kp.size(1); s.Dv = vp.size(2); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
+  s.N = q.size(0) * q.size(5); s.H = q.size(1); s.W = q.size(2); s.Gq = q.size(3); s.D = q.size(4);
+  s.Gk = k.size(3); s.Dv = v.size(4); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
   s.MD = s.Gk * s.P2; s.Dpos = pos.size(2);
-  s.Hp = s.H + 2 * (patch / 2); s.Wp = s.W + 2 * (patch / 2);
   // Images side by side in a run's row: the fewest that fill at least 15/16 of the lanes (at most enough for a
   // whole number of runs): small images fill the lanes, and a 28-wide row is not two runs with 4 idle lanes.
   const int64_t most = lanes / std::gcd(s.W, lanes);
@@ -531,10 +555,11 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, 
   TORCH_CHECK(pos.size(1) == s.P2, "positional table has ", pos.size(1), " offsets, patch ", patch, " needs ", s.P2);
   TORCH_CHECK(s.Dpos + s.Dg <= s.D, "positional + group channels exceed the query channels");
   TORCH_CHECK(s.Dpos >= 1 && s.D >= 1 && s.Dv >= 1, "empty channel axis");
-  TORCH_CHECK(kp.size(2) == s.D && kp.size(3) == s.Hp && kp.size(4) == s.Wp, "keys must be [N, Gk, D, H+2r, W+2r]");
-  TORCH_CHECK(vp.size(1) == s.Gk && vp.size(3) == s.Hp && vp.size(4) == s.Wp, "values must be [N, Gk, Dv, H+2r, W+2r]");
-  TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous() && pos.is_contiguous(),
-              "inputs must be contiguous");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->size(0) == q.size(0) && t->size(1) == s.H && t->size(2) == s.W && t->size(5) == q.size(5),
+                "q, k, v must share B, H, W and heads");
+  TORCH_CHECK(k.size(4) == s.D && v.size(3) == s.Gk, "keys must be [B, H, W, Gk, D, heads], values [B, H, W, Gk, Dv, heads]");
+  TORCH_CHECK(pos.is_contiguous(), "the positional table must be contiguous");
   return s;
 }
 
@@ -553,28 +578,25 @@ double keep_scale_of(double p) {
 
 }  // namespace
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& pos,
+std::vector<at::Tensor> forward(const at::Tensor& qt, const at::Tensor& kt, const at::Tensor& vt, const at::Tensor& pos,
                                 const at::Tensor& grp, const at::Tensor& gidx, double scale, int64_t patch,
                                 double dropout, int64_t seed) {
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), pos.size(0), vp.size(2)}, q.options());
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2), pos.size(0), q.size(3)}, q.options());
+  auto out = at::empty({qt.size(0), qt.size(1), qt.size(2), pos.size(0), vt.size(4), qt.size(5)}, qt.options());
+  auto lse = at::empty({qt.size(0) * qt.size(5), qt.size(1), qt.size(2), pos.size(0), qt.size(3)}, qt.options());
   at::Tensor keep;  // dropout's kept lanes, a bit per lane: [image group, row, run, v, g, md]
   const at::Tensor posT = pos_transposed(pos, patch);
   const uint32_t threshold = dropout > 0 ? drop_threshold(dropout) : 0;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gevit_local_attention_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(qt.scalar_type(), "gevit_local_attention_forward", [&] {
     using T = scalar_t;
     using V = Vec<T>;
     using v = typename V::v;
-    const Dims s = make_dims(q, kp, vp, pos, grp, patch, V::L);
-    const T* qd = q.data_ptr<T>();
-    T* kd = kp.data_ptr<T>();
-    T* vd = vp.data_ptr<T>();
+    const Dims s = make_dims(qt, kt, vt, pos, grp, patch, V::L);
+    const Strided<T> qx(qt), kx(kt), vx(vt), ox(out);
     const T* pd = posT.data_ptr<T>();
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
-    T* od = out.data_ptr<T>();
     T* ld = lse.data_ptr<T>();
-    keep = at::empty({dropout > 0 ? s.groups * s.H * s.runs * s.Gv * s.Gq * s.MD : 0}, q.options().dtype(at::kShort));
+    keep = at::empty({dropout > 0 ? s.groups * s.H * s.runs * s.Gv * s.Gq * s.MD : 0}, qt.options().dtype(at::kShort));
     uint16_t* kd_bits = reinterpret_cast<uint16_t*>(keep.data_ptr<int16_t>());
     const T tiny = std::numeric_limits<T>::min() * T(1e8);
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
@@ -584,9 +606,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
       Run<T> run(s);
       std::vector<v> wsum(s.Gv * MD), o(s.Gv * s.Dv);
       for (int64_t ni = begin; ni < end; ++ni) {
-        run.start_row(kd, vd, ni / s.H, ni % s.H);
+        run.start_row(kx, vx, ni / s.H, ni % s.H);
         for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
-          run.start_run(jr * V::L, qd, T(scale));
+          run.start_run(jr * V::L, qx, T(scale));
           run.scores(pd, gd, xd);
           const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
           const int lanes = run.lanes();
@@ -611,8 +633,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
           // out[v, c] = sum_md wsum[v, md] value[c, md]
           contract_md<T>(wsum.data(), s.Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, o.data(), s.Dv);
           for (int k = 0; k < lanes; ++k) {
-            T* dst = od + run.pixel(k) * s.Gv * s.Dv;
-            for (int64_t x = 0; x < s.Gv * s.Dv; ++x) dst[x] = o[x][k];
+            T* dst = ox.at(run.img[k], run.i, run.col[k]);
+            for (int64_t vv = 0; vv < s.Gv; ++vv)
+              for (int64_t c = 0; c < s.Dv; ++c) dst[vv * ox.sg + c * ox.sc] = o[vv * s.Dv + c][k];
           }
         }
       }
@@ -621,28 +644,27 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& kp, const
   return {out, lse, keep};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& kp,
-                                 const at::Tensor& vp, const at::Tensor& pos, const at::Tensor& grp,
+// dq, dk, dv: written in full (any strides, e.g. views of one packed gradient); returns dpos, dgrp.
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& qt, const at::Tensor& kt,
+                                 const at::Tensor& vt, const at::Tensor& pos, const at::Tensor& grp,
                                  const at::Tensor& gidx, const at::Tensor& lse, const at::Tensor& keep, double scale,
-                                 int64_t patch, double dropout) {
-  auto dq = at::empty_like(q);
-  auto dkp = at::zeros_like(kp);
-  auto dvp = at::zeros_like(vp);
+                                 int64_t patch, double dropout, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
   const at::Tensor posT = pos_transposed(pos, patch);
   const int64_t threads = at::get_num_threads();
   const int64_t J = std::max<int64_t>(grp.numel() > 0 ? grp.size(0) : 0, 1);
   const int64_t Dg = std::max<int64_t>(grp.numel() > 0 ? grp.size(1) : 0, 1);
-  auto dposT_parts = at::zeros({threads, pos.size(0), pos.size(2), patch * patch}, q.options());
-  auto dgrp_parts = at::zeros({threads, J, Dg}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gevit_local_attention_backward", [&] {
+  auto dposT_parts = at::zeros({threads, pos.size(0), pos.size(2), patch * patch}, qt.options());
+  auto dgrp_parts = at::zeros({threads, J, Dg}, qt.options());
+  AT_DISPATCH_FLOATING_TYPES(qt.scalar_type(), "gevit_local_attention_backward", [&] {
     using T = scalar_t;
     using V = Vec<T>;
     using v = typename V::v;
-    const Dims s = make_dims(q, kp, vp, pos, grp, patch, V::L);
-    const T* god = grad_out.data_ptr<T>();
-    const T* qd = q.data_ptr<T>();
-    T* kd = kp.data_ptr<T>();
-    T* vd = vp.data_ptr<T>();
+    const Dims s = make_dims(qt, kt, vt, pos, grp, patch, V::L);
+    TORCH_CHECK(dq.sizes() == qt.sizes() && dk.sizes() == kt.sizes() && dv.sizes() == vt.sizes(),
+                "dq, dk, dv must have the shapes of q, k, v");
+    TORCH_CHECK(grad_out.dim() == 6 && grad_out.size(3) == s.Gv && grad_out.size(4) == s.Dv,
+                "grad_out must be [B, H, W, Gv, Dv, heads]");
+    const Strided<T> qx(qt), kx(kt), vx(vt), gox(grad_out), dqx(dq), dkx(dk), dvx(dv);
     const T* pd = posT.data_ptr<T>();
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
@@ -650,11 +672,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     TORCH_CHECK(dropout <= 0 || keep.numel() == s.groups * s.H * s.runs * s.Gv * s.Gq * s.MD,
                 "the dropout bits do not match this call (", keep.numel(), " entries)");
     const uint16_t* kd_bits = dropout > 0 ? reinterpret_cast<const uint16_t*>(keep.data_ptr<int16_t>()) : nullptr;
-    T* dqd = dq.data_ptr<T>();
-    T* dkd = dkp.data_ptr<T>();
-    T* dvd = dvp.data_ptr<T>();
     const T keep_scale = dropout > 0 ? T(keep_scale_of(dropout)) : T(1);
     const T sc = T(scale);
+    const v keep_sv = V::splat(keep_scale);
     const int64_t MD = s.MD, P = s.P, P2 = s.P2, Gq = s.Gq, Gv = s.Gv, Gk = s.Gk;
     // Whole image groups per task: the scatters into dk, dv of one image never cross tasks.
     at::parallel_for(0, s.groups, 1, [&](int64_t begin, int64_t end) {
@@ -668,15 +688,16 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       std::vector<T> dks(run.ks.size()), dvs(run.vs.size());  // gradients of the run rows
       for (int64_t n = begin; n < end; ++n) {  // n: the group
         for (int64_t i = 0; i < s.H; ++i) {
-          run.start_row(kd, vd, n, i);
+          run.start_row(kx, vx, n, i);
           for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
-            run.start_run(jr * V::L, qd, sc);
+            run.start_run(jr * V::L, qx, sc);
             run.scores(pd, gd, xd);
             const int lanes = run.lanes();
-            for (int64_t x = 0; x < Gv * s.Dv; ++x) {
-              v gv = V::splat(0);
-              for (int k = 0; k < lanes; ++k) gv[k] = god[run.pixel(k) * Gv * s.Dv + x];
-              go[x] = gv;
+            for (auto& x : go) x = V::splat(0);
+            for (int k = 0; k < lanes; ++k) {
+              const T* src = gox.at(run.img[k], i, run.col[k]);
+              for (int64_t vv = 0; vv < Gv; ++vv)
+                for (int64_t c = 0; c < s.Dv; ++c) go[vv * s.Dv + c][k] = src[vv * gox.sg + c * gox.sc];
             }
             // dP[v, md] = go[v] . value[md]
             contract_c<T>(go.data(), s.Dv, Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, dP.data());
@@ -695,16 +716,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 run.factored_row(vv, g, vexp(exact ? V::splat(0) : -log_z));
                 if (any<V>(exact)) run.exact_row(vv, g, exact);  // the forward pass took the exact path here
                 const v* prob = run.row.data();
-                const v* kr = prob;  // the kept probabilities: p * keep / (1 - dropout), or p
-                if (dropout > 0) {
-                  run.drop_stored(kd_bits + (((n * s.H + i) * s.runs + jr) * Gv * Gq + vg) * MD, V::splat(keep_scale),
-                                  kept_row.data());
-                  kr = kept_row.data();
-                }
+                v* kr = kept_row.data();  // the kept probabilities: p * keep / (1 - dropout) (dropout's bits), or p
+                const uint16_t* bits = dropout > 0 ? kd_bits + (((n * s.H + i) * s.runs + jr) * Gv * Gq + vg) * MD : nullptr;
                 v r4[4] = {};
                 for (int64_t md = 0; md < MD; ++md) {
-                  wv[md] += kr[md];
-                  r4[md & 3] += kr[md] * dPv[md];
+                  const v k = bits ? prob[md] * V::where_bits(bits[md], keep_sv) : prob[md];
+                  kr[md] = k;
+                  wv[md] += k;
+                  r4[md & 3] += k * dPv[md];
                 }
                 const v rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
                 for (int64_t m = 0; m < Gk; ++m) {
@@ -758,13 +777,16 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                   }
                 }
             }
-            for (int64_t x = 0; x < Gq * s.D; ++x)
-              for (int k = 0; k < lanes; ++k) dqd[run.pixel(k) * Gq * s.D + x] = dq_run[x][k];
+            for (int k = 0; k < lanes; ++k) {
+              T* dst = dqx.at(run.img[k], i, run.col[k]);
+              for (int64_t g = 0; g < Gq; ++g)
+                for (int64_t c = 0; c < s.D; ++c) dst[g * dqx.sg + c * dqx.sc] = dq_run[g * s.D + c][k];
+            }
           }
           // into the padded planar dk, dv: padded row i is complete (the last row: all rows of the ring)
           for (int64_t prow = i; prow < (i + 1 < s.H ? i + 1 : i + P); ++prow) {
-            put_row<T>(s, dkd, Gk * s.D, run.n0, run.count, prow, dks.data());
-            put_row<T>(s, dvd, Gk * s.Dv, run.n0, run.count, prow, dvs.data());
+            put_row<T>(s, dkx, Gk, s.D, run.n0, run.count, prow, dks.data());
+            put_row<T>(s, dvx, Gk, s.Dv, run.n0, run.count, prow, dvs.data());
           }
         }
       }
@@ -776,10 +798,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   auto dpos = dposT_parts.sum(0).view({pos.size(0), pos.size(2), patch, patch}).permute({0, 3, 2, 1}).reshape(
       {pos.size(0), patch * patch, pos.size(2)});
   auto dgrp = grp.numel() > 0 ? dgrp_parts.sum(0) : at::Tensor();
-  return {dq, dkp, dvp, dpos, dgrp};
+  return {dpos, dgrp};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "GE-ViT local attention, forward (out, log-normaliser, dropout bits)");
-  m.def("backward", &backward, "GE-ViT local attention, backward (dq, dk, dv, dpos, dgrp)");
+  m.def("backward", &backward, "GE-ViT local attention, backward (writes dq, dk, dv; returns dpos, dgrp)");
 }
