@@ -209,6 +209,42 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
         torch.set_num_threads(threads)
 
 
+@requires_kernel
+@pytest.mark.parametrize("n,h,w,g,p,lifting", [
+    (3, 28, 28, 4, 5, False),  # rows of several runs, and images side by side (a 28-wide row fills 7 runs of 4)
+    (5, 9, 12, 4, 3, False),  # four 12-wide images a run group, the last group partial
+    (2, 6, 24, 8, 3, False),  # two 24-wide images a group (p4m-sized group axis)
+    (3, 7, 17, 1, 5, True),  # lifting, 17 wide: one image a group, a run of one pixel
+])
+def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w, g, p, lifting) -> None:
+    """The kernel reads q, k, v in place from a packed ``[B, H, W, G, 3, d, heads]`` projection (strided, several
+    heads), over the row layouts the small layer tests miss, on 2 threads; against the chunked path, float64."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(3)
+        heads, d = 3, 6
+        gq = 1 if lifting else g
+        proj = torch.randn(n, h, w, gq, 3 * d * heads + 2, dtype=torch.float64)[..., 1:-1]  # strided, as a slice
+        qkv = proj.unflatten(-1, (3, d, heads)).requires_grad_(True)
+        pos = torch.randn(g, p * p, d if lifting else 3, dtype=torch.float64, requires_grad=True)
+        grp = None if lifting else torch.randn(g, 2, dtype=torch.float64, requires_grad=True)
+        gidx = None if lifting else torch.randint(0, g, (g, g, g))
+        inputs = [t for t in (qkv, pos, grp) if t is not None]
+        results = []
+        for backend in ("kernel", "chunked"):
+            out = fast_attention.packed_local_attention(qkv, pos, grp, gidx, scale=0.6, patch_size=p,
+                                                        backend=backend)
+            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+            results.append((out, torch.autograd.grad((out * weight).sum(), inputs)))
+        (out_k, grads_k), (out_c, grads_c) = results
+        assert out_k.shape == (n, h, w, g, d, heads) and rel_err(out_k, out_c) < 1e-12
+        for a, b in zip(grads_k, grads_c):
+            assert rel_err(a, b) < 1e-11
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "chunked"])
 def test_fast_dropout_backward_is_the_gradient_of_its_forward(backend: str) -> None:
     """With attention dropout on, the recomputing backward pass redraws the same masks (gradcheck)."""
