@@ -403,6 +403,15 @@ def _use_kernel(backend: str, device: torch.device) -> bool:
     return True
 
 
+def _check_arguments(pos: Tensor, patch_size: int, backend: str) -> None:
+    if patch_size % 2 != 1:
+        raise ValueError(f"patch_size must be odd, got {patch_size}")
+    if pos.shape[1] != patch_size * patch_size:
+        raise ValueError(f"positional table has {pos.shape[1]} offsets, patch {patch_size} needs {patch_size ** 2}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tensor | None, gidx: Tensor | None, *,
                          scale: float, patch_size: int, dropout: float = 0.0,
                          chunk_elements: int | None = None, backend: str = "auto") -> Tensor:
@@ -413,15 +422,10 @@ def fast_local_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, grp: Tens
     ``dropout`` > 0 drops attention probabilities (as ``nn.Dropout`` would) with masks drawn from a seed taken
     from torch's default generator, so the backward pass can redraw them.
     """
-    if patch_size % 2 != 1:
-        raise ValueError(f"patch_size must be odd, got {patch_size}")
-    if pos.shape[1] != patch_size * patch_size:
-        raise ValueError(f"positional table has {pos.shape[1]} offsets, patch {patch_size} needs {patch_size ** 2}")
+    _check_arguments(pos, patch_size, backend)
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if triton_attention.selected(backend, q.device):  # CUDA: the Triton kernels (GEVIT_CUDA_KERNEL chooses)
         return triton_attention.triton_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size,
                                                        dropout=dropout, seed=seed)
@@ -447,8 +451,7 @@ def packed_local_attention(qkv: Tensor, pos: Tensor, grp: Tensor | None, gidx: T
     ``[B, H, W, Gv, d, heads]``. The CPU kernel reads the heads in place (and writes one gradient for qkv); other
     backends get the heads split into images, ``[B * heads, H, W, G, d]`` each. ``seed``: dropout's (default: drawn
     from torch's generator)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_arguments(pos, patch_size, backend)
     if qkv.dim() != 7 or qkv.shape[4] != 3:
         raise ValueError(f"qkv must be [B, H, W, G, 3, d, heads], got {tuple(qkv.shape)}")
     if triton_attention.selected(backend, qkv.device) or not _use_kernel(backend, qkv.device):
@@ -456,10 +459,6 @@ def packed_local_attention(qkv: Tensor, pos: Tensor, grp: Tensor | None, gidx: T
         out = fast_local_attention(q, k, v, pos, grp, gidx, scale=scale, patch_size=patch_size, dropout=dropout,
                                    backend=backend)  # [B * heads, H, W, Gv, d]
         return out.unflatten(0, (qkv.shape[0], qkv.shape[6])).permute(0, 2, 3, 4, 5, 1)
-    if patch_size % 2 != 1:
-        raise ValueError(f"patch_size must be odd, got {patch_size}")
-    if pos.shape[1] != patch_size * patch_size:
-        raise ValueError(f"positional table has {pos.shape[1]} offsets, patch {patch_size} needs {patch_size ** 2}")
     dtype = qkv.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     if seed is None:

@@ -78,30 +78,18 @@ struct Vec {
 // ~1 ulp); glibc's expf has no vector form without -ffast-math, which would also assume finite math.
 inline Vec<float>::v vexp(Vec<float>::v x) {
   using V = Vec<float>;
-#if defined(__AVX512F__)
-  // the same reduction and polynomial, rounding and scaling by 2^n with one AVX-512 instruction each
   x = V::max(x, V::splat(-87.0f));
   x = x > 88.0f ? V::splat(88.0f) : x;
-  const __m512 n = _mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V::v fx = (V::v)n;
-  const V::v r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  const V::v z = r * r;
-  V::v y = V::splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  return (V::v)_mm512_scalef_ps((__m512)y, n);
+#if defined(__AVX512F__)  // AVX-512 rounds, and scales by 2^n, in one instruction each
+  const V::v fx = (V::v)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
   typedef int32_t vi __attribute__((vector_size(kBytes)));
-  x = V::max(x, V::splat(-87.0f));
-  x = x > 88.0f ? V::splat(88.0f) : x;
   const V::v t = x * 1.44269504088896341f + 0.5f;
   vi fi = __builtin_convertvector(t, vi);  // floor(t): truncate, then one down where that rounded up
   fi += (__builtin_convertvector(fi, V::v) > t);
   const V::v fx = __builtin_convertvector(fi, V::v);
+#endif
   const V::v r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   const V::v z = r * r;
   V::v y = V::splat(1.9875691500e-4f);
@@ -111,6 +99,9 @@ inline Vec<float>::v vexp(Vec<float>::v x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
+#if defined(__AVX512F__)
+  return (V::v)_mm512_scalef_ps((__m512)y, (__m512)fx);
+#else
   return y * (V::v)((fi + 127) << 23);
 #endif
 }
@@ -254,32 +245,42 @@ void put_row(const Dims& s, const Strided<T>& x, int64_t G, int64_t C, int64_t n
 // B + c * cs + off[md] (keys, values or their gradients; see rows()).
 constexpr int kXB = 4, kCB = 5;  // block of x by c: 20 accumulators or operands (D = 10 in the presets)
 
+// f(x0, xn, c0, cn) for the blocks of an X x C range (xn x cn: the block's size, at most XB x kCB)
+template <int XB, typename F>
+void for_blocks(int64_t X, int64_t C, F f) {
+  for (int64_t x0 = 0; x0 < X; x0 += XB)
+    for (int64_t c0 = 0; c0 < C; c0 += kCB) f(x0, std::min<int64_t>(XB, X - x0), c0, std::min<int64_t>(kCB, C - c0));
+}
+
+// a = the block of A at (x0, c0), zero outside
+template <typename T>
+void load_block(const typename Vec<T>::v* A, int64_t as, int64_t x0, int64_t xn, int64_t c0, int64_t cn,
+                typename Vec<T>::v (&a)[kXB][kCB]) {
+  for (int xx = 0; xx < kXB; ++xx)
+    for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : Vec<T>::splat(0);
+}
+
 // out[x, md] = sum_c A[x, c] B[c, md]   (scores q . k, and go . value)
 template <typename T>
 void contract_c(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_t C, const T* B, int64_t cs,
                 const int64_t* off, int64_t MD, typename Vec<T>::v* out) {
   using V = Vec<T>;
   using v = typename V::v;
-  for (int64_t x0 = 0; x0 < X; x0 += kXB) {
-    const int64_t xn = std::min<int64_t>(kXB, X - x0);
-    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
-      const int64_t cn = std::min<int64_t>(kCB, C - c0);
-      v a[kXB][kCB];
-      for (int xx = 0; xx < kXB; ++xx)
-        for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : V::splat(0);
-      for (int64_t md = 0; md < MD; ++md) {
-        const T* b = B + c0 * cs + off[md];
-        v bb[kCB];
-        for (int cc = 0; cc < kCB; ++cc) bb[cc] = cc < cn ? V::load(b + cc * cs) : V::splat(0);
-        for (int xx = 0; xx < kXB; ++xx) {
-          if (xx >= xn) break;
-          v acc = c0 == 0 ? V::splat(0) : out[(x0 + xx) * MD + md];
-          for (int cc = 0; cc < kCB; ++cc) acc += a[xx][cc] * bb[cc];
-          out[(x0 + xx) * MD + md] = acc;
-        }
+  for_blocks<kXB>(X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn) {
+    v a[kXB][kCB];
+    load_block<T>(A, as, x0, xn, c0, cn, a);
+    for (int64_t md = 0; md < MD; ++md) {
+      const T* b = B + c0 * cs + off[md];
+      v bb[kCB];
+      for (int cc = 0; cc < kCB; ++cc) bb[cc] = cc < cn ? V::load(b + cc * cs) : V::splat(0);
+      for (int xx = 0; xx < kXB; ++xx) {
+        if (xx >= xn) break;
+        v acc = c0 == 0 ? V::splat(0) : out[(x0 + xx) * MD + md];
+        for (int cc = 0; cc < kCB; ++cc) acc += a[xx][cc] * bb[cc];
+        out[(x0 + xx) * MD + md] = acc;
       }
     }
-  }
+  });
 }
 
 // out[x, c] = sum_md S[x, md] B[c, md]   (output p . value, and the query gradient dC . k)
@@ -289,25 +290,21 @@ void contract_md(const typename Vec<T>::v* S, int64_t X, int64_t C, const T* B, 
   using V = Vec<T>;
   using v = typename V::v;
   constexpr int XB = 2;
-  for (int64_t x0 = 0; x0 < X; x0 += XB) {
-    const int64_t xn = std::min<int64_t>(XB, X - x0);
-    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
-      const int64_t cn = std::min<int64_t>(kCB, C - c0);
-      v acc[XB][kCB] = {};
-      for (int64_t md = 0; md < MD; ++md) {
-        const T* b = B + c0 * cs + off[md];
-        v ss[XB];
-        for (int xx = 0; xx < XB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
-        for (int cc = 0; cc < kCB; ++cc) {
-          if (cc >= cn) break;
-          const v bc = V::load(b + cc * cs);
-          for (int xx = 0; xx < XB; ++xx) acc[xx][cc] += ss[xx] * bc;
-        }
+  for_blocks<XB>(X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn) {
+    v acc[XB][kCB] = {};
+    for (int64_t md = 0; md < MD; ++md) {
+      const T* b = B + c0 * cs + off[md];
+      v ss[XB];
+      for (int xx = 0; xx < XB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
+      for (int cc = 0; cc < kCB; ++cc) {
+        if (cc >= cn) break;
+        const v bc = V::load(b + cc * cs);
+        for (int xx = 0; xx < XB; ++xx) acc[xx][cc] += ss[xx] * bc;
       }
-      for (int xx = 0; xx < xn; ++xx)
-        for (int cc = 0; cc < cn; ++cc) out[(x0 + xx) * os + c0 + cc] = acc[xx][cc];
     }
-  }
+    for (int xx = 0; xx < xn; ++xx)
+      for (int cc = 0; cc < cn; ++cc) out[(x0 + xx) * os + c0 + cc] = acc[xx][cc];
+  });
 }
 
 // B[c, md] += sum_x A[x, c] S[x, md]   (the key and value gradients)
@@ -316,26 +313,21 @@ void accumulate_outer(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_
                       int64_t MD, T* B, int64_t cs, const int64_t* off) {
   using V = Vec<T>;
   using v = typename V::v;
-  for (int64_t x0 = 0; x0 < X; x0 += kXB) {
-    const int64_t xn = std::min<int64_t>(kXB, X - x0);
-    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
-      const int64_t cn = std::min<int64_t>(kCB, C - c0);
-      v a[kXB][kCB];
-      for (int xx = 0; xx < kXB; ++xx)
-        for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : V::splat(0);
-      for (int64_t md = 0; md < MD; ++md) {
-        v ss[kXB];
-        for (int xx = 0; xx < kXB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
-        T* b = B + c0 * cs + off[md];
-        for (int cc = 0; cc < kCB; ++cc) {
-          if (cc >= cn) break;
-          v acc = V::load(b + cc * cs);
-          for (int xx = 0; xx < kXB; ++xx) acc += a[xx][cc] * ss[xx];
-          V::store(b + cc * cs, acc);
-        }
+  for_blocks<kXB>(X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn) {
+    v a[kXB][kCB];
+    load_block<T>(A, as, x0, xn, c0, cn, a);
+    for (int64_t md = 0; md < MD; ++md) {
+      v ss[kXB];
+      for (int xx = 0; xx < kXB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
+      T* b = B + c0 * cs + off[md];
+      for (int cc = 0; cc < kCB; ++cc) {
+        if (cc >= cn) break;
+        v acc = V::load(b + cc * cs);
+        for (int xx = 0; xx < kXB; ++xx) acc += a[xx][cc] * ss[xx];
+        V::store(b + cc * cs, acc);
       }
     }
-  }
+  });
 }
 
 // off[md] for md = (m, b, a) of a row-buffer tensor with C channels at image row i: key or value (m, c) of offset
