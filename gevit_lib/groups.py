@@ -29,6 +29,13 @@ _NAMED = {"z2": (1, False), "p4": (4, False), "p8": (8, False), "p12": (12, Fals
 GROUP_NAMES: tuple[str, ...] = tuple(_NAMED)
 
 
+def _snapped(x: Tensor) -> Tensor:
+    """``x`` with entries within 1e-12 of a multiple of 1/2 set to it: cos and sin of multiples of 90 degrees are
+    then exact (not 6e-17), so a rotated offset grid is exactly a permutation of the grid."""
+    half = torch.round(2 * x) / 2
+    return torch.where((x - half).abs() < 1e-12, half, x)
+
+
 @dataclass(frozen=True)
 class Group:
     """The cyclic group C_n (``mirror=False``) or the dihedral group D_n (``mirror=True``) of order n or 2n."""
@@ -59,7 +66,7 @@ class Group:
         """``M^s R(theta)`` for every element, float64 [G, 2, 2], acting on (x = column, y = row down)."""
         angles = torch.tensor([2 * math.pi * k / self.n_rotations for k, _ in self.elements], dtype=torch.float64)
         mirrors = torch.tensor([s for _, s in self.elements], dtype=torch.int64)
-        c, s = torch.cos(angles), torch.sin(angles)
+        c, s = _snapped(torch.cos(angles)), _snapped(torch.sin(angles))
         rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
         mirror = torch.diag_embed(torch.stack([1.0 - 2.0 * mirrors.double(), torch.ones(len(self))], -1))
         return mirror @ rot

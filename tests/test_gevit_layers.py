@@ -22,6 +22,7 @@ from gevit_lib.nn import (
     relative_coordinates,
 )
 from gevit_lib.nn import cpu_kernel, fast_attention
+from gevit_lib.nn.positional import RelativePositionalEncoding
 
 
 requires_kernel = pytest.mark.skipif(not cpu_kernel.available(),
@@ -74,6 +75,19 @@ def test_coordinate_grids_follow_the_posts_figures() -> None:
     torch.testing.assert_close(c[1, :, :, 0], o.view(1, -1).expand(5, 5), atol=1e-12, rtol=0)
     torch.testing.assert_close(c[4, :, :, 0], c[0, :, :, 0])
     torch.testing.assert_close(c[4, :, :, 1], c[0, :, :, 1].flip(-1))
+
+
+@pytest.mark.parametrize("name,positional", [("p4", "gevit"), ("p4m", "gevit"), ("p4", "gsa"), ("p4m", "gsa")])
+def test_moved_tables_are_the_first_tables_rows_bit_for_bit(name: str, positional: str) -> None:
+    """Rotations by 90 degrees and mirrors move the offset grid onto itself exactly (cos 90 deg is 0, not 6e-17), so
+    every v's positional table holds the first one's rows, equal bit for bit: the CPU kernel then computes the
+    spatial scores once for all v."""
+    c = relative_coordinates(name, 5, positional).float().flatten(1, 2)
+    assert all(set(map(tuple, c[v].tolist())) == set(map(tuple, c[0].tolist())) for v in range(len(c)))
+    with torch.no_grad():
+        pos = RelativePositionalEncoding(name, 5, 3, positional=positional).spatial()
+    first = set(map(tuple, pos[0].view(torch.int32).tolist()))
+    assert set(map(tuple, pos.flatten(0, 1).view(torch.int32).tolist())) == first
 
 
 @pytest.mark.parametrize("name", ["p4", "p8", "p4m", "p8m"])
@@ -210,15 +224,18 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
 
 
 @requires_kernel
-@pytest.mark.parametrize("n,h,w,g,p,lifting", [
-    (3, 28, 28, 4, 5, False),  # rows of several runs, and images side by side (a 28-wide row fills 7 runs of 4)
-    (5, 9, 12, 4, 3, False),  # four 12-wide images a run group, the last group partial
-    (2, 6, 24, 8, 3, False),  # two 24-wide images a group (p4m-sized group axis)
-    (3, 7, 17, 1, 5, True),  # lifting, 17 wide: one image a group, a run of one pixel
+@pytest.mark.parametrize("n,h,w,g,p,lifting,moved", [
+    (3, 28, 28, 4, 5, False, False),  # rows of several runs, and images side by side (a 28-wide row fills 7 runs)
+    (3, 28, 28, 4, 5, False, True),  # the same with p4's moved tables (the spatial scores computed once)
+    (5, 9, 12, 4, 3, False, False),  # four 12-wide images a run group, the last group partial
+    (2, 6, 24, 8, 3, False, True),  # two 24-wide images a group, p4m's moved tables
+    (3, 7, 17, 1, 5, True, False),  # lifting, 17 wide: one image a group, a run of one pixel
+    (3, 7, 17, 4, 5, True, True),  # lifting with p4's moved tables
 ])
-def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w, g, p, lifting) -> None:
+def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w, g, p, lifting, moved) -> None:
     """The kernel reads q, k, v in place from a packed ``[B, H, W, G, 3, d, heads]`` projection (strided, several
-    heads), over the row layouts the small layer tests miss, on 2 threads; against the chunked path, float64."""
+    heads), over the row layouts the small layer tests miss, on 2 threads; against the chunked path, float64.
+    ``moved``: every v's positional table is the first one rotated (and mirrored), as in p4 and p4m."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -227,7 +244,11 @@ def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w
         gq = 1 if lifting else g
         proj = torch.randn(n, h, w, gq, 3 * d * heads + 2, dtype=torch.float64)[..., 1:-1]  # strided, as a slice
         qkv = proj.unflatten(-1, (3, d, heads)).requires_grad_(True)
-        pos = torch.randn(g, p * p, d if lifting else 3, dtype=torch.float64, requires_grad=True)
+        pos = torch.randn(g, p * p, d if lifting else 3, dtype=torch.float64)
+        if moved:
+            base = pos[0].view(p, p, -1)
+            pos = torch.stack([torch.rot90(base.flip(1) if v >= 4 else base, v % 4) for v in range(g)]).flatten(1, 2)
+        pos.requires_grad_(True)
         grp = None if lifting else torch.randn(g, 2, dtype=torch.float64, requires_grad=True)
         gidx = None if lifting else torch.randint(0, g, (g, g, g))
         inputs = [t for t in (qkv, pos, grp) if t is not None]

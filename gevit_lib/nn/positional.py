@@ -12,8 +12,6 @@ detail: docs/architecture.md; the group table: docs/group_table.md.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -58,9 +56,7 @@ def relative_coordinates(group: Group | str, size: int, positional: str = "gevit
             xy = torch.stack([cols, rows], -1) @ group.matrices[v].T  # (x, y) -> A_v (x, y)
             out.append(torch.stack([xy[..., 1], xy[..., 0]], -1))
         else:
-            theta = 2 * math.pi * k / group.n_rotations
-            c, s_ = math.cos(theta), math.sin(theta)
-            rot = torch.tensor([[c, -s_], [s_, c]], dtype=torch.float64)
+            rot = group.matrices[group.index(k)]  # R(theta_k), exact for multiples of 90 degrees
             rc = torch.stack([rows, cols], -1) @ rot.T  # (row, col) -> R(theta) (row, col)
             out.append(torch.flip(rc, dims=(1,)) if s else rc)
     return torch.stack(out)

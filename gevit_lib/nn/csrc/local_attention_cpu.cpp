@@ -7,7 +7,8 @@
 // The three terms are exponentiated at their own sizes, each shifted by its own maximum, and the score block is
 // their product (no exponential over the G^3 P^2 block); the sum of the maxima bounds the row maximum, so the
 // softmax is exact; a row whose bound underflows is recomputed the direct way. Nothing of size G^3 P^2 leaves the
-// pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser.
+// pixel: the backward pass recomputes the block from q, k, v and the saved log-normaliser. The spatial term is
+// computed on the distinct rows of the positional table (see distinct_rows()): once for all v in p4 and p4m.
 //
 // Vectorised across pixels: one SIMD lane per pixel of a run of L consecutive pixels of one image row, or of the
 // rows of several images side by side (L: 16 floats / 8 doubles with AVX-512, half that with AVX2), so every scalar
@@ -71,7 +72,15 @@ struct Vec {
 #endif
   }
   static i lane_bits() { i b; for (int k = 0; k < L; ++k) b[k] = I(1) << k; return b; }
-  static v where_bits(uint16_t b, v w) { return ((i{} + I(b)) & lane_bits()) != 0 ? w : splat(0); }
+  // w in the lanes whose bit is set in b, else 0
+  static v where_bits(uint16_t b, v w) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) return (v)_mm512_maskz_mov_ps(static_cast<__mmask16>(b), (__m512)w);
+    else return (v)_mm512_maskz_mov_pd(static_cast<__mmask8>(b), (__m512d)w);
+#else
+    return ((i{} + I(b)) & lane_bits()) != 0 ? w : splat(0);
+#endif
+  }
 };
 
 // exp of every lane (x clamped to [-87, 88]) (Cephes expf: Cody-Waite reduction + degree-6 polynomial,
@@ -156,15 +165,17 @@ inline uint32_t pixel_key(int64_t seed, int64_t pixel) {
   return mix32(s + mix32(static_cast<uint32_t>(pixel) * 0x85ebca6bU + static_cast<uint32_t>(pixel >> 32)));
 }
 
-// `w` where 16 random bits pass the threshold, else 0 (lane by lane).
+// One bit per lane (lane k: bit k): x >= t
 template <typename T>
-inline typename Vec<T>::v kept(typename Vec<T>::u bits, uint32_t threshold, typename Vec<T>::v w) {
+inline uint16_t at_least(typename Vec<T>::u x, uint32_t t) {
   using V = Vec<T>;
-  if constexpr (sizeof(T) == 4) {
-    return bits >= threshold ? w : V::splat(0);
-  } else {
-    return __builtin_convertvector(bits >= threshold, typename V::i) ? w : V::splat(0);
-  }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (sizeof(T) == 4) return _mm512_cmpge_epu32_mask((__m512i)x, _mm512_set1_epi32(static_cast<int>(t)));
+  else return _mm256_cmpge_epu32_mask((__m256i)x, _mm256_set1_epi32(static_cast<int>(t)));
+#else
+  if constexpr (sizeof(T) == 4) return V::bits(x >= t);
+  else return V::bits(__builtin_convertvector(x >= t, typename V::i));
+#endif
 }
 
 // Subnormal inputs and results as zero while a task runs (x86 FTZ and DAZ): each operation on a subnormal costs
@@ -179,7 +190,7 @@ struct FlushDenormals {
 };
 
 struct Dims {
-  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Dpos, Dg, J, images, groups, runs, Wpad;
+  int64_t N, H, W, Gq, Gk, Gv, D, Dv, P, P2, MD, Dpos, Dg, J, images, groups, runs, Wpad, R;
   bool has_group;
 };
 // lse output: log of the row sum relative to the row's shift (sum of the three maxima), or this marker for rows
@@ -348,7 +359,7 @@ struct Run {
   static constexpr int L = V::L;
   const Dims& s;
   std::vector<T> ks, vs;  // the run's image rows of keys and values (see rows())
-  std::vector<v> q, mask, C, eC, S, eS, A, eA, cmax, smax, amax, qg, row;
+  std::vector<v> q, mask, C, eC, S0, eS0, eS, A, eA, cmax, smax, amax, qg, row;
   std::vector<int64_t> koff, voff;  // md_offsets of the key and value rows
   int64_t cs;  // channel stride of the row buffers
   v valid;  // 1 for lanes on a pixel
@@ -360,8 +371,8 @@ struct Run {
 
   explicit Run(const Dims& d)
       : s(d), ks(d.Gk * d.D * d.P * d.Wpad), vs(d.Gk * d.Dv * d.P * d.Wpad), q(d.Gq * d.D), mask(d.P2),
-        C(d.Gq * d.MD), eC(d.Gq * d.MD), S(d.Gv * d.Gq * d.P2), eS(d.Gv * d.Gq * d.P2), A(d.Gv * d.Gq * d.Gk),
-        eA(d.Gv * d.Gq * d.Gk), cmax(d.Gq), smax(d.Gv * d.Gq), amax(d.Gv * d.Gq),
+        C(d.Gq * d.MD), eC(d.Gq * d.MD), S0(d.Gq * d.R), eS0(d.Gq * d.R), eS(d.Gv * d.Gq * d.P2),
+        A(d.Gv * d.Gq * d.Gk), eA(d.Gv * d.Gq * d.Gk), cmax(d.Gq), smax(d.Gq), amax(d.Gv * d.Gq),
         qg(d.Gq * std::max<int64_t>(d.J, 1)), row(d.MD), koff(d.MD), voff(d.MD), cs(d.P * d.Wpad) {}
 
   int64_t pixel(int k) const { return pix[k]; }
@@ -413,7 +424,7 @@ struct Run {
   }
 
   // Content, spatial and group terms (times scale), their maxima over the neighbourhood and shifted exponentials.
-  void scores(const T* posT, const T* grp, const int64_t* gidx) {
+  void scores(const T* U, const int64_t* idx, const T* grp, const int64_t* gidx) {
     const int64_t P2 = s.P2, MD = s.MD, Gq = s.Gq, Gk = s.Gk, Gv = s.Gv;
     const v lowest = V::splat(std::numeric_limits<T>::lowest());
     contract_c<T>(q.data(), s.D, Gq, s.D, ks.data() + j0, cs, koff.data(), MD, C.data());
@@ -424,19 +435,19 @@ struct Run {
       cmax[g] = mx = mx == lowest ? V::splat(0) : mx;  // lanes outside the image see no key
       for (int64_t m = 0; m < Gk; ++m)
         for (int64_t d = 0; d < P2; ++d) eC[g * MD + m * P2 + d] = vexp(C[g * MD + m * P2 + d] - mx) * mask[d];
-      for (int64_t vv = 0; vv < Gv; ++vv) {
-        const int64_t vg = vv * Gq + g;
-        v sm = lowest;
-        for (int64_t d = 0; d < P2; ++d) {
-          const T* pc = posT + vv * s.Dpos * P2 + d;
-          v acc = q[g * s.D] * pc[0];
-          for (int64_t c = 1; c < s.Dpos; ++c) acc += q[g * s.D + c] * pc[c * P2];
-          S[vg * P2 + d] = acc;
-          sm = V::max(sm, mask[d] > T(0) ? acc : lowest);
-        }
-        smax[vg] = sm = sm == lowest ? V::splat(0) : sm;
-        for (int64_t d = 0; d < P2; ++d) eS[vg * P2 + d] = vexp(S[vg * P2 + d] - sm);
+      // spatial: the distinct rows of the table (for GE-ViT's p4 and p4m tables, the first v's), shifted by their
+      // maximum (over every offset: a valid bound for every v), then moved to each v's offsets
+      v sm = lowest;
+      for (int64_t r = 0; r < s.R; ++r) {
+        v acc = q[g * s.D] * U[r];
+        for (int64_t c = 1; c < s.Dpos; ++c) acc += q[g * s.D + c] * U[c * s.R + r];
+        S0[g * s.R + r] = acc;
+        sm = V::max(sm, acc);
       }
+      smax[g] = sm;
+      for (int64_t r = 0; r < s.R; ++r) eS0[g * s.R + r] = vexp(S0[g * s.R + r] - sm);
+      for (int64_t vv = 0; vv < Gv; ++vv)
+        for (int64_t d = 0; d < P2; ++d) eS[(vv * Gq + g) * P2 + d] = eS0[g * s.R + idx[vv * P2 + d]];
       for (int64_t jx = 0; jx < s.J; ++jx) {
         v acc = V::splat(0);
         for (int64_t c = 0; c < s.Dg; ++c) acc += q[g * s.D + s.Dpos + c] * grp[jx * s.Dg + c];
@@ -455,33 +466,55 @@ struct Run {
     }
   }
 
-  // row[md] = exp(L[v,g,md] - shift) * f (shift = cmax + smax + amax) as the product of the three factors; returns
-  // the row sums.
-  v factored_row(int64_t vv, int64_t g, v f) {
+  // z = sum over (m, d) of exp(L[v,g,m,d] - shift) (shift = cmax + smax + amax), the product of the three factors
+  v row_sum(int64_t vv, int64_t g) const {
     const int64_t P2 = s.P2, vg = vv * s.Gq + g;
     const v* eCg = eC.data() + g * s.MD;
     const v* eSvg = eS.data() + vg * P2;
-    v z[4] = {};  // four partial sums: the additions do not wait on each other
+    v z = V::splat(0);
+    for (int64_t m = 0; m < s.Gk; ++m) {
+      v z4[4] = {};  // four partial sums: the additions do not wait on each other
+      for (int64_t d = 0; d < P2; ++d) z4[d & 3] += eCg[m * P2 + d] * eSvg[d];
+      z += eA[vg * s.Gk + m] * ((z4[0] + z4[1]) + (z4[2] + z4[3]));
+    }
+    return z;
+  }
+
+  // row[md] = exp(L[v,g,md] - shift) * f
+  void factored_row(int64_t vv, int64_t g, v f) {
+    const int64_t P2 = s.P2, vg = vv * s.Gq + g;
+    const v* eCg = eC.data() + g * s.MD;
+    const v* eSvg = eS.data() + vg * P2;
     for (int64_t m = 0; m < s.Gk; ++m) {
       const v a = eA[vg * s.Gk + m] * f;
+      for (int64_t d = 0; d < P2; ++d) row[m * P2 + d] = eCg[m * P2 + d] * eSvg[d] * a;
+    }
+  }
+
+  // wv[md] += exp(L[v,g,md] - shift) * w where dropout keeps the score (bit set in keep[md]; Drop false: all)
+  template <bool Drop>
+  void accumulate(int64_t vv, int64_t g, v w, const uint16_t* keep, v* wv) const {
+    const int64_t P2 = s.P2, vg = vv * s.Gq + g;
+    const v* eCg = eC.data() + g * s.MD;
+    const v* eSvg = eS.data() + vg * P2;
+    for (int64_t m = 0; m < s.Gk; ++m) {
+      const v a = eA[vg * s.Gk + m] * w;
       for (int64_t d = 0; d < P2; ++d) {
         const v x = eCg[m * P2 + d] * eSvg[d] * a;
-        row[m * P2 + d] = x;
-        z[d & 3] += x;
+        wv[m * P2 + d] += Drop ? V::where_bits(keep[m * P2 + d], x) : x;
       }
     }
-    return (z[0] + z[1]) + (z[2] + z[3]);
   }
 
   // The lanes `lanes_exact` of row[md] as exp(L[v,g,md] - max) / z computed directly (max: the exact row maximum).
-  void exact_row(int64_t vv, int64_t g, typename V::i lanes_exact) {
+  void exact_row(int64_t vv, int64_t g, typename V::i lanes_exact, const int64_t* idx) {
     const int64_t P2 = s.P2, vg = vv * s.Gq + g;
     const v lowest = V::splat(std::numeric_limits<T>::lowest());
     std::vector<v> x(s.MD);
     v mx = lowest;
     for (int64_t m = 0; m < s.Gk; ++m)
       for (int64_t d = 0; d < P2; ++d) {
-        x[m * P2 + d] = C[g * s.MD + m * P2 + d] + S[vg * P2 + d] + A[vg * s.Gk + m];
+        x[m * P2 + d] = C[g * s.MD + m * P2 + d] + S0[g * s.R + idx[vv * P2 + d]] + A[vg * s.Gk + m];
         mx = V::max(mx, mask[d] > T(0) ? x[m * P2 + d] : lowest);
       }
     v z = V::splat(0);
@@ -493,22 +526,16 @@ struct Run {
     for (int64_t md = 0; md < s.MD; ++md) row[md] = lanes_exact ? x[md] / z : row[md];
   }
 
-  // out[md] = row[md] * `w` where dropout keeps score (v, g, md), 0 where it drops it: 16 random bits per
-  // score, the two halves of hash (seed, pixel, v, g, t) for md = t and md = t + ceil(MD / 2). The kept lanes of
-  // score md go to bit k of keep[md] (the backward pass reads them instead of hashing again).
-  void drop(int64_t vv, int64_t g, typename V::u key, uint32_t threshold, v w, v* out, uint16_t* keep) {
+  // keep[md]: the lanes where dropout keeps score (v, g, md) (bit k: lane k): 16 random bits per score at least
+  // the threshold, the two halves of hash (seed, pixel, v, g, t) for md = t and md = t + ceil(MD / 2). The backward
+  // pass reads them instead of hashing again.
+  void draw(int64_t vv, int64_t g, typename V::u key, uint32_t threshold, uint16_t* keep) const {
     const int64_t half = (s.MD + 1) / 2;
     const typename V::u base = key + static_cast<uint32_t>((vv * s.Gq + g) * half);
     for (int64_t t = 0; t < half; ++t) {
       const typename V::u h = mix32(base + static_cast<uint32_t>(t));
-      const v k0 = kept<T>(h & 0xffffU, threshold, V::splat(1));
-      out[t] = row[t] * (k0 * w);
-      keep[t] = V::bits(k0 > T(0));
-      if (t + half < s.MD) {
-        const v k1 = kept<T>(h >> 16, threshold, V::splat(1));
-        out[t + half] = row[t + half] * (k1 * w);
-        keep[t + half] = V::bits(k1 > T(0));
-      }
+      keep[t] = at_least<T>(h & 0xffffU, threshold);
+      if (t + half < s.MD) keep[t + half] = at_least<T>(h >> 16, threshold);
     }
   }
 
@@ -527,12 +554,12 @@ bool any(typename V::i x) {
 }
 
 Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-               const at::Tensor& grp, int64_t patch, int64_t lanes) {
+               const at::Tensor& grp, int64_t patch, int64_t lanes, int64_t rows) {
   TORCH_CHECK(q.dim() == 6 && k.dim() == 6 && v.dim() == 6, "q, k, v must be [B, H, W, G, C, heads]");
   Dims s;
   s.N = q.size(0) * q.size(5); s.H = q.size(1); s.W = q.size(2); s.Gq = q.size(3); s.D = q.size(4);
   s.Gk = k.size(3); s.Dv = v.size(4); s.Gv = pos.size(0); s.P = patch; s.P2 = patch * patch;
-  s.MD = s.Gk * s.P2; s.Dpos = pos.size(2);
+  s.MD = s.Gk * s.P2; s.Dpos = pos.size(2); s.R = rows;
   // Images side by side in a run's row: the fewest that fill at least 15/16 of the lanes (at most enough for a
   // whole number of runs): small images fill the lanes, and a 28-wide row is not two runs with 4 idle lanes.
   const int64_t most = lanes / std::gcd(s.W, lanes);
@@ -555,9 +582,35 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   return s;
 }
 
-// pos [Gv, P2 (a * P + b), Dpos] -> [Gv, Dpos, P2 (b * P + a)]: the kernel's offset order, offsets innermost
-at::Tensor pos_transposed(const at::Tensor& pos, int64_t P) {
-  return pos.reshape({pos.size(0), P, P, pos.size(2)}).permute({0, 3, 2, 1}).contiguous().view({pos.size(0), pos.size(2), P * P});
+// The distinct rows of the positional table pos [Gv, P2 (a * P + b), Dpos] (equal bit for bit): U [Dpos, R] and, for
+// every v and offset d = b * P + a (the kernel's order), idx[v * P2 + d] with pos[v, a * P + b] = U[:, idx]. GE-ViT's
+// p4 and p4m tables are the first v's moved (R = P2): the spatial scores and their exponentials are computed once.
+struct PosRows {
+  at::Tensor U;
+  std::vector<int64_t> idx;
+};
+
+PosRows distinct_rows(const at::Tensor& pos, int64_t P) {
+  TORCH_CHECK(pos.dim() == 3 && pos.is_contiguous(), "the positional table must be a contiguous [Gv, P*P, Dpos]");
+  TORCH_CHECK(pos.size(1) == P * P, "positional table has ", pos.size(1), " offsets, patch ", P, " needs ", P * P);
+  const int64_t Gv = pos.size(0), P2 = pos.size(1), n = Gv * P2;
+  const size_t bytes = pos.size(2) * pos.element_size();
+  const char* base = static_cast<const char*>(pos.data_ptr());
+  auto row = [&](int64_t r) { return base + r * bytes; };
+  std::vector<int64_t> order(n), first, id(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return std::memcmp(row(x), row(y), bytes) < 0; });
+  for (const int64_t r : order) {
+    if (first.empty() || std::memcmp(row(first.back()), row(r), bytes) != 0) first.push_back(r);
+    id[r] = static_cast<int64_t>(first.size()) - 1;
+  }
+  PosRows out;
+  out.U = pos.reshape({n, pos.size(2)}).index_select(0, at::tensor(first)).t().contiguous();
+  out.idx.resize(n);
+  for (int64_t v = 0; v < Gv; ++v)
+    for (int64_t a = 0; a < P; ++a)
+      for (int64_t b = 0; b < P; ++b) out.idx[v * P2 + b * P + a] = id[v * P2 + a * P + b];
+  return out;
 }
 
 uint32_t drop_threshold(double p) { return static_cast<uint32_t>(std::min(65536.0, std::ceil(p * 65536.0))); }
@@ -576,15 +629,16 @@ std::vector<at::Tensor> forward(const at::Tensor& qt, const at::Tensor& kt, cons
   auto out = at::empty({qt.size(0), qt.size(1), qt.size(2), pos.size(0), vt.size(4), qt.size(5)}, qt.options());
   auto lse = at::empty({qt.size(0) * qt.size(5), qt.size(1), qt.size(2), pos.size(0), qt.size(3)}, qt.options());
   at::Tensor keep;  // dropout's kept lanes, a bit per lane: [image group, row, run, v, g, md]
-  const at::Tensor posT = pos_transposed(pos, patch);
+  const PosRows rows = distinct_rows(pos, patch);
   const uint32_t threshold = dropout > 0 ? drop_threshold(dropout) : 0;
   AT_DISPATCH_FLOATING_TYPES(qt.scalar_type(), "gevit_local_attention_forward", [&] {
     using T = scalar_t;
     using V = Vec<T>;
     using v = typename V::v;
-    const Dims s = make_dims(qt, kt, vt, pos, grp, patch, V::L);
+    const Dims s = make_dims(qt, kt, vt, pos, grp, patch, V::L, rows.U.size(1));
     const Strided<T> qx(qt), kx(kt), vx(vt), ox(out);
-    const T* pd = posT.data_ptr<T>();
+    const T* ud = rows.U.data_ptr<T>();
+    const int64_t* id = rows.idx.data();
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
     T* ld = lse.data_ptr<T>();
@@ -601,25 +655,32 @@ std::vector<at::Tensor> forward(const at::Tensor& qt, const at::Tensor& kt, cons
         run.start_row(kx, vx, ni / s.H, ni % s.H);
         for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
           run.start_run(jr * V::L, qx, T(scale));
-          run.scores(pd, gd, xd);
+          run.scores(ud, id, gd, xd);
           const typename V::u key = dropout > 0 ? run.keys(seed) : typename V::u{};
           const int lanes = run.lanes();
           std::fill(wsum.begin(), wsum.end(), V::splat(0));
           for (int64_t vv = 0; vv < s.Gv; ++vv) {
             v* wv = wsum.data() + vv * MD;
             for (int64_t g = 0; g < s.Gq; ++g) {
-              v z = run.factored_row(vv, g, V::splat(1));
+              v z = run.row_sum(vv, g);
+              uint16_t* kb = dropout > 0 ? kd_bits + (((ni * s.runs + jr) * s.Gv + vv) * s.Gq + g) * MD : nullptr;
+              if (kb) run.draw(vv, g, key, threshold, kb);
               const typename V::i exact = (z < tiny) & (run.valid > T(0));
-              if (any<V>(exact)) {  // the shift bound was too loose: exact maximum (the backward pass redoes this)
-                run.exact_row(vv, g, exact);
+              const bool any_exact = any<V>(exact);
+              if (any_exact) {  // the shift bound was too loose: exact maximum (the backward pass redoes this)
+                run.factored_row(vv, g, V::splat(1));
+                run.exact_row(vv, g, exact, id);
                 z = exact ? V::splat(1) : z;
               }
               const v log_z = exact ? V::splat(kExactRow<T>) : vlog(z);
               for (int k = 0; k < lanes; ++k) ld[(run.pixel(k) * s.Gv + vv) * s.Gq + g] = log_z[k];
               const v w = run.valid > T(0) ? keep_scale / z : V::splat(0);
-              if (dropout > 0)
-                run.drop(vv, g, key, threshold, w, run.row.data(), kd_bits + (((ni * s.runs + jr) * s.Gv + vv) * s.Gq + g) * MD);
-              for (int64_t md = 0; md < MD; ++md) wv[md] += dropout > 0 ? run.row[md] : run.row[md] * w;
+              if (any_exact)
+                for (int64_t md = 0; md < MD; ++md) wv[md] += kb ? V::where_bits(kb[md], run.row[md] * w) : run.row[md] * w;
+              else if (kb)
+                run.template accumulate<true>(vv, g, w, kb, wv);
+              else
+                run.template accumulate<false>(vv, g, w, nullptr, wv);
             }
           }
           // out[v, c] = sum_md wsum[v, md] value[c, md]
@@ -641,7 +702,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& vt, const at::Tensor& pos, const at::Tensor& grp,
                                  const at::Tensor& gidx, const at::Tensor& lse, const at::Tensor& keep, double scale,
                                  int64_t patch, double dropout, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
-  const at::Tensor posT = pos_transposed(pos, patch);
+  const PosRows rows = distinct_rows(pos, patch);
   const int64_t threads = at::get_num_threads();
   const int64_t J = std::max<int64_t>(grp.numel() > 0 ? grp.size(0) : 0, 1);
   const int64_t Dg = std::max<int64_t>(grp.numel() > 0 ? grp.size(1) : 0, 1);
@@ -651,13 +712,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     using T = scalar_t;
     using V = Vec<T>;
     using v = typename V::v;
-    const Dims s = make_dims(qt, kt, vt, pos, grp, patch, V::L);
+    const Dims s = make_dims(qt, kt, vt, pos, grp, patch, V::L, rows.U.size(1));
     TORCH_CHECK(dq.sizes() == qt.sizes() && dk.sizes() == kt.sizes() && dv.sizes() == vt.sizes(),
                 "dq, dk, dv must have the shapes of q, k, v");
     TORCH_CHECK(grad_out.dim() == 6 && grad_out.size(3) == s.Gv && grad_out.size(4) == s.Dv,
                 "grad_out must be [B, H, W, Gv, Dv, heads]");
     const Strided<T> qx(qt), kx(kt), vx(vt), gox(grad_out), dqx(dq), dkx(dk), dvx(dv);
-    const T* pd = posT.data_ptr<T>();
+    const T* ud = rows.U.data_ptr<T>();
+    const int64_t* id = rows.idx.data();
     const T* gd = s.has_group ? grp.data_ptr<T>() : nullptr;
     const int64_t* xd = s.has_group ? gidx.data_ptr<int64_t>() : nullptr;
     const T* ld = lse.data_ptr<T>();
@@ -676,14 +738,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       T* dgrp = dgrp_parts.data_ptr<T>() + tid * J * Dg;
       Run<T> run(s);
       std::vector<v> go(Gv * s.Dv), dP(Gv * MD), wsum(Gv * MD), dC(Gq * MD), dS(Gv * Gq * P2), dA(Gv * Gq * Gk),
-          dq_run(Gq * s.D), kept_row(MD), dpos_acc(Gv * s.Dpos * P2, V::splat(0)), dgrp_acc(J * Dg, V::splat(0)), dqg(Gq * J);
+          dq_run(Gq * s.D), dS0(Gq * s.R), kept_row(MD), dpos_acc(Gv * s.Dpos * P2, V::splat(0)), dgrp_acc(J * Dg, V::splat(0)), dqg(Gq * J);
       std::vector<T> dks(run.ks.size()), dvs(run.vs.size());  // gradients of the run rows
       for (int64_t n = begin; n < end; ++n) {  // n: the group
         for (int64_t i = 0; i < s.H; ++i) {
           run.start_row(kx, vx, n, i);
           for (int64_t jr = 0; jr * V::L < run.count * s.W; ++jr) {
             run.start_run(jr * V::L, qx, sc);
-            run.scores(pd, gd, xd);
+            run.scores(ud, id, gd, xd);
             const int lanes = run.lanes();
             for (auto& x : go) x = V::splat(0);
             for (int k = 0; k < lanes; ++k) {
@@ -706,13 +768,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 const typename V::i exact = log_z == kExactRow<T>;
                 // relative to the shift: no cancellation between large logits and their normaliser
                 run.factored_row(vv, g, vexp(exact ? V::splat(0) : -log_z));
-                if (any<V>(exact)) run.exact_row(vv, g, exact);  // the forward pass took the exact path here
+                if (any<V>(exact)) run.exact_row(vv, g, exact, id);  // the forward pass took the exact path here
                 const v* prob = run.row.data();
                 v* kr = kept_row.data();  // the kept probabilities: p * keep / (1 - dropout) (dropout's bits), or p
                 const uint16_t* bits = dropout > 0 ? kd_bits + (((n * s.H + i) * s.runs + jr) * Gv * Gq + vg) * MD : nullptr;
                 v r4[4] = {};
                 for (int64_t md = 0; md < MD; ++md) {
-                  const v k = bits ? prob[md] * V::where_bits(bits[md], keep_sv) : prob[md];
+                  const v k = bits ? V::where_bits(bits[md], prob[md] * keep_sv) : prob[md];
                   kr[md] = k;
                   wv[md] += k;
                   r4[md & 3] += k * dPv[md];
@@ -737,20 +799,25 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             accumulate_outer<T>(run.q.data(), s.D, Gq, s.D, dC.data(), MD, dks.data() + run.j0, run.cs, run.koff.data());
             accumulate_outer<T>(go.data(), s.Dv, Gv, s.Dv, wsum.data(), MD, dvs.data() + run.j0, run.cs, run.voff.data());
             for (auto& x : dq_run) x *= sc;
-            // Spatial: dq[g, :Dpos] += sc * dS[v,g] . posT[v]; dposT[v] += sc * q[g, :Dpos] dS[v,g]
+            // Spatial: dq[g, :Dpos] += sc * sum_r dS0[g, r] U[:, r] (dS0[g, r]: dS[v, g, d] summed over idx[v, d] = r);
+            // dposT[v, c, d] += sum_g sc * q[g, c] dS[v, g, d]
+            std::fill(dS0.begin(), dS0.end(), V::splat(0));
             for (int64_t vv = 0; vv < Gv; ++vv)
-              for (int64_t g = 0; g < Gq; ++g) {
-                const v* dSvg = dS.data() + (vv * Gq + g) * P2;
-                for (int64_t c = 0; c < s.Dpos; ++c) {
-                  const T* pc = pd + (vv * s.Dpos + c) * P2;
-                  v* dpc = dpos_acc.data() + (vv * s.Dpos + c) * P2;
-                  const v qc = run.q[g * s.D + c];
-                  v acc = V::splat(0);
-                  for (int64_t d = 0; d < P2; ++d) {
-                    acc += dSvg[d] * pc[d];
-                    dpc[d] += qc * dSvg[d];
-                  }
-                  dq_run[g * s.D + c] += sc * acc;
+              for (int64_t g = 0; g < Gq; ++g)
+                for (int64_t d = 0; d < P2; ++d) dS0[g * s.R + id[vv * P2 + d]] += dS[(vv * Gq + g) * P2 + d];
+            for (int64_t g = 0; g < Gq; ++g)
+              for (int64_t c = 0; c < s.Dpos; ++c) {
+                v acc = V::splat(0);
+                for (int64_t r = 0; r < s.R; ++r) acc += dS0[g * s.R + r] * ud[c * s.R + r];
+                dq_run[g * s.D + c] += sc * acc;
+              }
+            for (int64_t vv = 0; vv < Gv; ++vv)
+              for (int64_t c = 0; c < s.Dpos; ++c) {
+                v* dpc = dpos_acc.data() + (vv * s.Dpos + c) * P2;
+                for (int64_t d = 0; d < P2; ++d) {
+                  v acc = dpc[d];
+                  for (int64_t g = 0; g < Gq; ++g) acc += run.q[g * s.D + c] * dS[(vv * Gq + g) * P2 + d];
+                  dpc[d] = acc;
                 }
               }
             // Group: dqg[g, j] = sc * sum of dA over (v, m) with gidx[v,g,m] = j
