@@ -473,9 +473,17 @@ struct Run {
     const v* eSvg = eS.data() + vg * P2;
     v z = V::splat(0);
     for (int64_t m = 0; m < s.Gk; ++m) {
-      v z4[4] = {};  // four partial sums: the additions do not wait on each other
-      for (int64_t d = 0; d < P2; ++d) z4[d & 3] += eCg[m * P2 + d] * eSvg[d];
-      z += eA[vg * s.Gk + m] * ((z4[0] + z4[1]) + (z4[2] + z4[3]));
+      const v* c = eCg + m * P2;
+      v z0 = V::splat(0), z1 = z0, z2 = z0, z3 = z0;  // four partial sums in registers: no chained additions
+      int64_t d = 0;
+      for (; d + 4 <= P2; d += 4) {
+        z0 += c[d] * eSvg[d];
+        z1 += c[d + 1] * eSvg[d + 1];
+        z2 += c[d + 2] * eSvg[d + 2];
+        z3 += c[d + 3] * eSvg[d + 3];
+      }
+      for (; d < P2; ++d) z0 += c[d] * eSvg[d];
+      z += eA[vg * s.Gk + m] * ((z0 + z1) + (z2 + z3));
     }
     return z;
   }
@@ -772,14 +780,22 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 const v* prob = run.row.data();
                 v* kr = kept_row.data();  // the kept probabilities: p * keep / (1 - dropout) (dropout's bits), or p
                 const uint16_t* bits = dropout > 0 ? kd_bits + (((n * s.H + i) * s.runs + jr) * Gv * Gq + vg) * MD : nullptr;
-                v r4[4] = {};
-                for (int64_t md = 0; md < MD; ++md) {
+                auto kept = [&](int64_t md) {  // k * dP, after kr[md] = k and wsum[v, md] += k
                   const v k = bits ? V::where_bits(bits[md], prob[md] * keep_sv) : prob[md];
                   kr[md] = k;
                   wv[md] += k;
-                  r4[md & 3] += k * dPv[md];
+                  return k * dPv[md];
+                };
+                v r0 = V::splat(0), r1 = r0, r2 = r0, r3 = r0;  // four partial sums in registers
+                int64_t md = 0;
+                for (; md + 4 <= MD; md += 4) {
+                  r0 += kept(md);
+                  r1 += kept(md + 1);
+                  r2 += kept(md + 2);
+                  r3 += kept(md + 3);
                 }
-                const v rs = (r4[0] + r4[1]) + (r4[2] + r4[3]);
+                for (; md < MD; ++md) r0 += kept(md);
+                const v rs = (r0 + r1) + (r2 + r3);
                 for (int64_t m = 0; m < Gk; ++m) {
                   v acc = V::splat(0);
                   for (int64_t d = 0; d < P2; ++d) {
