@@ -263,12 +263,15 @@ void for_blocks(int64_t X, int64_t C, F f) {
     for (int64_t c0 = 0; c0 < C; c0 += kCB) f(x0, std::min<int64_t>(XB, X - x0), c0, std::min<int64_t>(kCB, C - c0));
 }
 
-// a = the block of A at (x0, c0), zero outside
-template <typename T>
-void load_block(const typename Vec<T>::v* A, int64_t as, int64_t x0, int64_t xn, int64_t c0, int64_t cn,
-                typename Vec<T>::v (&a)[kXB][kCB]) {
-  for (int xx = 0; xx < kXB; ++xx)
-    for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : Vec<T>::splat(0);
+// f(x0, xn, c0, cn, a) for the kXB x kCB blocks of A, with a = the block at (x0, c0), zero outside
+template <typename T, typename F>
+void for_loaded_blocks(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_t C, F f) {
+  for_blocks<kXB>(X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn) {
+    typename Vec<T>::v a[kXB][kCB];
+    for (int xx = 0; xx < kXB; ++xx)
+      for (int cc = 0; cc < kCB; ++cc) a[xx][cc] = xx < xn && cc < cn ? A[(x0 + xx) * as + c0 + cc] : Vec<T>::splat(0);
+    f(x0, xn, c0, cn, a);
+  });
 }
 
 // out[x, md] = sum_c A[x, c] B[c, md]   (scores q . k, and go . value)
@@ -277,9 +280,7 @@ void contract_c(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_t C, c
                 const int64_t* off, int64_t MD, typename Vec<T>::v* out) {
   using V = Vec<T>;
   using v = typename V::v;
-  for_blocks<kXB>(X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn) {
-    v a[kXB][kCB];
-    load_block<T>(A, as, x0, xn, c0, cn, a);
+  for_loaded_blocks<T>(A, as, X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn, const auto& a) {
     for (int64_t md = 0; md < MD; ++md) {
       const T* b = B + c0 * cs + off[md];
       v bb[kCB];
@@ -324,9 +325,7 @@ void accumulate_outer(const typename Vec<T>::v* A, int64_t as, int64_t X, int64_
                       int64_t MD, T* B, int64_t cs, const int64_t* off) {
   using V = Vec<T>;
   using v = typename V::v;
-  for_blocks<kXB>(X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn) {
-    v a[kXB][kCB];
-    load_block<T>(A, as, x0, xn, c0, cn, a);
+  for_loaded_blocks<T>(A, as, X, C, [&](int64_t x0, int64_t xn, int64_t c0, int64_t cn, const auto& a) {
     for (int64_t md = 0; md < MD; ++md) {
       v ss[kXB];
       for (int xx = 0; xx < kXB; ++xx) ss[xx] = xx < xn ? S[(x0 + xx) * MD + md] : V::splat(0);
