@@ -568,9 +568,10 @@ def fit(model: nn.Module, train_data: Data, val_data: Data | None, config: Train
             if main:
                 if improved or val is None:
                     run.save_best(model)
-                save_checkpoint(run.last, config.to_dict(), model_record, state, **stateful)
                 run.write_history(state.history)
                 run.write_summary(_summary(loop, state, splits, None))
+                # last: a run killed at any point has every file of the epoch its last.pt holds
+                save_checkpoint(run.last, config.to_dict(), model_record, state, **stateful)
             dist_utils.barrier()  # the epoch's files are complete before any rank goes on (or is stopped)
         _report_epoch(loop, state, record, improved, epoch_seconds)
         if on_epoch_end is not None:
