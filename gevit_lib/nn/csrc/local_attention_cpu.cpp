@@ -358,7 +358,7 @@ struct Run {
   static constexpr int L = V::L;
   const Dims& s;
   std::vector<T> ks, vs;  // the run's image rows of keys and values (see rows())
-  std::vector<v> q, mask, C, eC, S0, eS0, eS, A, eA, cmax, smax, amax, qg, row;
+  std::vector<v> q, mask, C, eC, S0, eS0, eS, A, eA, qg, row;
   std::vector<int64_t> koff, voff;  // md_offsets of the key and value rows
   int64_t cs;  // channel stride of the row buffers
   v valid;  // 1 for lanes on a pixel
@@ -371,7 +371,7 @@ struct Run {
   explicit Run(const Dims& d)
       : s(d), ks(d.Gk * d.D * d.P * d.Wpad), vs(d.Gk * d.Dv * d.P * d.Wpad), q(d.Gq * d.D), mask(d.P2),
         C(d.Gq * d.MD), eC(d.Gq * d.MD), S0(d.Gq * d.R), eS0(d.Gq * d.R), eS(d.Gv * d.Gq * d.P2),
-        A(d.Gv * d.Gq * d.Gk), eA(d.Gv * d.Gq * d.Gk), cmax(d.Gq), smax(d.Gq), amax(d.Gv * d.Gq),
+        A(d.Gv * d.Gq * d.Gk), eA(d.Gv * d.Gq * d.Gk),
         qg(d.Gq * std::max<int64_t>(d.J, 1)), row(d.MD), koff(d.MD), voff(d.MD), cs(d.P * d.Wpad) {}
 
   int64_t pixel(int k) const { return pix[k]; }
@@ -431,7 +431,7 @@ struct Run {
       v mx = lowest;
       for (int64_t m = 0; m < Gk; ++m)
         for (int64_t d = 0; d < P2; ++d) mx = V::max(mx, mask[d] > T(0) ? C[g * MD + m * P2 + d] : lowest);
-      cmax[g] = mx = mx == lowest ? V::splat(0) : mx;  // lanes outside the image see no key
+      mx = mx == lowest ? V::splat(0) : mx;  // lanes outside the image see no key
       for (int64_t m = 0; m < Gk; ++m)
         for (int64_t d = 0; d < P2; ++d) eC[g * MD + m * P2 + d] = vexp(C[g * MD + m * P2 + d] - mx) * mask[d];
       // spatial: the distinct rows of the table (for GE-ViT's p4 and p4m tables, the first v's), shifted by their
@@ -443,7 +443,6 @@ struct Run {
         S0[g * s.R + r] = acc;
         sm = V::max(sm, acc);
       }
-      smax[g] = sm;
       for (int64_t r = 0; r < s.R; ++r) eS0[g * s.R + r] = vexp(S0[g * s.R + r] - sm);
       for (int64_t vv = 0; vv < Gv; ++vv)
         for (int64_t d = 0; d < P2; ++d) eS[(vv * Gq + g) * P2 + d] = eS0[g * s.R + idx[vv * P2 + d]];
@@ -460,12 +459,11 @@ struct Run {
         A[vg * Gk + m] = s.has_group ? qg[g * s.J + gidx[vg * Gk + m]] : V::splat(0);
         am = V::max(am, A[vg * Gk + m]);
       }
-      amax[vg] = am;
       for (int64_t m = 0; m < Gk; ++m) eA[vg * Gk + m] = vexp(A[vg * Gk + m] - am);
     }
   }
 
-  // z = sum over (m, d) of exp(L[v,g,m,d] - shift) (shift = cmax + smax + amax), the product of the three factors
+  // z = sum over (m, d) of exp(L[v,g,m,d] - shift) (shift = the sum of the three terms' maxima), the product of the three factors
   v row_sum(int64_t vv, int64_t g) const {
     const int64_t P2 = s.P2, vg = vv * s.Gq + g;
     const v* eCg = eC.data() + g * s.MD;
