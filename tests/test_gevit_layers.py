@@ -224,25 +224,32 @@ def test_fast_path_in_chunks_on_the_cpu_pool_matches_plain(monkeypatch, pool: bo
 
 
 @requires_kernel
-@pytest.mark.parametrize("n,h,w,g,p,lifting,moved", [
-    (3, 28, 28, 4, 5, False, False),  # rows of several runs, and images side by side (a 28-wide row fills 7 runs)
-    (3, 28, 28, 4, 5, False, True),  # the same with p4's moved tables (the spatial scores computed once)
-    (5, 9, 12, 4, 3, False, False),  # four 12-wide images a run group, the last group partial
-    (2, 6, 24, 8, 3, False, True),  # two 24-wide images a group, p4m's moved tables
-    (3, 7, 17, 1, 5, True, False),  # lifting, 17 wide: one image a group, a run of one pixel
-    (3, 7, 17, 4, 5, True, True),  # lifting with p4's moved tables
+@pytest.mark.parametrize("n,h,w,g,p,lifting,moved,channels_first", [
+    (3, 28, 28, 4, 5, False, False, False),  # rows of several runs, images side by side (a 28-wide row fills 7 runs)
+    (3, 28, 28, 4, 5, False, True, True),  # p4's moved tables (spatial scores computed once), channels-first memory
+    (5, 9, 12, 4, 3, False, False, False),  # four 12-wide images a run group, the last group partial
+    (5, 9, 12, 4, 3, False, False, True),  # the same, channels-first
+    (2, 6, 24, 8, 3, False, True, False),  # two 24-wide images a group, p4m's moved tables
+    (3, 7, 17, 1, 5, True, False, False),  # lifting, 17 wide: one image a group, a run of one pixel
+    (3, 7, 17, 4, 5, True, True, True),  # lifting with p4's moved tables, channels-first
 ])
-def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w, g, p, lifting, moved) -> None:
+def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w, g, p, lifting, moved,
+                                                                         channels_first) -> None:
     """The kernel reads q, k, v in place from a packed ``[B, H, W, G, 3, d, heads]`` projection (strided, several
     heads), over the row layouts the small layer tests miss, on 2 threads; against the chunked path, float64.
-    ``moved``: every v's positional table is the first one rotated (and mirrored), as in p4 and p4m."""
+    ``moved``: every v's positional table is the first one rotated (and mirrored), as in p4 and p4m.
+    ``channels_first``: the projection's memory is ``[B, 3 * d * heads, G, H, W]`` (as the GE-ViT layers make it);
+    the kernel's output then is channels-first too, and its backward reads that gradient in place."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(3)
         heads, d = 3, 6
         gq = 1 if lifting else g
-        proj = torch.randn(n, h, w, gq, 3 * d * heads + 2, dtype=torch.float64)[..., 1:-1]  # strided, as a slice
+        if channels_first:
+            proj = torch.randn(n, 3 * d * heads + 2, gq, h, w, dtype=torch.float64)[:, 1:-1].permute(0, 3, 4, 2, 1)
+        else:
+            proj = torch.randn(n, h, w, gq, 3 * d * heads + 2, dtype=torch.float64)[..., 1:-1]  # strided, as a slice
         qkv = proj.unflatten(-1, (3, d, heads)).requires_grad_(True)
         pos = torch.randn(g, p * p, d if lifting else 3, dtype=torch.float64)
         if moved:
@@ -260,6 +267,7 @@ def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w
             results.append((out, torch.autograd.grad((out * weight).sum(), inputs)))
         (out_k, grads_k), (out_c, grads_c) = results
         assert out_k.shape == (n, h, w, g, d, heads) and rel_err(out_k, out_c) < 1e-12
+        assert (out_k.stride(2) == 1) == channels_first  # the output follows the input's memory order
         for a, b in zip(grads_k, grads_c):
             assert rel_err(a, b) < 1e-11
     finally:

@@ -229,10 +229,16 @@ class _SelfAttention(nn.Module):
         return feature_action_side(self.positional)
 
     def _packed_heads(self, x_cl: Tensor) -> Tensor:
-        """Queries, keys, values of ``x_cl [B, H, W, G, C_in]`` in one tensor ``[B, H, W, G, 3, d, heads]``."""
+        """Queries, keys, values of ``x_cl [B, H, W, G, C_in]`` in one tensor ``[B, H, W, G, 3, d, heads]``.
+        The fast path keeps them channels-first in memory (``[B, 3 * d * heads, G, H, W]``, see :meth:`_merge`)."""
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # type: ignore[list-item]
-        qkv = F.linear(x_cl, w, b)  # [B, H, W, G, 3 * d * heads]
+        if self.impl == "fast":
+            x_cf = x_cl.permute(0, 4, 3, 1, 2)  # [B, C_in, G, H, W]
+            qkv = torch.baddbmm(b[:, None], w.expand(len(x_cf), -1, -1), x_cf.flatten(2))  # [B, 3*d*heads, G*H*W]
+            qkv = rearrange(qkv.view(*qkv.shape[:2], *x_cf.shape[2:]), "B c g i j -> B i j g c")  # (a view)
+        else:
+            qkv = F.linear(x_cl, w, b)  # [B, H, W, G, 3 * d * heads]
         # heads are channel-major (channel c * heads + h): the last axis is (qkv, c, head)
         return rearrange(qkv, "B i j g (t c n) -> B i j g t c n", t=3, n=self.num_heads)
 
@@ -243,7 +249,15 @@ class _SelfAttention(nn.Module):
         return q, k, v
 
     def _merge(self, out: Tensor) -> Tensor:
-        """Heads ``[B, H, W, G, d, heads]`` back to channels (channel-major), then the output ``[B, C_out, G, H, W]``."""
+        """Heads ``[B, H, W, G, d, heads]`` back to channels (channel-major), then the output ``[B, C_out, G, H, W]``.
+        The fast path multiplies channels-first (the kernel's output is channels-first when its input is): one
+        matrix product per image over all its pixels, with no transposed copies of the activations on either side
+        (about 10% of a GE-ViT training step on a CPU)."""
+        if self.impl == "fast":
+            heads_cf = rearrange(out, "B i j g c n -> B (c n) (g i j)")  # a view of the kernel's output
+            y = torch.baddbmm(self.out.bias[:, None], self.out.weight.expand(len(out), -1, -1), heads_cf)
+            b, h, w, g = out.shape[:4]
+            return y.view(b, -1, g, h, w)  # [B, C_out, G, H, W]
         out = F.linear(out.flatten(-2), self.out.weight, self.out.bias)  # [B, H, W, G, C_out]
         return rearrange(out, "B i j g c -> B c g i j")
 

@@ -383,7 +383,7 @@ class _KernelAttention(torch.autograd.Function):
         scale, patch, dropout, has_group = ctx.config
         qkv, pos, g, gi, lse, keep = ctx.saved_tensors
         dqkv = torch.empty_like(qkv)  # every element is written
-        dpos, dgrp = ext.backward(grad_out.to(qkv.dtype).contiguous(), *qkv.unbind(4), pos, g, gi, lse, keep, scale,
+        dpos, dgrp = ext.backward(grad_out.to(qkv.dtype), *qkv.unbind(4), pos, g, gi, lse, keep, scale,  # any strides
                                   patch, dropout, *dqkv.unbind(4))
         return dqkv, dpos, (dgrp if has_group else None), None, None, None, None, None
 

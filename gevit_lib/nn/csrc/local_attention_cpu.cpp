@@ -15,9 +15,10 @@
 // formula above is one vector operation, and the key of offset (a, b) for the whole run is one unaligned load from a
 // ring of P copied rows (see get_row()).
 // Layouts: q, k, v [B,H,W,G,C,heads] with any strides (image n = b * heads + h; in GE-ViT views of the layer's one
-// projection, read in place), pos [Gv,P*P,Dpos], grp [J,Dg], gidx [Gv,Gq,Gk] (int64); out [B,H,W,Gv,Dv,heads],
-// lse [N,H,W,Gv,Gq] (log row sums, see kExactRow), keep (dropout's kept lanes, a bit per lane and score); the
-// backward pass writes dq, dk, dv (any strides) in full.
+// projection, channels-first in memory, read in place), pos [Gv,P*P,Dpos], grp [J,Dg], gidx [Gv,Gq,Gk] (int64);
+// out [B,H,W,Gv,Dv,heads] in q's memory order (channels-first or -last), lse [N,H,W,Gv,Gq] (log row sums, see
+// kExactRow), keep (dropout's kept lanes, a bit per lane and score); the backward pass reads grad_out with any
+// strides and writes dq, dk, dv (any strides) in full.
 // The neighbourhood axis is (m, d): md = m * P*P + d with the offset d = b * P + a (a: row, b: column).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -227,11 +228,16 @@ void get_row(const Dims& s, const Strided<T>& x, int64_t G, int64_t C, int64_t n
       for (int64_t p = 0; p < G * C; ++p) std::fill(dst + p * ps, dst + p * ps + s.W, T(0));
       continue;
     }
-    for (int64_t j = 0; j < s.W; ++j) {
-      const T* src = x.at(n0 + t, i, j);
+    const T* src = x.at(n0 + t, i, 0);
+    if (x.sj == 1) {  // channels-first: each plane's image row is contiguous
       for (int64_t m = 0; m < G; ++m)
-        for (int64_t c = 0; c < C; ++c) dst[(m * C + c) * ps + j] = src[m * x.sg + c * x.sc];
+        for (int64_t c = 0; c < C; ++c) std::copy(src + m * x.sg + c * x.sc, src + m * x.sg + c * x.sc + s.W,
+                                                  dst + (m * C + c) * ps);
+      continue;
     }
+    for (int64_t j = 0; j < s.W; ++j)
+      for (int64_t m = 0; m < G; ++m)
+        for (int64_t c = 0; c < C; ++c) dst[(m * C + c) * ps + j] = src[j * x.sj + m * x.sg + c * x.sc];
   }
   if (count < s.images)  // the last, partial group of images
     for (int64_t p = 0; p < G * C; ++p) std::fill(row + p * ps + count * s.W, row + p * ps + s.images * s.W, T(0));
@@ -242,12 +248,19 @@ void put_row(const Dims& s, const Strided<T>& x, int64_t G, int64_t C, int64_t n
   const int64_t r = s.P / 2, i = prow - r, ps = s.P * s.Wpad;
   T* row = buf + (prow % s.P) * s.Wpad;
   if (i >= 0 && i < s.H)
-    for (int64_t t = 0; t < count; ++t)
-      for (int64_t j = 0; j < s.W; ++j) {
-        T* dst = x.at(n0 + t, i, j);
+    for (int64_t t = 0; t < count; ++t) {
+      T* dst = x.at(n0 + t, i, 0);
+      const T* src = row + r + t * s.W;
+      if (x.sj == 1) {  // channels-first
         for (int64_t m = 0; m < G; ++m)
-          for (int64_t c = 0; c < C; ++c) dst[m * x.sg + c * x.sc] = row[(m * C + c) * ps + r + t * s.W + j];
+          for (int64_t c = 0; c < C; ++c) std::copy(src + (m * C + c) * ps, src + (m * C + c) * ps + s.W,
+                                                    dst + m * x.sg + c * x.sc);
+        continue;
       }
+      for (int64_t j = 0; j < s.W; ++j)
+        for (int64_t m = 0; m < G; ++m)
+          for (int64_t c = 0; c < C; ++c) dst[j * x.sj + m * x.sg + c * x.sc] = src[(m * C + c) * ps + j];
+    }
   for (int64_t p = 0; p < G * C; ++p) std::fill(row + p * ps, row + p * ps + s.Wpad, T(0));
 }
 
@@ -631,7 +644,12 @@ double keep_scale_of(double p) {
 std::vector<at::Tensor> forward(const at::Tensor& qt, const at::Tensor& kt, const at::Tensor& vt, const at::Tensor& pos,
                                 const at::Tensor& grp, const at::Tensor& gidx, double scale, int64_t patch,
                                 double dropout, int64_t seed) {
-  auto out = at::empty({qt.size(0), qt.size(1), qt.size(2), pos.size(0), vt.size(4), qt.size(5)}, qt.options());
+  // out [B, H, W, Gv, Dv, heads], in q's memory order: channels-last, or channels-first ([B, Dv, heads, Gv, H, W])
+  const bool channels_first = qt.stride(2) < qt.stride(3);
+  auto out = channels_first
+      ? at::empty({qt.size(0), vt.size(4), qt.size(5), pos.size(0), qt.size(1), qt.size(2)}, qt.options())
+            .permute({0, 4, 5, 3, 1, 2})
+      : at::empty({qt.size(0), qt.size(1), qt.size(2), pos.size(0), vt.size(4), qt.size(5)}, qt.options());
   auto lse = at::empty({qt.size(0) * qt.size(5), qt.size(1), qt.size(2), pos.size(0), qt.size(3)}, qt.options());
   at::Tensor keep;  // dropout's kept lanes, a bit per lane: [image group, row, run, v, g, md]
   const PosRows rows = distinct_rows(pos, patch);
