@@ -22,6 +22,12 @@ it is ``torch.cuda.max_memory_allocated``. If the plain path (or the original co
 requested batch size (predicted from a batch-2 run: baseline + batch/2 x the batch-2 increase, against 80% of
 MemAvailable), it is measured at batch 2, the row says so, and its ratios are per image.
 
+Lockstep (with ``--original``, on CPU): the rows above are measured one after another, minutes apart, and a shared
+machine's speed can drift by tens of percent in that time. So ours and the original code then also run side by side
+in two persistent processes that take turns (``--lockstep ROUNDS`` turns each, the order reversed every round; a
+turn is one untimed step, to warm the caches the other process used, then timed steps for at least a second); the
+ratio of each round's two medians is steadier, and its median over rounds is the speed-up to quote.
+
     python benchmarks/gevit_speed.py                 # CPU (and CUDA when available), full table
     python benchmarks/gevit_speed.py --quick         # small run (batch 2, p4 patch 5 only)
     python benchmarks/gevit_speed.py --device cpu --original ../GEVit-DL2-Project   # against the original code
@@ -158,12 +164,9 @@ def _public(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "original_src"}
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One row (``spec``: group, patch, batch, impl, device, repeats, ...), or with ``import_only`` just whether
-    the original code imports, with ``build_only`` just the parameter counts."""
-    if spec.get("import_only"):  # --original's first check: does the user's checkout import here?
-        import_original(spec["original_src"])
-        return _public(spec)
+def _setup(spec: dict[str, Any]) -> dict[str, Any]:
+    """The model of ``spec`` (ours or the original code's), its optimiser and batch: ``forward`` (eval, no grad) and
+    ``train_step`` (forward + backward + Adam step) closures, ``sections`` (parameters per layer), ``device``."""
     if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of a fused kernel
         os.environ["GEVIT_CPU_KERNEL"] = "0"
         os.environ["GEVIT_CUDA_KERNEL"] = "chunked"
@@ -172,9 +175,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from gevit_lib.benchmark import peak_rss_bytes, time_calls
     from gevit_lib.models.gevit import build_gevit
-    from gevit_lib.nn import cpu_kernel, triton_attention
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -186,17 +187,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         model = build_gevit("rotmnist", spec["group"], patch_size=spec["patch"], impl=spec["impl"]).to(device)
     sections = param_sections(model, original)
-    if spec.get("build_only"):
-        return {**_public(spec), "params": sum(sections.values()), "param_sections": sections}
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(spec["batch"], 1, 28, 28, device=device)
     y = torch.randint(0, 10, (spec["batch"],), device=device)
     amp = spec.get("autocast")
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else None
-
-    def timed(fn) -> list[float]:
-        fn()  # warm-up
-        return time_calls(fn, spec["repeats"], device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -215,6 +210,33 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+
+    return dict(model=model, forward=forward, train_step=train_step, sections=sections, device=device,
+                original=original)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One row (``spec``: group, patch, batch, impl, device, repeats, ...), or with ``import_only`` just whether
+    the original code imports, with ``build_only`` just the parameter counts."""
+    if spec.get("import_only"):  # --original's first check: does the user's checkout import here?
+        import_original(spec["original_src"])
+        return _public(spec)
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from gevit_lib.benchmark import peak_rss_bytes, time_calls
+    from gevit_lib.nn import cpu_kernel, triton_attention
+
+    built = _setup(spec)
+    model, forward, train_step, device, original = (built[k] for k in ("model", "forward", "train_step", "device",
+                                                                        "original"))
+    sections = built["sections"]
+    if spec.get("build_only"):
+        return {**_public(spec), "params": sum(sections.values()), "param_sections": sections}
+
+    def timed(fn) -> list[float]:
+        fn()  # warm-up
+        return time_calls(fn, spec["repeats"], device)
 
     baseline = peak_rss_bytes() / 2**30
     if device.type == "cuda":
@@ -246,6 +268,91 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0:
         return {**_public(spec), "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- lockstep: ours and the original stepping in turn ------------------------------------------------------------
+ROUND_SECONDS = 1.0  # each process's timed steps in a lockstep round last at least this long (at least one step)
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """A persistent worker: builds ``spec``'s model, takes one warm-up step, prints ``ready``; then for every line
+    read from stdin takes one untimed step (its caches warm again after the other process ran) and timed steps for
+    at least ROUND_SECONDS (at least one), and prints their seconds on one line."""
+    built = _setup(spec)
+    built["model"].train()
+    import torch
+
+    sync = torch.cuda.synchronize if built["device"].type == "cuda" else (lambda: None)
+    built["train_step"]()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        built["train_step"]()
+        times: list[float] = []
+        while not times or sum(times) < spec.get("round_seconds", ROUND_SECONDS):
+            sync()
+            t0 = time.perf_counter()
+            built["train_step"]()
+            sync()
+            times.append(time.perf_counter() - t0)
+        print(" ".join(f"{t:.6f}" for t in times), flush=True)
+
+
+def lockstep(specs: list[dict[str, Any]], rounds: int) -> list[list[list[float]]]:
+    """Training-step times of ``specs`` (per spec, per round: the round's timed steps), each in its own persistent
+    process, the processes taking their turns one at a time (the order reversed every round; see :func:`serve`). A
+    machine whose speed drifts over seconds or minutes (a shared host) then slows every process in the same rounds,
+    so per-round ratios are steadier than ratios of rows measured minutes apart."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for spec in specs]
+
+    def read(proc: subprocess.Popen) -> str:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            err = proc.stderr.read().strip().splitlines()[-1:] if proc.stderr else []  # type: ignore[union-attr]
+            raise RuntimeError("a lockstep worker stopped: " + (" ".join(err) or "no message"))
+        return line.strip()
+
+    try:
+        for proc in procs:
+            while read(proc) != "ready":  # anything printed while building (the kernel's build notice)
+                pass
+        times: list[list[list[float]]] = [[] for _ in specs]
+        for r in range(rounds):
+            for i in (range(len(procs)) if r % 2 == 0 else reversed(range(len(procs)))):
+                procs[i].stdin.write("step\n")  # type: ignore[union-attr]
+                procs[i].stdin.flush()  # type: ignore[union-attr]
+                times[i].append([float(t) for t in read(procs[i]).split()])
+        return times
+    finally:
+        for proc in procs:
+            if proc.stdin:
+                proc.stdin.close()
+            proc.wait(timeout=60)
+
+
+def lockstep_summary(ours: list[list[float]], original: list[list[float]]) -> dict[str, float]:
+    """Medians of all steps of each, and the median and quartiles over rounds of the ratio of the round's medians,
+    original / ours."""
+    ratios = sorted(statistics.median(o) / statistics.median(f) for f, o in zip(ours, original))
+    quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"ours_s": statistics.median([t for r in ours for t in r]),
+            "original_s": statistics.median([t for r in original for t in r]),
+            "ratio": statistics.median(ratios), "ratio_q1": quart[0], "ratio_q3": quart[2], "rounds": len(ratios)}
+
+
+def lockstep_text(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        head = f"{r['device']} {r['group']} P={r['patch']} batch {r['batch']}"
+        if "error" in r:
+            lines.append(f"- {head}: not measured ({r['error']})")
+            continue
+        lines.append(f"- {head}: train step ours {r['ours_s']:.3f} s, original {r['original_s']:.3f} s (medians); "
+                     f"original / ours per round: median {r['ratio']:.1f}x (quartiles {r['ratio_q1']:.1f}x - "
+                     f"{r['ratio_q3']:.1f}x, {r['rounds']} rounds)")
+    return ("Lockstep (ours and the original code in two processes taking turns, each turn one untimed step and "
+            f"then timed steps for at least {ROUND_SECONDS:g} s; the steadier ratio on a machine whose speed "
+            "drifts):\n" + "\n".join(lines))
 
 
 # ---- orchestration ----------------------------------------------------------------------------------------------
@@ -398,12 +505,21 @@ def main() -> None:
     ap.add_argument("--original", type=str, default=None, metavar="PATH",
                     help="a checkout of the original repository (WouterBant/GEVit-DL2-Project): also measure its "
                          "code, and give every ratio against it")
+    ap.add_argument("--lockstep", type=int, default=5, metavar="ROUNDS",
+                    help="with --original: also step ours and the original in turn, ROUNDS steps each, and give the "
+                         "median per-round ratio (default 5; 0: off)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
+    if args.serve:
+        serve(json.loads(args.serve))
+        return
+    if args.lockstep < 0:
+        sys.exit(f"error: --lockstep {args.lockstep}: give a number of rounds >= 0")
 
     checkout = None
     if args.original is not None:
@@ -462,9 +578,28 @@ def main() -> None:
                         f"peak {result['peak_gib']:.2f} GiB, {result['params']:,} params" if "error" not in result
                         else f"error {result['error']}"))
                     rows.append(result)
+    steps: list[dict[str, Any]] = []
+    if checkout and args.lockstep:
+        for r in rows:  # the original's CPU rows at full batch, beside ours
+            ours = _by_key(rows).get((r["device"], r["group"], r["patch"], None, "fast"))
+            if r["impl"] != "original" or r["device"] != "cpu" or "error" in r or not ours or "error" in ours:
+                continue
+            key = {k: r[k] for k in ("device", "group", "patch", "batch")}
+            if r.get("reduced_batch"):
+                steps.append({**key, "error": "the original ran at a reduced batch"})
+                continue
+            log(f"lockstep {r['group']} P={r['patch']} batch {r['batch']}: {args.lockstep} rounds ... (load {_load()})")
+            spec = dict(key, repeats=1, threads=args.threads)
+            try:
+                fast, orig = lockstep([{**spec, "impl": "fast"}, {**spec, "impl": "original",
+                                                                  "original_src": checkout["src"]}], args.lockstep)
+            except RuntimeError as err:
+                steps.append({**key, "error": str(err)})
+                continue
+            steps.append({**key, **lockstep_summary(fast, orig), "ours_all_s": fast, "original_all_s": orig})
     text = table(rows, checkout)
     reference = reference_text(rows, checkout)
-    print(reference + "\n\n" + text)
+    print(reference + "\n\n" + text + ("\n\n" + lockstep_text(steps) if steps else ""))
     sys.path.insert(0, str(REPO))
     from gevit_lib.benchmark import machine_description
 
@@ -483,8 +618,8 @@ def main() -> None:
                 "original_commit": checkout["commit"] if checkout else None,
                 "original_modified": checkout["modified"] if checkout else None,
                 "repeats": repeats}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "reference_text": reference, "table": text},
-                                       indent=2))
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "lockstep": steps, "reference_text": reference,
+                                        "table": text}, indent=2))
         print(f"wrote {args.out}")
 
 

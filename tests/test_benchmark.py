@@ -192,6 +192,33 @@ def test_speed_table_ratios_against_the_original() -> None:
     assert "not the original repository's code" in speed.reference_text(rows[:2], None)
 
 
+def test_lockstep_summary_is_the_median_of_per_round_ratios() -> None:
+    speed = _gevit_speed()
+    ours = [[1.0, 1.2, 1.1], [2.0], [1.0]]  # per round: the turn's timed steps
+    original = [[11.0], [30.0], [12.0]]  # per-round ratios 10x, 15x, 12x
+    summary = speed.lockstep_summary(ours, original)
+    assert summary["ratio"] == pytest.approx(12.0) and summary["rounds"] == 3
+    assert summary["ratio_q1"] <= 12.0 <= summary["ratio_q3"]
+    assert summary["ours_s"] == pytest.approx(1.1) and summary["original_s"] == pytest.approx(12.0)
+    text = speed.lockstep_text([{"device": "cpu", "group": "p4", "patch": 5, "batch": 8, **summary},
+                                {"device": "cpu", "group": "p4", "patch": 9, "batch": 2, "error": "the original ran "
+                                 "at a reduced batch"}])
+    assert "cpu p4 P=5 batch 8: train step ours 1.100 s, original 12.000 s (medians)" in text
+    assert "median 12.0x" in text and "3 rounds" in text
+    assert "cpu p4 P=9 batch 2: not measured (the original ran at a reduced batch)" in text
+
+
+def test_lockstep_workers_take_turns_and_report_failures() -> None:
+    """Two persistent workers (here both ours: the protocol, not the original code) step in turn; a worker that
+    cannot build its model stops the run with its last error line."""
+    speed = _gevit_speed()
+    spec = dict(device="cpu", group="p4", patch=5, batch=1, impl="fast", threads=1, round_seconds=0)
+    times = speed.lockstep([spec, {**spec, "group": "z2"}], rounds=2)
+    assert [len(t) for t in times] == [2, 2] and all(len(r) == 1 and r[0] > 0 for t in times for r in t)
+    with pytest.raises(RuntimeError, match="a lockstep worker stopped: .*no_such_group"):
+        speed.lockstep([spec, {**spec, "group": "no_such_group"}], rounds=1)
+
+
 @pytest.mark.skipif(not os.environ.get("GEVIT_ORIGINAL"),
                     reason="set GEVIT_ORIGINAL to a checkout of the original repository (WouterBant/GEVit-DL2-Project) "
                            "to build its model beside ours")
