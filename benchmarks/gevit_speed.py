@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def _public(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "original_src"}
 
 
-def _setup(spec: dict[str, Any]) -> dict[str, Any]:
+def _setup(spec: dict[str, Any]) -> SimpleNamespace:
     """The model of ``spec`` (ours or the original code's), its optimiser and batch: ``forward`` (eval, no grad) and
     ``train_step`` (forward + backward + Adam step) closures, ``sections`` (parameters per layer), ``device``."""
     if spec.get("backend") == "chunked":  # the torch path of the fast attention instead of a fused kernel
@@ -212,8 +213,8 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    return dict(model=model, forward=forward, train_step=train_step, sections=sections, device=device,
-                original=original)
+    return SimpleNamespace(model=model, forward=forward, train_step=train_step, sections=sections, device=device,
+                           original=original)
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -229,9 +230,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from gevit_lib.nn import cpu_kernel, triton_attention
 
     built = _setup(spec)
-    model, forward, train_step, device, original = (built[k] for k in ("model", "forward", "train_step", "device",
-                                                                        "original"))
-    sections = built["sections"]
+    model, forward, train_step, device, sections = (built.model, built.forward, built.train_step, built.device,
+                                                    built.sections)
     if spec.get("build_only"):
         return {**_public(spec), "params": sum(sections.values()), "param_sections": sections}
 
@@ -250,7 +250,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
            "eval_forward_s": statistics.median(fwd), "train_step_s": statistics.median(step),
            "eval_forward_all_s": fwd, "train_step_all_s": step, "threads": torch.get_num_threads(),
            "torch": torch.__version__,
-           "backend": ("plain" if spec["impl"] == "plain" else "original" if original else
+           "backend": ("plain" if spec["impl"] == "plain" else "original" if built.original else
                        "kernel" if device.type == "cpu" and cpu_kernel.available() else
                        "triton" if triton_attention.selected("auto", device) else "chunked")}
     if device.type == "cuda":
@@ -280,19 +280,19 @@ def serve(spec: dict[str, Any]) -> None:
     read from stdin takes one untimed step (its caches warm again after the other process ran) and timed steps for
     at least ROUND_SECONDS (at least one), and prints their seconds on one line."""
     built = _setup(spec)
-    built["model"].train()
+    built.model.train()
     import torch
 
-    sync = torch.cuda.synchronize if built["device"].type == "cuda" else (lambda: None)
-    built["train_step"]()
+    sync = torch.cuda.synchronize if built.device.type == "cuda" else (lambda: None)
+    built.train_step()
     print("ready", flush=True)
     for _ in sys.stdin:
-        built["train_step"]()
+        built.train_step()
         times: list[float] = []
         while not times or sum(times) < spec.get("round_seconds", ROUND_SECONDS):
             sync()
             t0 = time.perf_counter()
-            built["train_step"]()
+            built.train_step()
             sync()
             times.append(time.perf_counter() - t0)
         print(" ".join(f"{t:.6f}" for t in times), flush=True)
@@ -507,7 +507,7 @@ def main() -> None:
                     help="a checkout of the original repository (WouterBant/GEVit-DL2-Project): also measure its "
                          "code, and give every ratio against it")
     ap.add_argument("--lockstep", type=int, default=5, metavar="ROUNDS",
-                    help="with --original: also step ours and the original in turn, ROUNDS steps each, and give the "
+                    help="with --original: also step ours and the original in turn, ROUNDS turns each, and give the "
                          "median per-round ratio (default 5; 0: off)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -581,8 +581,9 @@ def main() -> None:
                     rows.append(result)
     steps: list[dict[str, Any]] = []
     if checkout and args.lockstep:
+        by_key = _by_key(rows)
         for r in rows:  # the original's CPU rows at full batch, beside ours
-            ours = _by_key(rows).get((r["device"], r["group"], r["patch"], None, "fast"))
+            ours = by_key.get((r["device"], r["group"], r["patch"], None, "fast"))
             if r["impl"] != "original" or r["device"] != "cpu" or "error" in r or not ours or "error" in ours:
                 continue
             key = {k: r[k] for k in ("device", "group", "patch", "batch")}
