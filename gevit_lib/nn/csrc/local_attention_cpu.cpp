@@ -166,7 +166,7 @@ inline uint32_t pixel_key(int64_t seed, int64_t pixel) {
   return mix32(s + mix32(static_cast<uint32_t>(pixel) * 0x85ebca6bU + static_cast<uint32_t>(pixel >> 32)));
 }
 
-// One bit per lane (lane k: bit k): x >= t
+// One bit per lane (lane k: bit k): x >= t, for x < 2^16 and t <= 2^16 (so a signed comparison: one instruction)
 template <typename T>
 inline uint16_t at_least(typename Vec<T>::u x, uint32_t t) {
   using V = Vec<T>;
@@ -174,8 +174,10 @@ inline uint16_t at_least(typename Vec<T>::u x, uint32_t t) {
   if constexpr (sizeof(T) == 4) return _mm512_cmpge_epu32_mask((__m512i)x, _mm512_set1_epi32(static_cast<int>(t)));
   else return _mm256_cmpge_epu32_mask((__m256i)x, _mm256_set1_epi32(static_cast<int>(t)));
 #else
-  if constexpr (sizeof(T) == 4) return V::bits(x >= t);
-  else return V::bits(__builtin_convertvector(x >= t, typename V::i));
+  typedef int32_t s32 __attribute__((vector_size(V::L * 4)));
+  const s32 ge = (s32)x > static_cast<int32_t>(t) - 1;
+  if constexpr (sizeof(T) == 4) return V::bits(ge);
+  else return V::bits(__builtin_convertvector(ge, typename V::i));
 #endif
 }
 
@@ -388,6 +390,9 @@ struct Run {
         qg(d.Gq * std::max<int64_t>(d.J, 1)), row(d.MD), koff(d.MD), voff(d.MD), cs(d.P * d.Wpad) {}
 
   int64_t pixel(int k) const { return pix[k]; }
+  // Whether all L lanes are pixels of one image, which are then contiguous in x's planes (x channels-first)
+  bool whole(const Strided<T>& x) const { return x.sj == 1 && nlanes == L && img[0] == img[L - 1]; }
+
   int lanes() const { return nlanes; }
 
   // Image row i_ of image group `group`: the ring gets the padded rows i_ .. i_+P-1 (one new row after row i_-1).
@@ -410,25 +415,43 @@ struct Run {
     j0 = j0_;
     const int64_t r = s.P / 2;
     nlanes = static_cast<int>(std::min<int64_t>(L, count * s.W - j0));
+    int64_t lane_col[L];  // (j0 + k) % W, counted up (no division per lane)
+    int64_t im = n0 + j0 / s.W, cl = j0 % s.W;
     for (int k = 0; k < L; ++k) {
-      const int64_t jk = j0 + std::min(k, nlanes - 1);
-      img[k] = n0 + jk / s.W;
-      col[k] = jk % s.W;
-      pix[k] = (img[k] * s.H + i) * s.W + col[k];
+      lane_col[k] = cl;
+      if (k < nlanes) {
+        img[k] = im;
+        col[k] = cl;
+        pix[k] = (im * s.H + i) * s.W + cl;
+      } else {  // lanes outside the images repeat the last one
+        img[k] = img[k - 1];
+        col[k] = col[k - 1];
+        pix[k] = pix[k - 1];
+      }
+      if (++cl == s.W) {
+        cl = 0;
+        ++im;
+      }
     }
     const int lanes_in = nlanes;
     for (int k = 0; k < L; ++k) valid[k] = k < lanes_in ? T(1) : T(0);
     const int64_t GD = s.Gq * s.D;
-    for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
-    for (int k = 0; k < lanes_in; ++k) {
-      const T* qr = qx.at(img[k], i, col[k]);
+    if (whole(qx)) {  // the run's pixels are contiguous in every (g, c) plane: one load per plane
+      const T* qr = qx.at(img[0], i, col[0]);
       for (int64_t g = 0; g < s.Gq; ++g)
-        for (int64_t c = 0; c < s.D; ++c) q[g * s.D + c][k] = qr[g * qx.sg + c * qx.sc] * scale;
+        for (int64_t c = 0; c < s.D; ++c) q[g * s.D + c] = V::load(qr + g * qx.sg + c * qx.sc) * scale;
+    } else {
+      for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
+      for (int k = 0; k < lanes_in; ++k) {
+        const T* qr = qx.at(img[k], i, col[k]);
+        for (int64_t g = 0; g < s.Gq; ++g)
+          for (int64_t c = 0; c < s.D; ++c) q[g * s.D + c][k] = qr[g * qx.sg + c * qx.sc] * scale;
+      }
     }
     for (int64_t b = 0; b < s.P; ++b) {
       v inside;
       for (int k = 0; k < L; ++k) {
-        const int64_t j = (j0 + k) % s.W + b - r;  // the lane's own column: the neighbouring image is outside
+        const int64_t j = lane_col[k] + b - r;  // the lane's own column: the neighbouring image is outside
         inside[k] = j >= 0 && j < s.W ? T(1) : T(0);
       }
       for (int64_t a = 0; a < s.P; ++a) mask[b * s.P + a] = i + a - r >= 0 && i + a - r < s.H ? inside : V::splat(0);
@@ -549,9 +572,9 @@ struct Run {
   // pass reads them instead of hashing again.
   void draw(int64_t vv, int64_t g, typename V::u key, uint32_t threshold, uint16_t* keep) const {
     const int64_t half = (s.MD + 1) / 2;
-    const typename V::u base = key + static_cast<uint32_t>((vv * s.Gq + g) * half);
-    for (int64_t t = 0; t < half; ++t) {
-      const typename V::u h = mix32(base + static_cast<uint32_t>(t));
+    typename V::u counter = key + static_cast<uint32_t>((vv * s.Gq + g) * half);  // + t
+    for (int64_t t = 0; t < half; ++t, counter += 1U) {
+      const typename V::u h = mix32(counter);
       keep[t] = at_least<T>(h & 0xffffU, threshold);
       if (t + half < s.MD) keep[t + half] = at_least<T>(h >> 16, threshold);
     }
@@ -566,9 +589,7 @@ struct Run {
 
 template <typename V>
 bool any(typename V::i x) {
-  for (int k = 0; k < V::L; ++k)
-    if (x[k]) return true;
-  return false;
+  return V::bits(x) != 0;
 }
 
 Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
@@ -708,10 +729,16 @@ std::vector<at::Tensor> forward(const at::Tensor& qt, const at::Tensor& kt, cons
           }
           // out[v, c] = sum_md wsum[v, md] value[c, md]
           contract_md<T>(wsum.data(), s.Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, o.data(), s.Dv);
-          for (int k = 0; k < lanes; ++k) {
-            T* dst = ox.at(run.img[k], run.i, run.col[k]);
+          if (run.whole(ox)) {
+            T* dst = ox.at(run.img[0], run.i, run.col[0]);
             for (int64_t vv = 0; vv < s.Gv; ++vv)
-              for (int64_t c = 0; c < s.Dv; ++c) dst[vv * ox.sg + c * ox.sc] = o[vv * s.Dv + c][k];
+              for (int64_t c = 0; c < s.Dv; ++c) V::store(dst + vv * ox.sg + c * ox.sc, o[vv * s.Dv + c]);
+          } else {
+            for (int k = 0; k < lanes; ++k) {
+              T* dst = ox.at(run.img[k], run.i, run.col[k]);
+              for (int64_t vv = 0; vv < s.Gv; ++vv)
+                for (int64_t c = 0; c < s.Dv; ++c) dst[vv * ox.sg + c * ox.sc] = o[vv * s.Dv + c][k];
+            }
           }
         }
       }
@@ -770,11 +797,17 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             run.start_run(jr * V::L, qx, sc);
             run.scores(ud, id, gd, xd);
             const int lanes = run.lanes();
-            for (auto& x : go) x = V::splat(0);
-            for (int k = 0; k < lanes; ++k) {
-              const T* src = gox.at(run.img[k], i, run.col[k]);
+            if (run.whole(gox)) {
+              const T* src = gox.at(run.img[0], i, run.col[0]);
               for (int64_t vv = 0; vv < Gv; ++vv)
-                for (int64_t c = 0; c < s.Dv; ++c) go[vv * s.Dv + c][k] = src[vv * gox.sg + c * gox.sc];
+                for (int64_t c = 0; c < s.Dv; ++c) go[vv * s.Dv + c] = V::load(src + vv * gox.sg + c * gox.sc);
+            } else {
+              for (auto& x : go) x = V::splat(0);
+              for (int k = 0; k < lanes; ++k) {
+                const T* src = gox.at(run.img[k], i, run.col[k]);
+                for (int64_t vv = 0; vv < Gv; ++vv)
+                  for (int64_t c = 0; c < s.Dv; ++c) go[vv * s.Dv + c][k] = src[vv * gox.sg + c * gox.sc];
+              }
             }
             // dP[v, md] = go[v] . value[md]
             contract_c<T>(go.data(), s.Dv, Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, dP.data());
@@ -867,10 +900,16 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                   }
                 }
             }
-            for (int k = 0; k < lanes; ++k) {
-              T* dst = dqx.at(run.img[k], i, run.col[k]);
+            if (run.whole(dqx)) {
+              T* dst = dqx.at(run.img[0], i, run.col[0]);
               for (int64_t g = 0; g < Gq; ++g)
-                for (int64_t c = 0; c < s.D; ++c) dst[g * dqx.sg + c * dqx.sc] = dq_run[g * s.D + c][k];
+                for (int64_t c = 0; c < s.D; ++c) V::store(dst + g * dqx.sg + c * dqx.sc, dq_run[g * s.D + c]);
+            } else {
+              for (int k = 0; k < lanes; ++k) {
+                T* dst = dqx.at(run.img[k], i, run.col[k]);
+                for (int64_t g = 0; g < Gq; ++g)
+                  for (int64_t c = 0; c < s.D; ++c) dst[g * dqx.sg + c * dqx.sc] = dq_run[g * s.D + c][k];
+              }
             }
           }
           // into the padded planar dk, dv: padded row i is complete (the last row: all rows of the ring)
