@@ -96,9 +96,14 @@ inline Vec<float>::v vexp(Vec<float>::v x) {
 #else
   typedef int32_t vi __attribute__((vector_size(kBytes)));
   const V::v t = x * 1.44269504088896341f + 0.5f;
+#if defined(__AVX2__)
+  const V::v fx = (V::v)_mm256_round_ps((__m256)t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // floor(t)
+  const vi fi = __builtin_convertvector(fx, vi);
+#else
   vi fi = __builtin_convertvector(t, vi);  // floor(t): truncate, then one down where that rounded up
   fi += (__builtin_convertvector(fi, V::v) > t);
   const V::v fx = __builtin_convertvector(fi, V::v);
+#endif
 #endif
   const V::v r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   const V::v z = r * r;
