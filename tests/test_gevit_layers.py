@@ -239,7 +239,8 @@ def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w
     heads), over the row layouts the small layer tests miss, on 2 threads; against the chunked path, float64.
     ``moved``: every v's positional table is the first one rotated (and mirrored), as in p4 and p4m.
     ``channels_first``: the projection's memory is ``[B, 3 * d * heads, G, H, W]`` (as the GE-ViT layers make it);
-    the kernel's output then is channels-first too, and its backward reads that gradient in place."""
+    the kernel's output then is channels-first too, and its backward reads the output's gradient, channels-first
+    as well, in place (runs inside one image: one vector load or store per plane; runs across images: per pixel)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -263,8 +264,10 @@ def test_kernel_packed_heads_match_chunked_on_wide_rows_and_image_groups(n, h, w
         for backend in ("kernel", "chunked"):
             out = fast_attention.packed_local_attention(qkv, pos, grp, gidx, scale=0.6, patch_size=p,
                                                         backend=backend)
-            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-            results.append((out, torch.autograd.grad((out * weight).sum(), inputs)))
+            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype)
+            if channels_first:  # so the output's gradient is channels-first as well, as the out projection makes it
+                weight = weight.view(n, d, heads, g, h, w).permute(0, 4, 5, 3, 1, 2)
+            results.append((out, torch.autograd.grad((out * weight.view_as(out)).sum(), inputs)))
         (out_k, grads_k), (out_c, grads_c) = results
         assert out_k.shape == (n, h, w, g, d, heads) and rel_err(out_k, out_c) < 1e-12
         assert (out_k.stride(2) == 1) == channels_first  # the output follows the input's memory order
