@@ -171,7 +171,7 @@ inline uint32_t pixel_key(int64_t seed, int64_t pixel) {
   return mix32(s + mix32(static_cast<uint32_t>(pixel) * 0x85ebca6bU + static_cast<uint32_t>(pixel >> 32)));
 }
 
-// One bit per lane (lane k: bit k): x >= t, for x < 2^16 and t <= 2^16 (so a signed comparison: one instruction)
+// One bit per lane (lane k: bit k): x >= t, for x < 2^16 and t <= 2^16 (so x > t - 1 signed: one instruction)
 template <typename T>
 inline uint16_t at_least(typename Vec<T>::u x, uint32_t t) {
   using V = Vec<T>;
@@ -398,6 +398,36 @@ struct Run {
   // Whether all L lanes are pixels of one image, which are then contiguous in x's planes (x channels-first)
   bool whole(const Strided<T>& x) const { return x.sj == 1 && nlanes == L && img[0] == img[L - 1]; }
 
+  // The run's entries of x (its [G, C] planes at image row i) as dst[g * C + c], a lane per pixel, times scale (zero
+  // in lanes outside the images); scatter() writes them back. One vector per plane when the run is whole.
+  void gather(const Strided<T>& x, int64_t G, int64_t C, T scale, v* dst) const {
+    if (whole(x)) {
+      const T* src = x.at(img[0], i, col[0]);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) dst[g * C + c] = V::load(src + g * x.sg + c * x.sc) * scale;
+      return;
+    }
+    std::fill(dst, dst + G * C, V::splat(0));
+    for (int k = 0; k < nlanes; ++k) {
+      const T* src = x.at(img[k], i, col[k]);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) dst[g * C + c][k] = src[g * x.sg + c * x.sc] * scale;
+    }
+  }
+  void scatter(const Strided<T>& x, int64_t G, int64_t C, const v* src) const {
+    if (whole(x)) {
+      T* dst = x.at(img[0], i, col[0]);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) V::store(dst + g * x.sg + c * x.sc, src[g * C + c]);
+      return;
+    }
+    for (int k = 0; k < nlanes; ++k) {
+      T* dst = x.at(img[k], i, col[k]);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) dst[g * x.sg + c * x.sc] = src[g * C + c][k];
+    }
+  }
+
   int lanes() const { return nlanes; }
 
   // Image row i_ of image group `group`: the ring gets the padded rows i_ .. i_+P-1 (one new row after row i_-1).
@@ -438,21 +468,8 @@ struct Run {
         ++im;
       }
     }
-    const int lanes_in = nlanes;
-    for (int k = 0; k < L; ++k) valid[k] = k < lanes_in ? T(1) : T(0);
-    const int64_t GD = s.Gq * s.D;
-    if (whole(qx)) {  // the run's pixels are contiguous in every (g, c) plane: one load per plane
-      const T* qr = qx.at(img[0], i, col[0]);
-      for (int64_t g = 0; g < s.Gq; ++g)
-        for (int64_t c = 0; c < s.D; ++c) q[g * s.D + c] = V::load(qr + g * qx.sg + c * qx.sc) * scale;
-    } else {
-      for (int64_t x = 0; x < GD; ++x) q[x] = V::splat(0);
-      for (int k = 0; k < lanes_in; ++k) {
-        const T* qr = qx.at(img[k], i, col[k]);
-        for (int64_t g = 0; g < s.Gq; ++g)
-          for (int64_t c = 0; c < s.D; ++c) q[g * s.D + c][k] = qr[g * qx.sg + c * qx.sc] * scale;
-      }
-    }
+    for (int k = 0; k < L; ++k) valid[k] = k < nlanes ? T(1) : T(0);
+    gather(qx, s.Gq, s.D, scale, q.data());
     for (int64_t b = 0; b < s.P; ++b) {
       v inside;
       for (int k = 0; k < L; ++k) {
@@ -734,17 +751,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qt, const at::Tensor& kt, cons
           }
           // out[v, c] = sum_md wsum[v, md] value[c, md]
           contract_md<T>(wsum.data(), s.Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, o.data(), s.Dv);
-          if (run.whole(ox)) {
-            T* dst = ox.at(run.img[0], run.i, run.col[0]);
-            for (int64_t vv = 0; vv < s.Gv; ++vv)
-              for (int64_t c = 0; c < s.Dv; ++c) V::store(dst + vv * ox.sg + c * ox.sc, o[vv * s.Dv + c]);
-          } else {
-            for (int k = 0; k < lanes; ++k) {
-              T* dst = ox.at(run.img[k], run.i, run.col[k]);
-              for (int64_t vv = 0; vv < s.Gv; ++vv)
-                for (int64_t c = 0; c < s.Dv; ++c) dst[vv * ox.sg + c * ox.sc] = o[vv * s.Dv + c][k];
-            }
-          }
+          run.scatter(ox, s.Gv, s.Dv, o.data());
         }
       }
     });
@@ -802,18 +809,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             run.start_run(jr * V::L, qx, sc);
             run.scores(ud, id, gd, xd);
             const int lanes = run.lanes();
-            if (run.whole(gox)) {
-              const T* src = gox.at(run.img[0], i, run.col[0]);
-              for (int64_t vv = 0; vv < Gv; ++vv)
-                for (int64_t c = 0; c < s.Dv; ++c) go[vv * s.Dv + c] = V::load(src + vv * gox.sg + c * gox.sc);
-            } else {
-              for (auto& x : go) x = V::splat(0);
-              for (int k = 0; k < lanes; ++k) {
-                const T* src = gox.at(run.img[k], i, run.col[k]);
-                for (int64_t vv = 0; vv < Gv; ++vv)
-                  for (int64_t c = 0; c < s.Dv; ++c) go[vv * s.Dv + c][k] = src[vv * gox.sg + c * gox.sc];
-              }
-            }
+            run.gather(gox, Gv, s.Dv, T(1), go.data());
             // dP[v, md] = go[v] . value[md]
             contract_c<T>(go.data(), s.Dv, Gv, s.Dv, run.vs.data() + run.j0, run.cs, run.voff.data(), MD, dP.data());
             std::fill(wsum.begin(), wsum.end(), V::splat(0));
@@ -905,17 +901,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                   }
                 }
             }
-            if (run.whole(dqx)) {
-              T* dst = dqx.at(run.img[0], i, run.col[0]);
-              for (int64_t g = 0; g < Gq; ++g)
-                for (int64_t c = 0; c < s.D; ++c) V::store(dst + g * dqx.sg + c * dqx.sc, dq_run[g * s.D + c]);
-            } else {
-              for (int k = 0; k < lanes; ++k) {
-                T* dst = dqx.at(run.img[k], i, run.col[k]);
-                for (int64_t g = 0; g < Gq; ++g)
-                  for (int64_t c = 0; c < s.D; ++c) dst[g * dqx.sg + c * dqx.sc] = dq_run[g * s.D + c][k];
-              }
-            }
+            run.scatter(dqx, Gq, s.D, dq_run.data());
           }
           // into the padded planar dk, dv: padded row i is complete (the last row: all rows of the ring)
           for (int64_t prow = i; prow < (i + 1 < s.H ? i + 1 : i + P); ++prow) {
