@@ -13,7 +13,15 @@ Two references, both measured in this run:
   plain transcription, and the output says so.
 
 Columns: parameters, eval forward time (no grad), training step time (forward + backward + Adam step, train mode,
-dropout on as in the presets), peak memory. Times are medians over ``--repeats`` runs after one warm-up run.
+dropout on as in the presets), peak memory. Times are medians over ``--repeats`` runs after one warm-up run. Below
+the table, for each CPU row: the CPU seconds per training step in user code and in the operating system, and the
+page faults per step (``getrusage`` around the timed steps), which show where a row's time goes.
+
+Freed memory: by default glibc's malloc hands large freed blocks back to the OS, and the next step faults them in
+again, one zeroed page at a time. The original code allocates its logit tensors anew every step, so on a machine
+where page faults are expensive (a virtual machine) a large part of its step is spent in the OS. That is how it runs
+for its users, so the default measures it so; ``--keep-freed-memory`` runs every process, ours and the original
+alike, with glibc keeping what it frees, which shows the ratio without that cost.
 
 Memory: every (configuration, implementation) runs in a fresh subprocess. On CPU the peak is the process's peak
 resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, read in the child at the end), reported both as
@@ -26,8 +34,9 @@ Lockstep (with ``--original``, on CPU): the rows above are measured one after an
 machine's speed can drift by tens of percent in that time. So ours and the original code then also run side by side
 in two persistent processes that take turns (``--lockstep ROUNDS`` turns each, the order reversed every round; a
 turn is one untimed step, to warm the caches the other process used, then timed steps for at least a second); the
-ratio of each round's two medians is steadier. It is also the conservative one: beside the original's process
-(several GiB resident, freed and faulted in again every step) our steps have measured 10-50% slower than alone.
+ratio of each round's two medians is steadier. Our steps in lockstep have measured both slower and faster than in
+their own row (a probe found them slower after 12 s of sleep than after the original's step: the machine's state,
+not the original's process, sets their speed).
 
     python benchmarks/gevit_speed.py                 # CPU (and CUDA when available), full table
     python benchmarks/gevit_speed.py --quick         # small run (batch 2, p4 patch 5 only)
@@ -48,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -217,6 +227,35 @@ def _setup(spec: dict[str, Any]) -> SimpleNamespace:
                            original=original)
 
 
+def cpu_usage(before: Any, after: Any, steps: int) -> dict[str, float]:
+    """Per step, from two ``getrusage`` readings around ``steps`` training steps (all the process's threads): CPU
+    seconds in user code and in the operating system, and page faults."""
+    return {"train_user_s": (after.ru_utime - before.ru_utime) / steps,
+            "train_system_s": (after.ru_stime - before.ru_stime) / steps,
+            "train_page_faults": (after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt) / steps}
+
+
+def cpu_time_text(rows: list[dict[str, Any]], checkout: dict[str, Any] | None = None) -> str:
+    """Where each CPU row's training-step time went: user and system CPU seconds per step and page faults."""
+    lines = []
+    for r in rows:
+        if r["device"] != "cpu" or "error" in r or "train_user_s" not in r:
+            continue
+        impl = ("fast" if r["impl"] == "fast" else "plain" if r["impl"] == "plain"
+                else original_label(checkout or {}))
+        if r.get("backend") == "chunked":
+            impl += " (chunked)"
+        user, system = r["train_user_s"], r["train_system_s"]
+        lines.append(f"- {r['group']} P={r['patch']} batch {r['batch']} {impl}: user {user:.2f} s, system {system:.2f} s "
+                     f"({system / max(user + system, 1e-12):.0%} in the OS), {r['train_page_faults']:,.0f} page faults")
+    if not lines:
+        return ""
+    return ("CPU time per training step (getrusage over the timed steps, all threads; wall time x threads when every "
+            "thread is busy). Page faults are memory freed after one step and touched again in the next: the OS hands "
+            "back a zeroed page each time, and its share of the time depends on the machine (more on a virtual "
+            "one):\n" + "\n".join(lines))
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One row (``spec``: group, patch, batch, impl, device, repeats, ...), or with ``import_only`` just whether
     the original code imports, with ``build_only`` just the parameter counts."""
@@ -245,9 +284,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model.eval()
     fwd = timed(forward)
     model.train()
-    step = timed(train_step)
+    train_step()  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    step = time_calls(train_step, spec["repeats"], device)
+    usage = cpu_usage(before, resource.getrusage(resource.RUSAGE_SELF), len(step))
     out = {**_public(spec), "params": sum(sections.values()), "param_sections": sections,
-           "eval_forward_s": statistics.median(fwd), "train_step_s": statistics.median(step),
+           "eval_forward_s": statistics.median(fwd), "train_step_s": statistics.median(step), **usage,
            "eval_forward_all_s": fwd, "train_step_all_s": step, "threads": torch.get_num_threads(),
            "torch": torch.__version__,
            "backend": ("plain" if spec["impl"] == "plain" else "original" if built.original else
@@ -263,9 +305,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# glibc's malloc hands large freed blocks (and the heap's free top) back to the OS, and the next step faults them in
+# again, one zeroed page at a time. Read by glibc at process start, these keep every freed block in the process.
+KEEP_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def child_env(spec: dict[str, Any]) -> dict[str, str]:
+    """The environment of ``spec``'s process: ours, plus :data:`KEEP_MEMORY_ENV` with ``keep_memory``."""
+    return {**os.environ, **(KEEP_MEMORY_ENV if spec.get("keep_memory") else {})}
+
+
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=REPO)
+                          cwd=REPO, env=child_env(spec))
     if proc.returncode != 0:
         return {**_public(spec), "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -304,7 +356,8 @@ def lockstep(specs: list[dict[str, Any]], rounds: int) -> list[list[list[float]]
     machine whose speed drifts over seconds or minutes (a shared host) then slows every process in the same rounds,
     so per-round ratios are steadier than ratios of rows measured minutes apart."""
     procs = [subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for spec in specs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=child_env(spec)) for spec in specs]
 
     def read(proc: subprocess.Popen) -> str:
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -352,8 +405,8 @@ def lockstep_text(results: list[dict[str, Any]]) -> str:
                      f"original / ours per round: median {r['ratio']:.1f}x (quartiles {r['ratio_q1']:.1f}x - "
                      f"{r['ratio_q3']:.1f}x, {r['rounds']} rounds)")
     return ("Lockstep (ours and the original code in two processes taking turns, each turn one untimed step and "
-            f"then timed steps for at least {ROUND_SECONDS:g} s; steadier on a machine whose speed drifts, and "
-            "conservative: ours steps beside the original's resident process):\n" + "\n".join(lines))
+            f"then timed steps for at least {ROUND_SECONDS:g} s; steadier on a machine whose speed drifts):\n"
+            + "\n".join(lines))
 
 
 # ---- orchestration ----------------------------------------------------------------------------------------------
@@ -509,6 +562,10 @@ def main() -> None:
     ap.add_argument("--lockstep", type=int, default=5, metavar="ROUNDS",
                     help="with --original: also step ours and the original in turn, ROUNDS turns each, and give the "
                          "median per-round ratio (default 5; 0: off)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="run every process (ours and the original alike) with glibc's malloc keeping the memory it "
+                         "frees (" + " ".join(f"{k}={v}" for k, v in KEEP_MEMORY_ENV.items()) + "): no step then "
+                         "pays page faults for memory the previous step freed; peak RSS can grow. Linux (glibc) only")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--serve", type=str, default=None, help=argparse.SUPPRESS)
@@ -521,6 +578,9 @@ def main() -> None:
         return
     if args.lockstep < 0:
         sys.exit(f"error: --lockstep {args.lockstep}: give a number of rounds >= 0")
+    if args.keep_freed_memory and platform.libc_ver()[0] != "glibc":
+        sys.exit("error: --keep-freed-memory sets glibc's malloc environment variables; this Python does not run on "
+                 f"glibc ({platform.libc_ver()[0] or 'C library unknown'})")
 
     checkout = None
     if args.original is not None:
@@ -562,7 +622,7 @@ def main() -> None:
                     impls.append("original")
                 for impl in impls:
                     spec = dict(group=group, patch=patch, batch=b, impl=impl, device=device, repeats=repeats,
-                                threads=args.threads, autocast=amp)
+                                threads=args.threads, autocast=amp, keep_memory=args.keep_freed_memory)
                     if impl == "fast-chunked":
                         spec.update(impl="fast", backend="chunked")
                     if impl == "original":
@@ -591,7 +651,7 @@ def main() -> None:
                 steps.append({**key, "error": "the original ran at a reduced batch"})
                 continue
             log(f"lockstep {r['group']} P={r['patch']} batch {r['batch']}: {args.lockstep} rounds ... (load {_load()})")
-            spec = dict(key, repeats=1, threads=args.threads)
+            spec = dict(key, repeats=1, threads=args.threads, keep_memory=args.keep_freed_memory)
             try:
                 fast, orig = lockstep([{**spec, "impl": "fast"}, {**spec, "impl": "original",
                                                                   "original_src": checkout["src"]}], args.lockstep)
@@ -601,7 +661,13 @@ def main() -> None:
             steps.append({**key, **lockstep_summary(fast, orig), "ours_all_s": fast, "original_all_s": orig})
     text = table(rows, checkout)
     reference = reference_text(rows, checkout)
-    print(reference + "\n\n" + text + ("\n\n" + lockstep_text(steps) if steps else ""))
+    if args.keep_freed_memory:
+        reference += ("\nEvery process here (ours and the original alike) ran with glibc's malloc keeping the memory "
+                      "it frees (" + " ".join(f"{k}={v}" for k, v in KEEP_MEMORY_ENV.items()) + "), not with the "
+                      "default, which hands it back to the OS and faults it in again the next step.")
+    usage = cpu_time_text(rows, checkout)
+    print(reference + "\n\n" + text + ("\n\n" + usage if usage else "")
+          + ("\n\n" + lockstep_text(steps) if steps else ""))
     sys.path.insert(0, str(REPO))
     from gevit_lib.benchmark import machine_description
 
@@ -619,7 +685,7 @@ def main() -> None:
                                 "; the original repository's code was not measured"),
                 "original_commit": checkout["commit"] if checkout else None,
                 "original_modified": checkout["modified"] if checkout else None,
-                "repeats": repeats}
+                "repeats": repeats, "keep_freed_memory": args.keep_freed_memory}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows, "lockstep": steps, "reference_text": reference,
                                         "table": text}, indent=2))
         print(f"wrote {args.out}")

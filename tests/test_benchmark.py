@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -190,6 +191,59 @@ def test_speed_table_ratios_against_the_original() -> None:
     # without --original: no original columns, and the reference is said to be the plain transcription
     assert "vs original" not in speed.table(rows[:2])
     assert "not the original repository's code" in speed.reference_text(rows[:2], None)
+
+
+def test_cpu_time_per_step_and_its_text() -> None:
+    """getrusage differences divided by the number of steps; the text gives the OS's share per CPU row."""
+    from types import SimpleNamespace as NS
+
+    speed = _gevit_speed()
+    before = NS(ru_utime=10.0, ru_stime=1.0, ru_minflt=1000, ru_majflt=2)
+    after = NS(ru_utime=13.0, ru_stime=7.0, ru_minflt=301000, ru_majflt=2)
+    usage = speed.cpu_usage(before, after, 3)
+    assert usage == pytest.approx({"train_user_s": 1.0, "train_system_s": 2.0, "train_page_faults": 100000.0})
+    base = dict(device="cpu", group="p4", patch=5, batch=8)
+    rows = [{**base, "impl": "fast", "backend": "kernel", "train_user_s": 0.6, "train_system_s": 0.0,
+             "train_page_faults": 12.0},
+            {**base, "impl": "original", **usage},
+            {**base, "impl": "plain", "error": ["out of memory"]},
+            {**base, "device": "cuda", "impl": "fast", "train_user_s": 0.1, "train_system_s": 0.1,
+             "train_page_faults": 1.0}]
+    text = speed.cpu_time_text(rows, {"commit": "1cee23428b19af200e497e81bb47ddf2265482b4"})
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert lines == ["- p4 P=5 batch 8 fast: user 0.60 s, system 0.00 s (0% in the OS), 12 page faults",
+                     "- p4 P=5 batch 8 original repository code (commit 1cee23428b19): user 1.00 s, system 2.00 s "
+                     "(67% in the OS), 100,000 page faults"]
+    assert speed.cpu_time_text([rows[2], rows[3]]) == ""  # no CPU row measured: no block
+
+
+_FAULTS_CHILD = """
+import resource
+for i in range(5):  # allocate, touch and free 64 MiB; count the page faults of the last four rounds
+    if i == 1:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = b"\\x01" * (64 << 20)
+    del block
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--keep-freed-memory sets glibc's malloc variables")
+def test_keep_freed_memory_reaches_the_child_and_saves_its_page_faults() -> None:
+    """A block freed and allocated again costs a page fault per page by default (glibc hands it back to the OS);
+    with --keep-freed-memory's environment the second and later rounds reuse it."""
+    speed = _gevit_speed()
+    assert speed.child_env({}) == dict(os.environ)
+
+    def faults(keep: bool) -> int:
+        env = speed.child_env({"keep_memory": keep})
+        return int(subprocess.run([sys.executable, "-c", _FAULTS_CHILD], env=env, capture_output=True, text=True,
+                                  check=True).stdout)
+
+    default, kept = faults(False), faults(True)
+    if default < 4 * 8000:
+        pytest.skip(f"this machine backs fresh memory with huge pages ({default} faults for 4 x 64 MiB)")
+    assert kept < 2000 < 4 * 8000 <= default
 
 
 def test_lockstep_summary_is_the_median_of_per_round_ratios() -> None:
