@@ -246,14 +246,14 @@ def cpu_time_text(rows: list[dict[str, Any]], checkout: dict[str, Any] | None = 
         if r.get("backend") == "chunked":
             impl += " (chunked)"
         user, system = r["train_user_s"], r["train_system_s"]
-        lines.append(f"- {r['group']} P={r['patch']} batch {r['batch']} {impl}: user {user:.2f} s, system {system:.2f} s "
-                     f"({system / max(user + system, 1e-12):.0%} in the OS), {r['train_page_faults']:,.0f} page faults")
+        lines.append(f"- {r['group']} P={r['patch']} batch {r['batch']} {impl}: user {user:.2f} s, system "
+                     f"{system:.2f} s ({system / max(user + system, 1e-12):.0%} in the OS), "
+                     f"{r['train_page_faults']:,.0f} page faults")
     if not lines:
         return ""
     return ("CPU time per training step (getrusage over the timed steps, all threads; wall time x threads when every "
             "thread is busy). Page faults are memory freed after one step and touched again in the next: the OS hands "
-            "back a zeroed page each time, and its share of the time depends on the machine (more on a virtual "
-            "one):\n" + "\n".join(lines))
+            "back a zeroed page each time, and what that costs depends on the machine):\n" + "\n".join(lines))
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
