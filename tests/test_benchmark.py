@@ -255,11 +255,15 @@ def test_lockstep_summary_is_the_median_of_per_round_ratios() -> None:
     assert summary["ratio_q1"] <= 12.0 <= summary["ratio_q3"]
     assert summary["ours_s"] == pytest.approx(1.1) and summary["original_s"] == pytest.approx(12.0)
     text = speed.lockstep_text([{"device": "cpu", "group": "p4", "patch": 5, "batch": 8, **summary},
-                                {"device": "cpu", "group": "p4", "patch": 9, "batch": 2, "error": "the original ran "
-                                 "at a reduced batch"}])
+                                {"device": "cpu", "group": "p4m", "patch": 5, "batch": 2, "reduced_batch": True,
+                                 **summary},
+                                {"device": "cpu", "group": "p4", "patch": 9, "batch": 8, "error": "a lockstep worker "
+                                 "stopped: MemoryError"}])
     assert "cpu p4 P=5 batch 8: train step ours 1.100 s, original 12.000 s (medians)" in text
     assert "median 12.0x" in text and "3 rounds" in text
-    assert "cpu p4 P=9 batch 2: not measured (the original ran at a reduced batch)" in text
+    # where the original's rows had to run at a smaller batch, both step at that batch, and the line says so
+    assert "cpu p4m P=5 batch 2 (both; the original's rows ran at this batch for memory): train step ours" in text
+    assert "cpu p4 P=9 batch 8: not measured (a lockstep worker stopped: MemoryError)" in text
 
 
 def test_lockstep_workers_take_turns_and_report_failures() -> None:
