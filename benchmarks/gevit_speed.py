@@ -19,7 +19,7 @@ page faults per step (``getrusage`` around the timed steps), which show where a 
 
 Freed memory: by default glibc's malloc hands large freed blocks back to the OS, and the next step faults them in
 again, one zeroed page at a time. The original code allocates its logit tensors anew every step, so on a machine
-where page faults are expensive (a virtual machine) a large part of its step is spent in the OS. That is how it runs
+where page faults are expensive a large part of its step is spent in the OS. That is how it runs
 for its users, so the default measures it so; ``--keep-freed-memory`` runs every process, ours and the original
 alike, with glibc keeping what it frees, which shows the ratio without that cost.
 
@@ -274,20 +274,20 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("build_only"):
         return {**_public(spec), "params": sum(sections.values()), "param_sections": sections}
 
-    def timed(fn) -> list[float]:
+    def timed(fn) -> tuple[list[float], dict[str, float]]:
+        """Seconds of each timed call after one warm-up, and the CPU time and page faults per call."""
         fn()  # warm-up
-        return time_calls(fn, spec["repeats"], device)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        times = time_calls(fn, spec["repeats"], device)
+        return times, cpu_usage(before, resource.getrusage(resource.RUSAGE_SELF), len(times))
 
     baseline = peak_rss_bytes() / 2**30
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.eval()
-    fwd = timed(forward)
+    fwd, _ = timed(forward)
     model.train()
-    train_step()  # warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    step = time_calls(train_step, spec["repeats"], device)
-    usage = cpu_usage(before, resource.getrusage(resource.RUSAGE_SELF), len(step))
+    step, usage = timed(train_step)
     out = {**_public(spec), "params": sum(sections.values()), "param_sections": sections,
            "eval_forward_s": statistics.median(fwd), "train_step_s": statistics.median(step), **usage,
            "eval_forward_all_s": fwd, "train_step_all_s": step, "threads": torch.get_num_threads(),
@@ -308,6 +308,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 # glibc's malloc hands large freed blocks (and the heap's free top) back to the OS, and the next step faults them in
 # again, one zeroed page at a time. Read by glibc at process start, these keep every freed block in the process.
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+KEEP_MEMORY_TEXT = " ".join(f"{k}={v}" for k, v in KEEP_MEMORY_ENV.items())
 
 
 def child_env(spec: dict[str, Any]) -> dict[str, str]:
@@ -565,7 +566,7 @@ def main() -> None:
                          "median per-round ratio (default 5; 0: off)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="run every process (ours and the original alike) with glibc's malloc keeping the memory it "
-                         "frees (" + " ".join(f"{k}={v}" for k, v in KEEP_MEMORY_ENV.items()) + "): no step then "
+                         "frees (" + KEEP_MEMORY_TEXT + "): no step then "
                          "pays page faults for memory the previous step freed; peak RSS can grow. Linux (glibc) only")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -662,7 +663,7 @@ def main() -> None:
     reference = reference_text(rows, checkout)
     if args.keep_freed_memory:
         reference += ("\nEvery process here (ours and the original alike) ran with glibc's malloc keeping the memory "
-                      "it frees (" + " ".join(f"{k}={v}" for k, v in KEEP_MEMORY_ENV.items()) + "), not with the "
+                      "it frees (" + KEEP_MEMORY_TEXT + "), not with the "
                       "default, which hands it back to the OS and faults it in again the next step.")
     usage = cpu_time_text(rows, checkout)
     print(reference + "\n\n" + text + ("\n\n" + usage if usage else "")

@@ -243,7 +243,7 @@ def test_keep_freed_memory_reaches_the_child_and_saves_its_page_faults() -> None
     default, kept = faults(False), faults(True)
     if default < 4 * 8000:
         pytest.skip(f"this machine backs fresh memory with huge pages ({default} faults for 4 x 64 MiB)")
-    assert kept < 2000 < 4 * 8000 <= default
+    assert kept < 2000, (kept, default)
 
 
 def test_lockstep_summary_is_the_median_of_per_round_ratios() -> None:
