@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -266,6 +266,36 @@ def test_schedules_follow_the_expected_curves() -> None:
     config = TrainConfig(epochs=4, batch_size=128, lr=lr, optimizer="sgd", schedule="warmup_cosine", warmup_epochs=1)
     result = fit(make_mlp(), TRAIN, VAL, config, progress=False)
     assert [r["lr"] for r in result.history] == pytest.approx([lr * lr_factor(3 * e, config, 3) for e in range(4)])
+
+
+@pytest.mark.parametrize("optimizer,extra", [("adam", {}), ("adamw", {"weight_decay": 0.01}),
+                                             ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})])
+def test_optimizers_compute_what_the_per_parameter_loop_computes(optimizer: str, extra: dict) -> None:
+    """build_optimizer's foreach optimizers (for speed) give bit-identical weights to torch's CPU default, the loop
+    over parameters: so the choice changes no trained result. Also with skipped gradients, float64 and a schedule."""
+    config = TrainConfig(epochs=2, optimizer=optimizer, lr=1e-2, schedule="warmup_cosine", warmup_epochs=1, **extra)
+    torch_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
+    torch_options = {"lr": 1e-2, "weight_decay": config.weight_decay}
+    if optimizer == "sgd":
+        torch_options.update(momentum=config.momentum, nesterov=config.nesterov)
+
+    def run(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> list[Tensor]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(n, dtype=dtype)) for n in (3, 40, 700) for dtype in (torch.float32,
+                                                                                               torch.float64)]
+        opt = make(params)
+        sched = build_scheduler(opt, config, steps_per_epoch=3)
+        for step in range(6):
+            for i, p in enumerate(params):
+                p.grad = None if (step + i) % 5 == 0 else torch.randn(p.shape, dtype=p.dtype)
+            opt.step()
+            sched.step()
+        return [p.detach() for p in params]
+
+    ours = run(lambda params: build_optimizer(params, config))
+    reference = run(lambda params: torch_class(params, foreach=False, **torch_options))
+    assert build_optimizer([nn.Parameter(torch.zeros(1))], config).defaults["foreach"] is True
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
 
 
 def test_only_trainable_parameters_change() -> None:
