@@ -188,6 +188,7 @@ def _setup(spec: dict[str, Any]) -> SimpleNamespace:
 
     sys.path.insert(0, str(REPO))
     from gevit_lib.models.gevit import build_gevit
+    from gevit_lib.train import TrainConfig, build_optimizer
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -199,7 +200,9 @@ def _setup(spec: dict[str, Any]) -> SimpleNamespace:
     else:
         model = build_gevit("rotmnist", spec["group"], patch_size=spec["patch"], impl=spec["impl"]).to(device)
     sections = param_sections(model, original)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # each code's own optimiser: the original's torch.optim.Adam, ours as gevit_lib.train.fit builds it (foreach)
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if original
+           else build_optimizer(model, TrainConfig(epochs=1, optimizer="adam", lr=1e-3)))
     x = torch.randn(spec["batch"], 1, 28, 28, device=device)
     y = torch.randint(0, 10, (spec["batch"],), device=device)
     amp = spec.get("autocast")
