@@ -173,7 +173,7 @@ def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int
     elif not params:
         result["note"] = "no trainable parameters"
     else:
-        opt = torch.optim.Adam(params, lr=1e-4)
+        opt = torch.optim.Adam(params, lr=1e-4, foreach=True)  # as gevit_lib.train.build_optimizer builds it
 
         def train_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
             opt.zero_grad(set_to_none=True)
