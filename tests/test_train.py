@@ -281,8 +281,8 @@ def test_optimizers_compute_what_the_per_parameter_loop_computes(optimizer: str,
 
     def run(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> list[Tensor]:
         torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(n, dtype=dtype)) for n in (3, 40, 700) for dtype in (torch.float32,
-                                                                                               torch.float64)]
+        dtypes = (torch.float32, torch.float64)
+        params = [nn.Parameter(torch.randn(n, dtype=dtype)) for n in (3, 40, 700) for dtype in dtypes]
         opt = make(params)
         sched = build_scheduler(opt, config, steps_per_epoch=3)
         for step in range(6):
