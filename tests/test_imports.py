@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import networkx
+
 PACKAGE = Path(__file__).resolve().parents[1] / "gevit_lib"
 # The layers of docs/architecture.md's picture, top first (by the module or subpackage below gevit_lib).
 LAYERS = [{"files"}, {"groups"}, {"nn"}, {"hub"}, {"models"},
@@ -48,45 +50,10 @@ def _import_graph() -> dict[str, set[str]]:
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan's algorithm, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-    for root in graph:
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1:
-                    found.append(sorted(component))
-    return found
+    """The groups of modules that import each other, directly or through others (networkx, a torch dependency)."""
+    components = networkx.strongly_connected_components(networkx.DiGraph(
+        [(m, t) for m, targets in graph.items() for t in targets]))
+    return sorted(sorted(c) for c in components if len(c) > 1)
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
