@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gevit_lib.train import TrainConfig, build_optimizer
+
 __all__ = ["default_devices", "time_calls", "images_per_second", "PeakMemory", "peak_rss_bytes", "measure_speed",
            "speed_row", "speed_columns", "time_to_accuracy", "machine_description"]
 
@@ -173,7 +175,7 @@ def measure_speed(model: nn.Module, input_shape: Sequence[int], num_classes: int
     elif not params:
         result["note"] = "no trainable parameters"
     else:
-        opt = torch.optim.Adam(params, lr=1e-4, foreach=True)  # as gevit_lib.train.build_optimizer builds it
+        opt = build_optimizer(params, TrainConfig(epochs=1, optimizer="adam", lr=1e-4))  # as fit trains
 
         def train_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
             opt.zero_grad(set_to_none=True)
