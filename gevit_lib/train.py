@@ -225,7 +225,7 @@ def build_optimizer(params: nn.Module | Iterable[nn.Parameter], config: TrainCon
     if not trainable:
         raise ValueError("nothing to train: every parameter has requires_grad=False")
     # foreach: torch's default on CUDA; on the CPU the same arithmetic as its per-parameter loop (bit-identical, tested)
-    # in a third of the time
+    # with one call per operation for all parameters instead of one per parameter
     common = dict(lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     if config.optimizer == "adam":
         return torch.optim.Adam(trainable, **common)
